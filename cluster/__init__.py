@@ -1,0 +1,1 @@
+"""The imperative shell: CLI now; Ray actors and the deletion coordinator next."""

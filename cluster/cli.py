@@ -1,0 +1,202 @@
+"""`unlearn`: the command line.
+
+JSON goes to stdout (with --json), messages and progress to stderr. Every user error
+is one line `unlearn: error: ...` and exit status 1 (2 for usage errors); a failed
+command leaves the store as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from sisa.errors import UnlearnError  # noqa: E402
+
+EPILOG = """storage: --store takes a directory (default $UNLEARN_STORE or ./unlearn-store) or
+s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
+
+
+def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout") -> None:
+    p.add_argument("--run", required=True, help="name of the run (a safe storage key: no '/', '..' or control characters)")
+    p.add_argument("--store", default=None, help="directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sisa.aggregate import METHODS
+    from sisa.models import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="unlearn", description="Exact machine unlearning of fine-tuning data (SISA over LoRA shards).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a SISA run: S shards of R cumulative slices, one LoRA model per shard",
+                       description="Train S LoRA shard models, each in R cumulative stages with a checkpoint after every stage.")
+    _common(p)
+    p.add_argument("--data", required=True, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
+    p.add_argument("--shards", type=int, default=4, help="number of shards S (default 4)")
+    p.add_argument("--slices", type=int, default=4, help="slices per shard R (default 4)")
+    p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
+    p.add_argument("--epochs", default="1", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every keyed random choice (default 0)")
+    p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels in the data, sorted)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+
+    p = sub.add_parser("delete", help="forget records or whole data owners, retraining only the affected shards",
+                       description="Remove records (by id) or data owners, retrain the affected shards from the earliest "
+                                   "affected slice, commit, and purge every superseded checkpoint and data object.")
+    _common(p, "print the receipt as JSON on stdout")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ids", help="comma-separated record ids")
+    g.add_argument("--ids-file", help="file with one record id per line")
+    g.add_argument("--owners", help="comma-separated data owners")
+    p.add_argument("--ignore-missing", action="store_true", help="skip ids/owners the run never held instead of failing")
+
+    p = sub.add_parser("verify", help="retrain shards from scratch and check the stored state is bit-identical",
+                       description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
+    _common(p)
+    p.add_argument("--shard", type=int, action="append", help="shard to check (repeatable; default all)")
+
+    p = sub.add_parser("status", help="shards, record counts and state digests of a run")
+    _common(p)
+
+    p = sub.add_parser("predict", help="labels and probabilities for texts, aggregated over the shard models")
+    _common(p)
+    p.add_argument("--input", required=True, help=".txt (one text per line), or JSONL/CSV/Parquet with a 'text' field")
+    p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
+
+    p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
+    _common(p)
+    p.add_argument("--data", required=True, help="labelled records, same formats as train")
+    p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
+    return parser
+
+
+def _split(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UnlearnError(f"--{what}: no values given")
+    return items
+
+
+def _read_ids_file(path: str) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UnlearnError(f"--ids-file {path}: {exc.strerror}") from None
+    ids = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise UnlearnError(f"{path}:{n}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
+        if text:
+            ids.append(text)
+    if not ids:
+        raise UnlearnError(f"{path}: no ids")
+    return ids
+
+
+def _emit(args, obj: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(obj, indent=None, sort_keys=False))
+    else:
+        print(text)
+
+
+def _status_text(st: dict) -> str:
+    lines = [f"run {st['run']} ({st['method']}, version {st['version']}) in {st['store']}: {st['records']} records, "
+             f"{st['config']['shards']} shards x {st['config']['slices']} slices, model {st['config']['model']}"]
+    for s in st["shards"]:
+        lines.append(f"  shard {s['shard']:>3}: {s['records']:>7} records  slices {s['slices']}  digest {s['digest'][:16]}")
+    return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    from sisa.records import load_records, load_texts
+    from sisa.run import SisaRun
+    from sisa.store import open_store
+
+    progress = not args.quiet
+    store = open_store(args.store)
+    if args.command == "train":
+        from sisa.config import SisaConfig
+
+        config = SisaConfig(
+            shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=args.model,
+            labels=tuple(_split(args.labels, "labels")) if args.labels else (), lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length)
+        if SisaRun.exists(store, args.run):
+            raise UnlearnError(f"run {args.run!r} already exists in {store.uri}; choose another --run")
+        records = load_records(args.data)
+        run = SisaRun.train(store, args.run, records, config, progress=progress)
+        st = run.status()
+        _emit(args, st, _status_text(st))
+        return 0
+    run = SisaRun.open(store, args.run)
+    if args.command == "delete":
+        ids = _split(args.ids, "ids") if args.ids else _read_ids_file(args.ids_file) if args.ids_file else []
+        owners = _split(args.owners, "owners") if args.owners else []
+        receipt = run.delete(ids=ids, owners=owners, ignore_missing=args.ignore_missing, progress=progress).to_json()
+        text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
+                f"retrained shards {receipt['shards']} (stages {receipt['stages_redone']}), "
+                f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
+        if receipt["already_deleted"]:
+            text += f"; already deleted before: {receipt['already_deleted']}"
+        _emit(args, receipt, text)
+        return 0
+    if args.command == "verify":
+        report = run.verify(shards=args.shard, progress=progress)
+        lines = [f"shard {r['shard']:>3}: {'bit-identical' if r['match'] else 'MISMATCH: ' + '; '.join(r['problems'])}"
+                 for r in report["shards"]]
+        lines.append("exact: every checked shard equals a from-scratch retrain" if report["exact"]
+                     else "NOT EXACT: see the shards above")
+        _emit(args, report, "\n".join(lines))
+        return 0 if report["exact"] else 3
+    if args.command == "status":
+        st = run.status()
+        _emit(args, st, _status_text(st))
+        return 0
+    if args.command == "predict":
+        out = run.predict(load_texts(args.input), args.aggregate)
+        lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
+                 for p in out["predictions"]]
+        _emit(args, out, "\n".join(lines))
+        return 0
+    if args.command == "eval":
+        out = run.evaluate(load_records(args.data), args.aggregate)
+        lines = [f"accuracy ({out['aggregate']} over {len(out['shards'])} shards, {out['records']} records): {out['accuracy']:.4f}"]
+        lines += [f"  shard {s['shard']:>3}: {s['accuracy']:.4f}" for s in out["shards"]]
+        _emit(args, out, "\n".join(lines))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except UnlearnError as exc:
+        print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("unlearn: interrupted; the store keeps its last committed state", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""SISA: sharded, isolated, sliced, aggregated training of LoRA classifiers, exact under deletion."""

@@ -1,0 +1,42 @@
+"""Ensemble aggregation of shard predictions (pure numpy).
+
+probs has shape [S, n, L]: S shard models, n texts, L labels. The SISA paper takes
+a majority vote of labels; averaging probabilities and weighting shards by size are
+the common alternatives.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import UnlearnError
+
+METHODS = ("vote", "mean", "weighted")
+
+
+def aggregate(probs: np.ndarray, method: str = "vote", weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (label index per text [n], aggregated probabilities [n, L]).
+
+    vote: each shard votes for its argmax; ties go to the higher mean probability,
+    then to the lower label index. The returned probabilities are then the vote shares.
+    mean: argmax of the mean probability. weighted: mean weighted by `weights`."""
+    if probs.ndim != 3 or probs.shape[0] == 0:
+        raise UnlearnError("no shard model to aggregate (every shard is empty)")
+    if method not in METHODS:
+        raise UnlearnError(f"--aggregate {method!r}: choose one of {', '.join(METHODS)}")
+    S, n, L = probs.shape
+    mean = probs.mean(axis=0)
+    if method == "mean":
+        return mean.argmax(axis=1), mean
+    if method == "weighted":
+        w = np.asarray(weights if weights is not None else np.ones(S), dtype=np.float64)
+        if w.shape != (S,) or w.sum() <= 0:
+            raise UnlearnError("weighted aggregation needs one positive weight per shard")
+        p = np.tensordot(w / w.sum(), probs, axes=1)
+        return p.argmax(axis=1), p
+    votes = np.zeros((n, L))
+    np.add.at(votes, (np.arange(n)[None, :].repeat(S, 0), probs.argmax(axis=2)), 1)
+    # lexicographic: most votes, then highest mean probability (argmax keeps the lowest index on ties)
+    score = votes * 2.0 + mean  # mean <= 1 < 2 = one vote
+    return score.argmax(axis=1), votes / S

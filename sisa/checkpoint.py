@@ -1,0 +1,46 @@
+"""A shard's training state as safetensors bytes, and its digest.
+
+A state is a flat dict of tensors: `param.<name>` for every trainable tensor
+(LoRA matrices and the classification head) and `opt.<name>.<slot>` for the Adam
+moments and step. Together they are everything needed to continue training
+(ALGORITHMS.md rule 3); the frozen base model is not part of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+State = dict[str, torch.Tensor]
+
+
+def state_digest(state: State) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dump_state(state: State, metadata: dict[str, str]) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return st_save(tensors, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_state(data: bytes) -> State:
+    return dict(st_load(data))
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The JSON header's __metadata__ of a safetensors blob, without loading tensors."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return dict(header.get("__metadata__", {}))

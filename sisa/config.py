@@ -1,0 +1,83 @@
+"""The training configuration of a SISA run.
+
+Everything that influences a shard's weights lives here, and its digest is part
+of every checkpoint key: a checkpoint can only be reused by a run with the same
+configuration.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from fractions import Fraction
+
+from .errors import UnlearnError
+from .keys import sha256_hex
+
+
+@dataclass(frozen=True)
+class SisaConfig:
+    shards: int = 4
+    slices: int = 4
+    epochs: str = "1"  # total epochs over a shard; kept as a decimal string so it hashes exactly
+    seed: int = 0
+    model: str = "minilm"
+    labels: tuple[str, ...] = ()
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    max_length: int = 64
+    extra: dict = field(default_factory=dict)  # reserved for future fields; part of the digest
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        object.__setattr__(self, "epochs", str(self.epochs))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> UnlearnError:
+            return UnlearnError(f"config field '{name}': {why}")
+
+        if self.shards < 1:
+            raise bad("shards", f"must be >= 1, got {self.shards}")
+        if self.slices < 1:
+            raise bad("slices", f"must be >= 1, got {self.slices}")
+        try:
+            e = Fraction(self.epochs)
+        except (ValueError, ZeroDivisionError):
+            raise bad("epochs", f"not a number: {self.epochs!r}") from None
+        if e <= 0:
+            raise bad("epochs", f"must be > 0, got {self.epochs}")
+        if self.lora_r < 1:
+            raise bad("lora_r", f"must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.learning_rate <= 0:
+            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.max_length < 8:
+            raise bad("max_length", f"must be >= 8, got {self.max_length}")
+        if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels):
+            raise bad("labels", f"need at least two distinct labels, got {list(self.labels)}")
+
+    @property
+    def epochs_fraction(self) -> Fraction:
+        return Fraction(self.epochs)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SisaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UnlearnError(f"config has unknown fields {unknown}: written by a newer version?")
+        return cls(**{k: (tuple(v) if k == "labels" else v) for k, v in d.items()})
+
+    def digest(self) -> str:
+        return sha256_hex(json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")))

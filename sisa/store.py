@@ -1,0 +1,230 @@
+"""Object storage behind one small interface: a local directory or S3.
+
+Objects are written whole and never modified in place, except pointer objects
+(a run's HEAD), which are replaced atomically. `delete` is a purge: on a versioned
+bucket it removes every version and delete marker of the key, because a deleted
+record must not survive in an older version (ALGORITHMS.md rule 6).
+
+Values are bytes; callers store safetensors and JSON only, and nothing read back
+is ever unpickled.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Protocol
+
+from .errors import UnlearnError
+
+DEFAULT_STORE = "./unlearn-store"
+
+
+class Store(Protocol):
+    uri: str
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def prune_versions(self, key: str) -> None:
+        """Drop every version of `key` but the current one (no-op where there are none)."""
+
+
+def _check_key(key: str) -> None:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid storage key {key!r}")
+
+
+class LocalStore:
+    """A directory tree; writes go to a temporary file, fsync, then rename."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.uri = self.root
+
+    def _path(self, key: str) -> str:
+        _check_key(key)
+        return os.path.join(self.root, *key.split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def list(self, prefix: str) -> list[str]:
+        base = os.path.join(self.root, *[p for p in prefix.split("/") if p])
+        if not os.path.isdir(base):
+            return []
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, name), self.root)
+                out.append(rel.replace(os.sep, "/"))
+        return sorted(k for k in out if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        # remove directories left empty, up to the store root
+        d = os.path.dirname(path)
+        while d != self.root and d.startswith(self.root):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+
+    def prune_versions(self, key: str) -> None:
+        return None
+
+
+class S3Store:
+    """`s3://bucket/prefix` through boto3, configured by the standard AWS_* variables
+    (AWS_ENDPOINT_URL for a local server such as SeaweedFS)."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+                config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5, "mode": "standard"}),
+            )
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise KeyError(kwargs.get("Key", "")) from None
+            raise UnlearnError(f"{self.uri}: {what} failed: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise UnlearnError(f"{self.uri}: {what} failed: {exc}") from None
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call("put", self.client.put_object, Key=self._key(key), Body=data)
+
+    def get(self, key: str) -> bytes:
+        return self._call("get", self.client.get_object, Key=self._key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", self.client.head_object, Key=self._key(key))
+            return True
+        except KeyError:
+            return False
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        keys: list[str] = []
+        token = None
+        while True:
+            kwargs = {"Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", self.client.list_objects_v2, **kwargs)
+            for obj in resp.get("Contents", []):
+                k = obj["Key"]
+                keys.append(k[len(self.prefix) + 1:] if self.prefix else k)
+            if not resp.get("IsTruncated"):
+                break
+            token = resp.get("NextContinuationToken")
+        return sorted(keys)
+
+    def _versions(self, key: str) -> list[dict]:
+        """Every version and delete marker of exactly `key`, newest first."""
+        full = self._key(key)
+        out: list[dict] = []
+        kwargs: dict = {"Prefix": full}
+        while True:
+            resp = self._call("list versions", self.client.list_object_versions, **kwargs)
+            for v in resp.get("Versions", []) + resp.get("DeleteMarkers", []):
+                if v["Key"] == full:
+                    out.append(v)
+            if not resp.get("IsTruncated"):
+                break
+            kwargs = {"Prefix": full, "KeyMarker": resp.get("NextKeyMarker"),
+                      "VersionIdMarker": resp.get("NextVersionIdMarker")}
+        out.sort(key=lambda v: (not v.get("IsLatest", False), -v["LastModified"].timestamp()))
+        return out
+
+    def _delete_versions(self, key: str, versions: list[dict]) -> None:
+        full = self._key(key)
+        for v in versions:
+            vid = v.get("VersionId")
+            if vid and vid != "null":
+                self._call("delete version", self.client.delete_object, Key=full, VersionId=vid)
+            else:
+                self._call("delete", self.client.delete_object, Key=full)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", self.client.delete_object, Key=self._key(key))
+        # A versioned bucket keeps the bytes as a noncurrent version: purge them all.
+        self._delete_versions(key, [v for v in self._versions(key) if v.get("VersionId") not in (None, "null")])
+
+    def prune_versions(self, key: str) -> None:
+        versions = self._versions(key)
+        latest = [v for v in versions if v.get("IsLatest")]
+        keep = latest[0]["VersionId"] if latest else None
+        self._delete_versions(key, [v for v in versions if v.get("VersionId") not in (keep, None, "null")])
+
+
+def open_store(uri: str | None = None) -> Store:
+    """`s3://bucket[/prefix]` or a local directory; default $UNLEARN_STORE or ./unlearn-store."""
+    uri = uri or os.environ.get("UNLEARN_STORE") or DEFAULT_STORE
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise UnlearnError(f"store {uri!r}: missing bucket name (s3://bucket/prefix)")
+        return S3Store(bucket, prefix)
+    if "://" in uri:
+        raise UnlearnError(f"store {uri!r}: unsupported scheme; use a directory or s3://bucket/prefix")
+    if os.path.exists(uri) and not os.path.isdir(uri):
+        raise UnlearnError(f"store {uri!r}: exists and is not a directory")
+    return LocalStore(uri)
