@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=4, help="number of shards S (default 4)")
     p.add_argument("--slices", type=int, default=4, help="slices per shard R (default 4)")
     p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
-    p.add_argument("--epochs", default="1", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 1)")
+    p.add_argument("--epochs", default="3", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of every keyed random choice (default 0)")
     p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels in the data, sorted)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, constant (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, constant (default 3e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
     _common(p)
     p.add_argument("--shard", type=int, action="append", help="shard to check (repeatable; default all)")
+
+    p = sub.add_parser("drop", help="remove a whole run and every object (and object version) it stored")
+    _common(p)
+    p.add_argument("--missing-ok", action="store_true", help="succeed when the run does not exist")
 
     p = sub.add_parser("status", help="shards, record counts and state digests of a run")
     _common(p)
@@ -145,6 +149,15 @@ def run_command(args) -> int:
         run = SisaRun.train(store, args.run, records, config, progress=progress)
         st = run.status()
         _emit(args, st, _status_text(st))
+        return 0
+    if args.command == "drop":
+        if not SisaRun.exists(store, args.run):
+            if args.missing_ok:
+                _emit(args, {"run": args.run, "dropped_objects": 0}, f"run {args.run} does not exist; nothing to drop")
+                return 0
+            raise UnlearnError(f"run {args.run!r} not found in store {store.uri}")
+        n = SisaRun.drop(store, args.run)
+        _emit(args, {"run": args.run, "dropped_objects": n}, f"dropped run {args.run}: {n} objects purged")
         return 0
     run = SisaRun.open(store, args.run)
     if args.command == "delete":

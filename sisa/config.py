@@ -18,14 +18,14 @@ from .keys import sha256_hex
 class SisaConfig:
     shards: int = 4
     slices: int = 4
-    epochs: str = "1"  # total epochs over a shard; kept as a decimal string so it hashes exactly
+    epochs: str = "3"  # total epochs over a shard; kept as a decimal string so it hashes exactly
     seed: int = 0
     model: str = "minilm"
     labels: tuple[str, ...] = ()
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     batch_size: int = 16
     max_length: int = 64
     extra: dict = field(default_factory=dict)  # reserved for future fields; part of the digest

@@ -116,6 +116,16 @@ class SisaRun:
         return store.exists(cls._head(run))
 
     @classmethod
+    def drop(cls, store: Store, run: str) -> int:
+        """Purge every object of a run, HEAD last, so an interrupted drop can simply be re-run."""
+        check_run_name(run)
+        keys = [k for k in store.list(f"{run}/") if k != cls._head(run)]
+        for key in keys:
+            store.delete(key)
+        store.delete(cls._head(run))
+        return len(keys) + 1
+
+    @classmethod
     def open(cls, store: Store, run: str) -> "SisaRun":
         check_run_name(run)
         try:
