@@ -130,7 +130,7 @@ def _status_text(st: dict) -> str:
 
 
 def run_command(args) -> int:
-    from sisa.records import load_records, load_texts
+    from sisa.records import load_records, load_texts, quote
     from sisa.run import SisaRun
     from sisa.store import open_store
 
@@ -143,8 +143,9 @@ def run_command(args) -> int:
             shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=args.model,
             labels=tuple(_split(args.labels, "labels")) if args.labels else (), lora_r=args.lora_r,
             lora_alpha=args.lora_alpha, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length)
+        store.check()
         if SisaRun.exists(store, args.run):
-            raise UnlearnError(f"run {args.run!r} already exists in {store.uri}; choose another --run")
+            raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
         records = load_records(args.data)
         run = SisaRun.train(store, args.run, records, config, progress=progress)
         st = run.status()
@@ -155,7 +156,7 @@ def run_command(args) -> int:
             if args.missing_ok:
                 _emit(args, {"run": args.run, "dropped_objects": 0}, f"run {args.run} does not exist; nothing to drop")
                 return 0
-            raise UnlearnError(f"run {args.run!r} not found in store {store.uri}")
+            raise UnlearnError(f"run {quote(args.run)} not found in store {store.uri}")
         n = SisaRun.drop(store, args.run)
         _emit(args, {"run": args.run, "dropped_objects": n}, f"dropped run {args.run}: {n} objects purged")
         return 0

@@ -71,7 +71,7 @@ class SeaweedFS:
             f"-admin.port={ports['admin']}", f"-s3.port={self.s3_port}",
             f"-s3.localSocket={os.path.join(self.dir, 's3.sock')}",
             f"-filer.localSocket={os.path.join(self.dir, 'filer.sock')}",
-            "-volume.max=100", "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+            "-volume.max=100", "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0", "-s3.autoCreateBucket=false",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)

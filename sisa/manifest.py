@@ -102,7 +102,7 @@ class DeletionReceipt:
     shards: list[int]  # affected shards, the only ones retrained
     stages_redone: dict[str, list[int]]
     digests: dict[str, dict[str, str]]  # shard -> {"before": ..., "after": ...}
-    retrain_fraction: float  # work redone, as a fraction of training every shard once
+    retrain_fraction: float  # examples retrained, as a fraction of one full training on the retained data
     purged_objects: int
     version: int
     seconds: float

@@ -126,6 +126,14 @@ def stage_work(slices: int, first_stage: int) -> Fraction:
     return Fraction(sum(j + 1 for j in range(first_stage, slices)), total)
 
 
+def retrain_fraction(redone_stage_sizes: Iterable[int], slices: int, total_records: int) -> float:
+    """Training examples processed by the redone stages, as a fraction of one full
+    training over `total_records` (every stage runs 2e/(R+1) epochs; e cancels)."""
+    if total_records <= 0:
+        return 0.0
+    return float(Fraction(2 * sum(redone_stage_sizes), (slices + 1) * total_records))
+
+
 def expected_retrain_fraction(shards: int, slices: int) -> float:
     """Expected cost of deleting one uniformly random record, in units of one full
     training over all the data: (1/S) * (2R+1)/(3R) (ALGORITHMS.md)."""

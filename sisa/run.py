@@ -32,7 +32,7 @@ from .config import SisaConfig
 from .errors import UnlearnError
 from .keys import sha256_hex
 from .manifest import DeletionReceipt, Manifest, ShardEntry, SliceEntry
-from .plan import apply_deletion, build_layout, checkpoint_key, plan_deletion, stage_ids, stage_work
+from .plan import apply_deletion, build_layout, checkpoint_key, plan_deletion, retrain_fraction, stage_ids
 from .records import Record, id_problem, quote
 from .store import Store
 
@@ -184,6 +184,7 @@ class SisaRun:
     def train(cls, store: Store, run: str, records: Sequence[Record], config: SisaConfig,
               progress: bool = False) -> "SisaRun":
         check_run_name(run)
+        store.check()
         if store.exists(cls._head(run)):
             raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
         if not config.labels:
@@ -215,8 +216,11 @@ class SisaRun:
                     manifest.shards.append(ShardEntry(k, slices, [s[0] for s in stages], [s[1] for s in stages]))
             self._commit(manifest)
         except BaseException:
-            for key in store.list(f"{run}/"):  # nothing was committed: leave the store as it was
-                store.delete(key)
+            try:  # nothing was committed: leave the store as it was
+                for key in store.list(f"{run}/"):
+                    store.delete(key)
+            except Exception as cleanup:  # keep the original error; say what is left
+                print(f"unlearn: warning: could not remove the partial run {run!r}: {cleanup}", file=sys.stderr)
             raise
         return self
 
@@ -261,6 +265,7 @@ class SisaRun:
         new_layout = apply_deletion(old.layout(), targets)
         shards = [ShardEntry(s.shard, list(s.slices), list(s.checkpoints), list(s.stage_digests)) for s in old.shards]
         R = self.config.slices
+        redone_sizes: list[int] = []
         try:
             trainer = get_trainer(self.config)
             total = sum(self._total_steps(trainer, new_layout[d.shard], d.first_stage) for d in plan)
@@ -288,7 +293,7 @@ class SisaRun:
                     receipt.shards.append(d.shard)
                     receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
                     receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
-                    receipt.retrain_fraction += float(stage_work(R, d.first_stage)) / self.config.shards
+                    redone_sizes += [len(stage_ids(new_layout[d.shard], j)) for j in range(d.first_stage, R)]
             tombs = set(old.tombstones) | {self._tombstone("id", i) for i in targets}
             tombs |= {self._tombstone("owner", o) for o in owners if o not in already}
             new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=sorted(tombs),
@@ -298,7 +303,7 @@ class SisaRun:
             raise
         receipt.purged_objects = self._commit(new)
         receipt.version = new.version
-        receipt.retrain_fraction = round(receipt.retrain_fraction, 6)
+        receipt.retrain_fraction = round(retrain_fraction(redone_sizes, R, new.records), 6)
         receipt.seconds = round(time.perf_counter() - t0, 3)
         return receipt
 

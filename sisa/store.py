@@ -35,6 +35,9 @@ class Store(Protocol):
     def prune_versions(self, key: str) -> None:
         """Drop every version of `key` but the current one (no-op where there are none)."""
 
+    def check(self) -> None:
+        """Raise UnlearnError if the store cannot be written (before any work starts)."""
+
 
 def _check_key(key: str) -> None:
     parts = key.split("/")
@@ -109,6 +112,13 @@ class LocalStore:
     def prune_versions(self, key: str) -> None:
         return None
 
+    def check(self) -> None:
+        probe = self.root
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+            raise UnlearnError(f"store {self.root}: {probe} is not a writable directory")
+
 
 class S3Store:
     """`s3://bucket/prefix` through boto3, configured by the standard AWS_* variables
@@ -145,6 +155,21 @@ class S3Store:
             raise UnlearnError(f"{self.uri}: {what} failed: {code or exc}") from None
         except BotoCoreError as exc:
             raise UnlearnError(f"{self.uri}: {what} failed: {exc}") from None
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise UnlearnError(f"{self.uri}: bucket {self.bucket!r} does not exist (NoSuchBucket)") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise UnlearnError(f"{self.uri}: access denied; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from None
+            raise UnlearnError(f"{self.uri}: cannot reach the bucket: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise UnlearnError(f"{self.uri}: cannot reach the bucket: {exc}") from None
 
     def put(self, key: str, data: bytes) -> None:
         self._call("put", self.client.put_object, Key=self._key(key), Body=data)

@@ -74,3 +74,12 @@ def test_expected_fraction_matches_mean_stage_work(S, R):
     mean = sum(plan.stage_work(R, j) for j in range(R)) / R
     assert plan.expected_retrain_fraction(S, R) == pytest.approx(float(mean) / S)
     assert plan.stage_work(R, 0) == 1
+
+
+def test_retrain_fraction_counts_examples():
+    # R=3: a stage runs 2e/4 epochs; redoing stages of 10 and 20 records out of 40 total
+    assert plan.retrain_fraction([10, 20], 3, 40) == pytest.approx(2 * 30 / (4 * 40))
+    # redoing all R stages of a single shard holding everything costs exactly one training
+    assert plan.retrain_fraction([10, 20, 30], 3, 30) == 1.0
+    assert plan.retrain_fraction([30], 1, 30) == 1.0
+    assert plan.retrain_fraction([], 4, 0) == 0.0
