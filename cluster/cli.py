@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="labels and probabilities for texts, aggregated over the shard models")
     _common(p)
-    p.add_argument("--input", required=True, help=".txt (one text per line), or JSONL/CSV/Parquet with a 'text' field")
+    p.add_argument("--input", required=True, help=".txt or - for stdin (one text per line), or JSONL/CSV/Parquet with a 'text' field")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
 
     p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
@@ -166,7 +166,9 @@ def run_command(args) -> int:
         owners = _split(args.owners, "owners") if args.owners else []
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=args.ignore_missing, progress=progress).to_json()
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
-                f"retrained shards {receipt['shards']} (stages {receipt['stages_redone']}), "
+                f"retrained shards {receipt['shards'] or 'none'}"
+                + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
+                + "; "
                 f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
         if receipt["already_deleted"]:
             text += f"; already deleted before: {receipt['already_deleted']}"

@@ -16,10 +16,10 @@ METHODS = ("vote", "mean", "weighted")
 
 
 def aggregate(probs: np.ndarray, method: str = "vote", weights: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (label index per text [n], aggregated probabilities [n, L]).
+    """Returns (label index per text [n], probabilities [n, L]).
 
     vote: each shard votes for its argmax; ties go to the higher mean probability,
-    then to the lower label index. The returned probabilities are then the vote shares.
+    then to the lower label index; the probabilities returned are the mean ones.
     mean: argmax of the mean probability. weighted: mean weighted by `weights`."""
     if probs.ndim != 3 or probs.shape[0] == 0:
         raise UnlearnError("no shard model to aggregate (every shard is empty)")
@@ -35,8 +35,14 @@ def aggregate(probs: np.ndarray, method: str = "vote", weights: Sequence[float] 
             raise UnlearnError("weighted aggregation needs one positive weight per shard")
         p = np.tensordot(w / w.sum(), probs, axes=1)
         return p.argmax(axis=1), p
-    votes = np.zeros((n, L))
-    np.add.at(votes, (np.arange(n)[None, :].repeat(S, 0), probs.argmax(axis=2)), 1)
     # lexicographic: most votes, then highest mean probability (argmax keeps the lowest index on ties)
-    score = votes * 2.0 + mean  # mean <= 1 < 2 = one vote
-    return score.argmax(axis=1), votes / S
+    score = vote_counts(probs) * 2.0 + mean  # mean <= 1 < 2 = one vote
+    return score.argmax(axis=1), mean
+
+
+def vote_counts(probs: np.ndarray) -> np.ndarray:
+    """How many shards pick each label, [n, L]."""
+    S, n, L = probs.shape
+    votes = np.zeros((n, L), dtype=np.int64)
+    np.add.at(votes, (np.tile(np.arange(n), S), probs.argmax(axis=2).reshape(-1)), 1)
+    return votes

@@ -192,7 +192,14 @@ def load_records(spec: str) -> list[Record]:
 
 
 def load_texts(spec: str) -> list[str]:
-    """Texts to predict: a .txt file (one per line), or JSONL/CSV/Parquet with a 'text' field."""
+    """Texts to predict: a .txt file or '-' for stdin (one per line), or JSONL/CSV/Parquet with a 'text' field."""
+    if spec == "-":
+        import sys
+
+        texts = [line for line in _decode_lines("<stdin>", sys.stdin.buffer.read()) if line.strip()]
+        if not texts:
+            raise UnlearnError("<stdin>: no texts")
+        return texts
     if not os.path.exists(spec):
         raise UnlearnError(f"{spec}: no such file")
     ext = os.path.splitext(spec)[1].lower()

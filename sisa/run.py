@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .aggregate import aggregate
+from .aggregate import aggregate, vote_counts
 from .checkpoint import State, dump_state, load_state, state_digest
 from .config import SisaConfig
 from .errors import UnlearnError
@@ -367,11 +367,13 @@ class SisaRun:
         weights = [self.manifest.shards[k].records for k in shards]
         labels, agg = aggregate(probs, method, weights)
         names = self.config.labels
+        votes = vote_counts(probs)
         return {
             "aggregate": method, "shards": shards,
             "predictions": [{"text": t, "label": names[int(i)],
-                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)}}
-                            for t, i, row in zip(texts, labels, agg)],
+                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
+                             "votes": {n: int(v) for n, v in zip(names, vrow)}}
+                            for t, i, row, vrow in zip(texts, labels, agg, votes)],
         }
 
     def evaluate(self, records: Sequence[Record], method: str = "vote") -> dict:
