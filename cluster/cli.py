@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ids", help="comma-separated record ids")
     g.add_argument("--ids-file", help="file with one record id per line")
     g.add_argument("--owners", help="comma-separated data owners")
+    g.add_argument("--owners-file", help="file with one data owner per line")
     p.add_argument("--ignore-missing", action="store_true", help="skip ids/owners the run never held instead of failing")
 
     p = sub.add_parser("verify", help="retrain shards from scratch and check the stored state is bit-identical",
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("drop", help="remove a whole run and every object (and object version) it stored")
     _common(p)
     p.add_argument("--missing-ok", action="store_true", help="succeed when the run does not exist")
+
+    p = sub.add_parser("unlock", help="remove the lock a dead command left on a run (check it is dead first)")
+    _common(p)
 
     p = sub.add_parser("status", help="shards, record counts and state digests of a run")
     _common(p)
@@ -95,12 +99,12 @@ def _split(value: str, what: str) -> list[str]:
     return items
 
 
-def _read_ids_file(path: str) -> list[str]:
+def _read_lines_file(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
-        raise UnlearnError(f"--ids-file {path}: {exc.strerror}") from None
+        raise UnlearnError(f"{path}: {exc.strerror}") from None
     ids = []
     for n, line in enumerate(raw.split(b"\n"), 1):
         try:
@@ -110,7 +114,7 @@ def _read_ids_file(path: str) -> list[str]:
         if text:
             ids.append(text)
     if not ids:
-        raise UnlearnError(f"{path}: no ids")
+        raise UnlearnError(f"{path}: no values (one id or owner per line)")
     return ids
 
 
@@ -160,10 +164,18 @@ def run_command(args) -> int:
         n = SisaRun.drop(store, args.run)
         _emit(args, {"run": args.run, "dropped_objects": n}, f"dropped run {args.run}: {n} objects purged")
         return 0
+    if args.command == "unlock":
+        from sisa.lock import force_unlock
+
+        removed = force_unlock(store, args.run)
+        _emit(args, {"run": args.run, "unlocked": removed},
+              f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
+        return 0
     run = SisaRun.open(store, args.run)
     if args.command == "delete":
-        ids = _split(args.ids, "ids") if args.ids else _read_ids_file(args.ids_file) if args.ids_file else []
-        owners = _split(args.owners, "owners") if args.owners else []
+        ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
+        owners = (_split(args.owners, "owners") if args.owners
+                  else _read_lines_file(args.owners_file) if args.owners_file else [])
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=args.ignore_missing, progress=progress).to_json()
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
                 f"retrained shards {receipt['shards'] or 'none'}"
@@ -172,6 +184,8 @@ def run_command(args) -> int:
                 f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
         if receipt["already_deleted"]:
             text += f"; already deleted before: {receipt['already_deleted']}"
+        for warning in receipt["warnings"]:
+            print(f"unlearn: warning: {warning}", file=sys.stderr)
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
@@ -208,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args)
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, ... outside the store interface
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"unlearn: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("unlearn: interrupted; the store keeps its last committed state", file=sys.stderr)

@@ -7,6 +7,7 @@ configuration.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
@@ -47,14 +48,16 @@ class SisaConfig:
             e = Fraction(self.epochs)
         except (ValueError, ZeroDivisionError):
             raise bad("epochs", f"not a number: {self.epochs!r}") from None
-        if e <= 0:
-            raise bad("epochs", f"must be > 0, got {self.epochs}")
+        if not 0 < e <= 1000:
+            raise bad("epochs", f"must be in (0, 1000], got {self.epochs}")
         if self.lora_r < 1:
             raise bad("lora_r", f"must be >= 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.learning_rate <= 0:
-            raise bad("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise bad("learning_rate", f"must be a finite number > 0, got {self.learning_rate}")
+        if self.lora_alpha <= 0:
+            raise bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
         if self.batch_size < 1:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.max_length < 8:

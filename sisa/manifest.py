@@ -21,6 +21,7 @@ class SliceEntry:
     data: str  # storage key of the slice's records (JSONL, sorted by id)
     ids: list[str]
     owners: list[str]
+    label_counts: dict[str, int]
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Manifest:
 
     def layout(self) -> list[list[list[str]]]:
         return [s.layout() for s in self.shards]
+
+    def labels_held(self) -> set[str]:
+        return {label for s in self.shards for sl in s.slices for label, n in sl.label_counts.items() if n}
 
     def owners(self) -> dict[str, str]:
         return {rid: owner for s in self.shards for sl in s.slices for rid, owner in zip(sl.ids, sl.owners)}
@@ -106,6 +110,7 @@ class DeletionReceipt:
     purged_objects: int
     version: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -44,13 +44,32 @@ def id_problem(value: str) -> str | None:
     for sep in ("/", "\\"):
         if sep in value:
             return f"contains the path separator {sep!r}"
-    for ch in value:
-        if ord(ch) < 32 or ord(ch) == 127 or 0x80 <= ord(ch) < 0xA0:
-            return f"contains the control character U+{ord(ch):04X}"
+    control = _control_char(value)
+    if control:
+        return control
     if value != value.strip():
         return "has leading or trailing whitespace"
     if len(value) > MAX_ID_LENGTH:
         return f"is longer than {MAX_ID_LENGTH} characters"
+    return None
+
+
+def _control_char(value: str) -> str | None:
+    for ch in value:
+        if ord(ch) < 32 or ord(ch) == 127 or 0x80 <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
+            return f"contains the control character U+{ord(ch):04X}"
+    return None
+
+
+def owner_problem(value: str) -> str | None:
+    """Owners are hashed, never used as keys, but must survive `--owners a,b` on a command line."""
+    if "," in value:
+        return "contains a comma (owners are given comma-separated to delete)"
+    control = _control_char(value)
+    if control:
+        return control
+    if value != value.strip():
+        return "has leading or trailing whitespace"
     return None
 
 
@@ -79,8 +98,10 @@ def record_from_row(row: dict, where: str) -> Record:
     owner = _field(row, "owner", where, required=False)
     if owner is None:
         owner = rid
-    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in owner):
-        raise UnlearnError(f"{where}: field 'owner' contains a control character: {quote(owner)}")
+    else:
+        problem = owner_problem(owner)
+        if problem:
+            raise UnlearnError(f"{where}: field 'owner' {problem}: {quote(owner)}")
     return Record(rid, text, label, owner)
 
 
@@ -136,14 +157,7 @@ def _csv_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[dict, str]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        raise UnlearnError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise UnlearnError(f"{path}: not a readable Parquet file ({exc})") from None
+    table = _read_parquet(path)
     for name in REQUIRED:
         if name not in table.column_names:
             raise UnlearnError(f"{path}: missing column '{name}'")
@@ -234,10 +248,17 @@ def _csv_text_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
         yield row, f"{path}:{reader.line_num}"
 
 
-def _parquet_rows_text(path: str) -> Iterator[tuple[dict, str]]:
+def _read_parquet(path: str):
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise UnlearnError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+
+
+def _parquet_rows_text(path: str) -> Iterator[tuple[dict, str]]:
+    table = _read_parquet(path)
     if "text" not in table.column_names:
         raise UnlearnError(f"{path}: missing column 'text'")
     for n, row in enumerate(table.to_pylist(), 1):

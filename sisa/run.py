@@ -34,6 +34,7 @@ from .keys import sha256_hex
 from .manifest import DeletionReceipt, Manifest, ShardEntry, SliceEntry
 from .plan import apply_deletion, build_layout, checkpoint_key, plan_deletion, retrain_fraction, stage_ids
 from .records import Record, id_problem, quote
+from .lock import RunLock, lock_key
 from .store import Store
 
 MANAGED = ("manifests/", "data/", "ckpt/")  # sub-prefixes that garbage collection owns
@@ -78,7 +79,15 @@ def encode_slice(records: Sequence[Record]) -> bytes:
 
 
 def decode_slice(data: bytes) -> list[Record]:
-    return [Record(**json.loads(line)) for line in data.decode("utf-8").splitlines() if line]
+    # split on "\n" only: str.splitlines() would also split inside texts at U+2028, U+0085, ...
+    return [Record(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line]
+
+
+def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    return SliceEntry(key, [r.id for r in records], [r.owner for r in records], dict(sorted(counts.items())))
 
 
 class SisaRun:
@@ -117,45 +126,78 @@ class SisaRun:
 
     @classmethod
     def drop(cls, store: Store, run: str) -> int:
-        """Purge every object of a run, HEAD last, so an interrupted drop can simply be re-run."""
+        """Purge every object (and version) of a run, HEAD last, so an interrupted drop
+        can simply be re-run."""
         check_run_name(run)
-        keys = [k for k in store.list(f"{run}/") if k != cls._head(run)]
-        for key in keys:
-            store.delete(key)
-        store.delete(cls._head(run))
+        with RunLock(store, run, "drop"):
+            keys = [k for k in store.list_all(f"{run}/") if k not in (cls._head(run), lock_key(run))]
+            for key in keys:
+                store.delete(key)
+            store.delete(cls._head(run))
         return len(keys) + 1
+
+    @classmethod
+    def _read_head(cls, store: Store, run: str) -> Manifest:
+        try:
+            head = json.loads(store.get(cls._head(run)))
+            mkey = head["manifest"]
+        except KeyError:
+            raise UnlearnError(f"run {quote(run)} not found in store {store.uri}") from None
+        except (ValueError, TypeError):
+            raise UnlearnError(f"run {quote(run)}: {store.uri}/{cls._head(run)} is not a valid pointer") from None
+        try:
+            return Manifest.loads(store.get(mkey), f"{store.uri}/{mkey}")
+        except KeyError:
+            raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
 
     @classmethod
     def open(cls, store: Store, run: str) -> "SisaRun":
         check_run_name(run)
+        return cls(store, cls._read_head(store, run))
+
+    def _load_checkpoint(self, key: str) -> State:
         try:
-            head = json.loads(store.get(cls._head(run)))
+            return load_state(self.store.get(key))
         except KeyError:
-            raise UnlearnError(f"run {quote(run)} not found in store {store.uri}") from None
-        mkey = head["manifest"]
+            raise UnlearnError(f"run {quote(self.name)}: checkpoint {key} is missing (changed by another "
+                               f"command while reading? try again)") from None
+        except Exception as exc:  # safetensors raises its own error type for corrupt data
+            raise UnlearnError(f"run {quote(self.name)}: checkpoint {key} is unreadable ({exc})") from None
+
+    def _load_slice(self, key: str) -> list[Record]:
         try:
-            manifest = Manifest.loads(store.get(mkey), f"{store.uri}/{mkey}")
+            return decode_slice(self.store.get(key))
         except KeyError:
-            raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
-        return cls(store, manifest)
+            raise UnlearnError(f"run {quote(self.name)}: slice data {key} is missing") from None
+        except (ValueError, TypeError) as exc:
+            raise UnlearnError(f"run {quote(self.name)}: slice data {key} is unreadable ({exc})") from None
 
     def _manifest_key(self, manifest: Manifest) -> str:
         return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
 
     def _commit(self, manifest: Manifest) -> int:
-        """Write the manifest, point HEAD at it, then purge everything unreferenced."""
+        """Write the manifest, point HEAD at it (the commit), then purge everything the
+        new manifest does not reference. A failed purge does not undo the commit: it is
+        reported, and the next mutating command finishes it."""
         mkey = self._manifest_key(manifest)
         self.store.put(mkey, manifest.dumps())
         self.store.put(self._head(self.name), json.dumps({"manifest": mkey}).encode())
-        self.store.prune_versions(self._head(self.name))
         self.manifest = manifest
-        return self._collect_garbage()
+        try:
+            self.store.prune_versions(self._head(self.name))
+            return self._collect_garbage()
+        except Exception as exc:
+            print(f"unlearn: warning: committed, but the purge of superseded objects failed ({exc}); "
+                  f"the next delete or drop finishes it", file=sys.stderr)
+            return 0
 
     def _collect_garbage(self) -> int:
+        """Purge every object (and object version) under the managed prefixes that the
+        current manifest does not reference. Call only while holding the run lock."""
         keep = self.manifest.referenced_keys() | {self._manifest_key(self.manifest)}
         purged = 0
         for sub in MANAGED:
-            for key in self.store.list(f"{self.name}/{sub}"):
+            for key in self.store.list_all(f"{self.name}/{sub}"):
                 if key not in keep:
                     self.store.delete(key)
                     purged += 1
@@ -185,8 +227,6 @@ class SisaRun:
               progress: bool = False) -> "SisaRun":
         check_run_name(run)
         store.check()
-        if store.exists(cls._head(run)):
-            raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
         if not config.labels:
             labels = sorted({r.label for r in records})
             if len(labels) < 2:
@@ -201,6 +241,17 @@ class SisaRun:
         now = _now()
         manifest = Manifest(run=run, config=config, shards=[], salt=os.urandom(16).hex(), created=now, updated=now)
         self = cls(store, manifest)
+        with RunLock(store, run, "train"):
+            if store.exists(cls._head(run)):
+                raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
+            self._train_all(layout, by_id, progress)
+        return self
+
+    def _train_all(self, layout, by_id: dict[str, Record], progress: bool) -> None:
+        store, run, manifest, config = self.store, self.name, self.manifest, self.config
+        for key in store.list_all(f"{run}/"):  # leftovers of an earlier train that died
+            if key != lock_key(run):
+                store.delete(key)
         try:
             trainer = get_trainer(config)
             total = sum(self._total_steps(trainer, shard_layout, 0) for shard_layout in layout)
@@ -211,22 +262,22 @@ class SisaRun:
                         data = encode_slice([by_id[i] for i in ids])
                         key = self._data_key(data)
                         store.put(key, data)
-                        slices.append(SliceEntry(key, list(ids), [by_id[i].owner for i in ids]))
+                        slices.append(slice_entry(key, [by_id[i] for i in ids]))
                     stages = self._train_stages(trainer, k, shard_layout, by_id, 0, trainer.initial_state(k), bar, True)
                     manifest.shards.append(ShardEntry(k, slices, [s[0] for s in stages], [s[1] for s in stages]))
             self._commit(manifest)
         except BaseException:
             try:  # nothing was committed: leave the store as it was
-                for key in store.list(f"{run}/"):
-                    store.delete(key)
+                for key in store.list_all(f"{run}/"):
+                    if key != lock_key(run):
+                        store.delete(key)
             except Exception as cleanup:  # keep the original error; say what is left
                 print(f"unlearn: warning: could not remove the partial run {run!r}: {cleanup}", file=sys.stderr)
             raise
-        return self
 
     # -- deletion ------------------------------------------------------------------
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
-        """(ids to remove, requested items already deleted earlier, unknown items)."""
+        """(ids to remove, requested ids/owners already deleted earlier, unknown ones)."""
         held = self.manifest.owners()
         by_owner: dict[str, list[str]] = defaultdict(list)
         for rid, owner in held.items():
@@ -247,8 +298,13 @@ class SisaRun:
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
                progress: bool = False) -> DeletionReceipt:
+        with RunLock(self.store, self.name, "delete"):
+            self.manifest = self._read_head(self.store, self.name)  # a stale handle acts on the current state
+            return self._delete_locked(list(ids), list(owners), ignore_missing, progress)
+
+    def _delete_locked(self, ids: list[str], owners: list[str], ignore_missing: bool,
+                       progress: bool) -> DeletionReceipt:
         t0 = time.perf_counter()
-        ids, owners = list(ids), list(owners)
         targets, already, unknown = self.resolve(ids, owners)
         if unknown and not ignore_missing:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -272,7 +328,7 @@ class SisaRun:
             with _progress(total, f"delete from {self.name}", progress) as bar:
                 for d in plan:
                     entry = shards[d.shard]
-                    records = {r.id: r for sl in entry.slices for r in decode_slice(self.store.get(sl.data))}
+                    records = {r.id: r for sl in entry.slices for r in self._load_slice(sl.data)}
                     for rid in d.removed:
                         del records[rid]
                     for j in range(d.first_stage, R):
@@ -281,11 +337,11 @@ class SisaRun:
                             data = encode_slice([records[i] for i in ids_j])
                             key = self._data_key(data)
                             self.store.put(key, data)
-                            entry.slices[j] = SliceEntry(key, list(ids_j), [records[i].owner for i in ids_j])
+                            entry.slices[j] = slice_entry(key, [records[i] for i in ids_j])
                     if d.first_stage == 0:
                         state = trainer.initial_state(d.shard)
                     else:
-                        state = load_state(self.store.get(entry.checkpoints[d.first_stage - 1]))
+                        state = self._load_checkpoint(entry.checkpoints[d.first_stage - 1])
                     stages = self._train_stages(trainer, d.shard, new_layout[d.shard], records, d.first_stage,
                                                 state, bar, True)
                     entry.checkpoints[d.first_stage:] = [s[0] for s in stages]
@@ -294,13 +350,19 @@ class SisaRun:
                     receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
                     receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
                     redone_sizes += [len(stage_ids(new_layout[d.shard], j)) for j in range(d.first_stage, R)]
+            held_owners = set(old.owners().values())
             tombs = set(old.tombstones) | {self._tombstone("id", i) for i in targets}
-            tombs |= {self._tombstone("owner", o) for o in owners if o not in already}
+            tombs |= {self._tombstone("owner", o) for o in owners if o in held_owners}
             new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=sorted(tombs),
                            version=old.version + 1, created=old.created, updated=_now())
         except BaseException:
             self._collect_garbage()  # HEAD still names the old manifest: drop what this command wrote
             raise
+        remaining = new.labels_held()
+        receipt.warnings = [
+            f"label {quote(label)} has no records left; a from-scratch run must pass "
+            f"--labels {','.join(self.config.labels)} to reproduce this state"
+            for label in self.config.labels if label not in remaining]
         receipt.purged_objects = self._commit(new)
         receipt.version = new.version
         receipt.retrain_fraction = round(retrain_fraction(redone_sizes, R, new.records), 6)
@@ -326,14 +388,14 @@ class SisaRun:
                 problems = []
                 records: dict[str, Record] = {}
                 for j, sl in enumerate(entry.slices):
-                    got = decode_slice(self.store.get(sl.data))
+                    got = self._load_slice(sl.data)
                     if [r.id for r in got] != sl.ids:
                         problems.append(f"slice {j}: stored records differ from the manifest")
                     records.update((r.id, r) for r in got)
                 stages = self._train_stages(trainer, k, layout[k], records, 0, trainer.initial_state(k), bar, False)
                 rows = []
                 for j, (key, digest) in enumerate(stages):
-                    stored = state_digest(load_state(self.store.get(entry.checkpoints[j])))
+                    stored = state_digest(self._load_checkpoint(entry.checkpoints[j]))
                     ok = digest == entry.stage_digests[j] == stored and key == entry.checkpoints[j]
                     if not ok:
                         problems.append(f"stage {j}: digest or checkpoint key differs")
@@ -358,7 +420,7 @@ class SisaRun:
         """Probabilities of every non-empty shard model: (shards, array [S', n, L])."""
         trainer = get_trainer(self.config)
         shards = [s.shard for s in self.manifest.shards if s.records > 0]
-        probs = [trainer.predict_proba(load_state(self.store.get(self.manifest.shards[k].checkpoints[-1])), texts)
+        probs = [trainer.predict_proba(self._load_checkpoint(self.manifest.shards[k].checkpoints[-1]), texts)
                  for k in shards]
         return shards, np.stack(probs) if probs else np.zeros((0, len(texts), len(self.config.labels)))
 

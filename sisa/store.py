@@ -24,11 +24,19 @@ class Store(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist; False if it did (an atomic test-and-set)."""
+
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def list_all(self, prefix: str) -> list[str]:
+        """Every key under `prefix` that still has bytes anywhere: current objects, older
+        versions, keys hidden behind a delete marker, half-written temporary files.
+        Garbage collection and `drop` walk this, so interrupted purges are finished."""
 
     def delete(self, key: str) -> None: ...
 
@@ -58,18 +66,40 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        except OSError as exc:
+            raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+            _fsync_dir(os.path.dirname(path))  # the rename itself must survive a power cut
+        except BaseException as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
             raise
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(os.path.dirname(path))
+        return True
 
     def get(self, key: str) -> bytes:
         try:
@@ -77,22 +107,30 @@ class LocalStore:
                 return f.read()
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as exc:
+            raise UnlearnError(f"store {self.root}: cannot read {key}: {exc.strerror}") from None
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
 
-    def list(self, prefix: str) -> list[str]:
+    def _walk(self, prefix: str, temporary: bool) -> list[str]:
         base = os.path.join(self.root, *[p for p in prefix.split("/") if p])
         if not os.path.isdir(base):
             return []
         out = []
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith(".tmp-") and not temporary:
                     continue
                 rel = os.path.relpath(os.path.join(dirpath, name), self.root)
                 out.append(rel.replace(os.sep, "/"))
         return sorted(k for k in out if k.startswith(prefix))
+
+    def list(self, prefix: str) -> list[str]:
+        return self._walk(prefix, temporary=False)
+
+    def list_all(self, prefix: str) -> list[str]:
+        return self._walk(prefix, temporary=True)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -100,6 +138,8 @@ class LocalStore:
             os.unlink(path)
         except FileNotFoundError:
             return
+        except OSError as exc:
+            raise UnlearnError(f"store {self.root}: cannot delete {key}: {exc.strerror}") from None
         # remove directories left empty, up to the store root
         d = os.path.dirname(path)
         while d != self.root and d.startswith(self.root):
@@ -174,6 +214,17 @@ class S3Store:
     def put(self, key: str, data: bytes) -> None:
         self._call("put", self.client.put_object, Key=self._key(key), Body=data)
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise UnlearnError(f"{self.uri}: put failed: {exc.response.get('Error', {}).get('Code') or exc}") from None
+
     def get(self, key: str) -> bytes:
         return self._call("get", self.client.get_object, Key=self._key(key))["Body"].read()
 
@@ -201,42 +252,59 @@ class S3Store:
             token = resp.get("NextContinuationToken")
         return sorted(keys)
 
-    def _versions(self, key: str) -> list[dict]:
-        """Every version and delete marker of exactly `key`, newest first."""
-        full = self._key(key)
-        out: list[dict] = []
-        kwargs: dict = {"Prefix": full}
+    def _version_pages(self, prefix: str):
+        kwargs: dict = {"Prefix": prefix}
         while True:
             resp = self._call("list versions", self.client.list_object_versions, **kwargs)
-            for v in resp.get("Versions", []) + resp.get("DeleteMarkers", []):
-                if v["Key"] == full:
-                    out.append(v)
+            yield resp.get("Versions", []) + resp.get("DeleteMarkers", [])
             if not resp.get("IsTruncated"):
-                break
-            kwargs = {"Prefix": full, "KeyMarker": resp.get("NextKeyMarker"),
+                return
+            kwargs = {"Prefix": prefix, "KeyMarker": resp.get("NextKeyMarker"),
                       "VersionIdMarker": resp.get("NextVersionIdMarker")}
-        out.sort(key=lambda v: (not v.get("IsLatest", False), -v["LastModified"].timestamp()))
-        return out
+
+    def _versions(self, key: str) -> list[dict]:
+        """Every version and delete marker of exactly `key` (the "null" version included)."""
+        full = self._key(key)
+        return [v for page in self._version_pages(full) for v in page if v["Key"] == full]
+
+    def list_all(self, prefix: str) -> list[str]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        keys = {v["Key"] for page in self._version_pages(full) for v in page}
+        return sorted(k[len(self.prefix) + 1:] if self.prefix else k for k in keys)
 
     def _delete_versions(self, key: str, versions: list[dict]) -> None:
+        """Delete these exact versions. The "null" version (written while versioning was
+        off) is deleted by that id too: a plain delete would only hide it behind a marker."""
         full = self._key(key)
         for v in versions:
             vid = v.get("VersionId")
-            if vid and vid != "null":
+            if vid:
                 self._call("delete version", self.client.delete_object, Key=full, VersionId=vid)
             else:
                 self._call("delete", self.client.delete_object, Key=full)
 
     def delete(self, key: str) -> None:
-        self._call("delete", self.client.delete_object, Key=self._key(key))
-        # A versioned bucket keeps the bytes as a noncurrent version: purge them all.
-        self._delete_versions(key, [v for v in self._versions(key) if v.get("VersionId") not in (None, "null")])
+        versions = self._versions(key)
+        self._delete_versions(key, versions)
+        if self._versions(key):  # a server that ignores VersionId="null" on unversioned buckets
+            self._call("delete", self.client.delete_object, Key=self._key(key))
+            left = self._versions(key)
+            if left:
+                raise UnlearnError(f"{self.uri}: {key} still has {len(left)} version(s) after the purge")
 
     def prune_versions(self, key: str) -> None:
         versions = self._versions(key)
-        latest = [v for v in versions if v.get("IsLatest")]
-        keep = latest[0]["VersionId"] if latest else None
-        self._delete_versions(key, [v for v in versions if v.get("VersionId") not in (keep, None, "null")])
+        latest = [v for v in versions if v.get("IsLatest") and "Size" in v]
+        keep = latest[0].get("VersionId") if latest else None
+        self._delete_versions(key, [v for v in versions if v.get("VersionId") != keep])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_store(uri: str | None = None) -> Store:

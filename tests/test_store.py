@@ -2,6 +2,7 @@
 import json
 import os
 import time
+import uuid
 
 import pytest
 
@@ -74,6 +75,10 @@ def test_seaweedfs_store_with_versioning_and_auth(seaweedfs, s3_bucket):
     keys = [k for k, _ in all_versions(client, s3_bucket)]
     assert "p/run/a/x.json" not in keys  # purged, not just hidden behind a delete marker
     assert keys.count("p/run/b.json") == 1  # overwritten pointer keeps only its current version
+    plain = f"u-{uuid.uuid4().hex[:8]}"  # an unversioned bucket takes the same code path
+    client.create_bucket(Bucket=plain)
+    exercise(open_store(f"s3://{plain}/p"))
+    assert "p/run/a/x.json" not in [k for k, _ in all_versions(client, plain)]
     bad = S3Store(s3_bucket, "p", client=seaweedfs.client("wrong", "credentials"))
     with pytest.raises(UnlearnError, match="InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied"):
         bad.get("run/b.json")
@@ -135,3 +140,38 @@ def test_vacuum_makes_deleted_bytes_unreadable_on_disk(seaweedfs, s3_bucket):
         seaweedfs.vacuum()
         time.sleep(0.5)
     assert not on_disk()
+
+
+def test_s3_purge_removes_null_versions_and_finishes_interrupted_deletes(moto_server):
+    """An object written before versioning was enabled has the version id "null"; a plain
+    delete would only hide it. An interrupted purge leaves versions that list() misses."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="y")
+    bucket = f"v-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    store = S3Store(bucket, "p", client=client)
+    store.put("run/old", b"SECRET-1")
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    store.put("run/old", b"SECRET-2")
+    store.delete("run/old")
+    assert all_versions(client, bucket) == []
+
+    store.put("run/half", b"SECRET-3")
+    client.delete_object(Bucket=bucket, Key="p/run/half")  # a purge killed after its first call
+    assert store.list("run/") == [] and store.list_all("run/") == ["run/half"]
+    store.delete("run/half")
+    assert store.list_all("run/") == [] and all_versions(client, bucket) == []
+    markers = client.list_object_versions(Bucket=bucket).get("DeleteMarkers", [])
+    assert markers == []
+
+
+def test_local_list_all_sees_half_written_files(tmp_path):
+    store = LocalStore(str(tmp_path))
+    store.put("run/a", b"x")
+    (tmp_path / "run" / ".tmp-dead").write_bytes(b"secret text of a killed write")
+    assert store.list("run/") == ["run/a"]
+    assert store.list_all("run/") == ["run/.tmp-dead", "run/a"]
+    store.delete("run/.tmp-dead")
+    assert store.list_all("run/") == ["run/a"]
