@@ -1,9 +1,11 @@
 """A SISA run on a store: train, delete, verify, status, predict, evaluate.
 
-This is the in-process engine (no Ray), usable from a notebook. Storage layout
-under the run's prefix:
+The run owns the manifest and the commit; the per-shard work goes through an
+executor (`sisa/shard.py`): in this process by default (no Ray, usable from a
+notebook), or in Ray shard actors (`cluster/`). Storage layout under the run's prefix:
 
     RUN/HEAD                              pointer to the current manifest (the commit)
+    RUN/LOCK                              held while a command mutates the run
     RUN/manifests/<sha256>.json           manifests
     RUN/data/<sha256>.jsonl               records of one slice, content-addressed
     RUN/ckpt/<shard>/<stage>-<key>.safetensors   state after a stage; key = checkpoint_key()
@@ -27,36 +29,21 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .aggregate import aggregate, vote_counts
-from .checkpoint import State, dump_state, load_state, state_digest
 from .config import SisaConfig
 from .errors import UnlearnError
 from .keys import sha256_hex
-from .manifest import DeletionReceipt, Manifest, ShardEntry, SliceEntry
-from .plan import apply_deletion, build_layout, checkpoint_key, plan_deletion, retrain_fraction, stage_ids
-from .records import Record, id_problem, quote
 from .lock import RunLock, lock_key
+from .manifest import DeletionReceipt, Manifest
+from .plan import apply_deletion, build_layout, plan_deletion, retrain_fraction, stage_ids
+from .records import Record, id_problem, quote
+from .shard import Executor, LocalExecutor, RetrainJob, TrainJob, get_trainer  # noqa: F401 (re-export)
 from .store import Store
 
 MANAGED = ("manifests/", "data/", "ckpt/")  # sub-prefixes that garbage collection owns
 
-_trainers: dict[str, object] = {}
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def get_trainer(config: SisaConfig):
-    """One loaded base model per process and configuration (loading costs seconds)."""
-    from .models import load_classifier
-    from .trainer import StageTrainer
-
-    key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout])
-    if key not in _trainers:
-        clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout)
-        _trainers.clear()
-        _trainers[key] = clf
-    return StageTrainer(config, _trainers[key])
 
 
 def check_run_name(name: str) -> None:
@@ -67,33 +54,25 @@ def check_run_name(name: str) -> None:
         raise UnlearnError(f"--run {quote(name)}: {problem}")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not enabled, leave=False)
-
-
-def encode_slice(records: Sequence[Record]) -> bytes:
-    return "".join(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n"
-                   for r in sorted(records, key=lambda r: r.id)).encode("utf-8")
-
-
-def decode_slice(data: bytes) -> list[Record]:
-    # split on "\n" only: str.splitlines() would also split inside texts at U+2028, U+0085, ...
-    return [Record(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line]
-
-
-def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
-    counts: dict[str, int] = {}
+def with_labels(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
+    """Fix the label set (the sorted labels of the data unless given) and check every record."""
+    if not config.labels:
+        labels = sorted({r.label for r in records})
+        if len(labels) < 2:
+            raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
+        config = SisaConfig.from_json({**config.to_json(), "labels": labels})
+    known = set(config.labels)
     for r in records:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    return SliceEntry(key, [r.id for r in records], [r.owner for r in records], dict(sorted(counts.items())))
+        if r.label not in known:
+            raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
+    return config
 
 
 class SisaRun:
-    def __init__(self, store: Store, manifest: Manifest):
+    def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
         self.store = store
         self.manifest = manifest
+        self.executor = executor
 
     # -- naming ------------------------------------------------------------------
     @property
@@ -108,15 +87,11 @@ class SisaRun:
     def _head(run: str) -> str:
         return f"{run}/HEAD"
 
-    def _data_key(self, data: bytes) -> str:
-        return f"{self.name}/data/{sha256_hex(data)}.jsonl"
-
-    def _ckpt_key(self, shard: int, stage: int, shard_layout: Sequence[Sequence[str]]) -> str:
-        key = checkpoint_key(self.config.digest(), shard, stage, shard_layout)
-        return f"{self.name}/ckpt/{shard:04d}/{stage:04d}-{key}.safetensors"
-
     def _tombstone(self, kind: str, value: str) -> str:
         return hmac.new(bytes.fromhex(self.manifest.salt), f"{kind}\x1f{value}".encode(), "sha256").hexdigest()
+
+    def _executor(self, progress: bool) -> Executor:
+        return self.executor or LocalExecutor(self.store, self.name, self.config, progress)
 
     # -- open / commit -------------------------------------------------------------
     @classmethod
@@ -137,10 +112,9 @@ class SisaRun:
         return len(keys) + 1
 
     @classmethod
-    def _read_head(cls, store: Store, run: str) -> Manifest:
+    def read_head(cls, store: Store, run: str) -> Manifest:
         try:
-            head = json.loads(store.get(cls._head(run)))
-            mkey = head["manifest"]
+            mkey = json.loads(store.get(cls._head(run)))["manifest"]
         except KeyError:
             raise UnlearnError(f"run {quote(run)} not found in store {store.uri}") from None
         except (ValueError, TypeError):
@@ -151,26 +125,9 @@ class SisaRun:
             raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
 
     @classmethod
-    def open(cls, store: Store, run: str) -> "SisaRun":
+    def open(cls, store: Store, run: str, executor: Executor | None = None) -> "SisaRun":
         check_run_name(run)
-        return cls(store, cls._read_head(store, run))
-
-    def _load_checkpoint(self, key: str) -> State:
-        try:
-            return load_state(self.store.get(key))
-        except KeyError:
-            raise UnlearnError(f"run {quote(self.name)}: checkpoint {key} is missing (changed by another "
-                               f"command while reading? try again)") from None
-        except Exception as exc:  # safetensors raises its own error type for corrupt data
-            raise UnlearnError(f"run {quote(self.name)}: checkpoint {key} is unreadable ({exc})") from None
-
-    def _load_slice(self, key: str) -> list[Record]:
-        try:
-            return decode_slice(self.store.get(key))
-        except KeyError:
-            raise UnlearnError(f"run {quote(self.name)}: slice data {key} is missing") from None
-        except (ValueError, TypeError) as exc:
-            raise UnlearnError(f"run {quote(self.name)}: slice data {key} is unreadable ({exc})") from None
+        return cls(store, cls.read_head(store, run), executor)
 
     def _manifest_key(self, manifest: Manifest) -> str:
         return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
@@ -204,76 +161,38 @@ class SisaRun:
         return purged
 
     # -- training ------------------------------------------------------------------
-    def _train_stages(self, trainer, shard: int, shard_layout: Sequence[Sequence[str]], records: dict[str, Record],
-                      first_stage: int, state: State, bar, write: bool) -> list[tuple[str, str]]:
-        """Stages first_stage..R-1 of one shard; returns (checkpoint key, digest) per stage."""
-        out = []
-        for stage in range(first_stage, self.config.slices):
-            batch = [records[rid] for rid in stage_ids(shard_layout, stage)]
-            state = trainer.train_stage(state, batch, shard, stage, on_step=lambda: bar.update(1))
-            digest = state_digest(state)
-            key = self._ckpt_key(shard, stage, shard_layout)
-            if write:
-                meta = {"run": self.name, "shard": shard, "stage": stage, "digest": digest, "records": len(batch)}
-                self.store.put(key, dump_state(state, meta))
-            out.append((key, digest))
-        return out
-
-    def _total_steps(self, trainer, shard_layout: Sequence[Sequence[str]], first_stage: int) -> int:
-        return sum(trainer.stage_steps(len(stage_ids(shard_layout, s))) for s in range(first_stage, self.config.slices))
-
     @classmethod
     def train(cls, store: Store, run: str, records: Sequence[Record], config: SisaConfig,
-              progress: bool = False) -> "SisaRun":
+              progress: bool = False, executor: Executor | None = None) -> "SisaRun":
         check_run_name(run)
         store.check()
-        if not config.labels:
-            labels = sorted({r.label for r in records})
-            if len(labels) < 2:
-                raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
-            config = SisaConfig.from_json({**config.to_json(), "labels": labels})
-        known = set(config.labels)
-        for r in records:
-            if r.label not in known:
-                raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
+        config = with_labels(config, records)
         layout = build_layout(((r.id, r.owner) for r in records), config.seed, config.shards, config.slices)
         by_id = {r.id: r for r in records}
         now = _now()
         manifest = Manifest(run=run, config=config, shards=[], salt=os.urandom(16).hex(), created=now, updated=now)
-        self = cls(store, manifest)
+        self = cls(store, manifest, executor)
+        jobs = [TrainJob(k, [[by_id[i] for i in ids] for ids in shard]) for k, shard in enumerate(layout)]
         with RunLock(store, run, "train"):
             if store.exists(cls._head(run)):
                 raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
-            self._train_all(layout, by_id, progress)
+            self._purge_uncommitted()  # leftovers of an earlier train that died
+            try:
+                manifest.shards = self._executor(progress).train(jobs)
+                self._commit(manifest)
+            except BaseException:
+                try:  # nothing was committed: leave the store as it was
+                    self._purge_uncommitted()
+                except Exception as cleanup:  # keep the original error; say what is left
+                    print(f"unlearn: warning: could not remove the partial run {quote(run)}: {cleanup}",
+                          file=sys.stderr)
+                raise
         return self
 
-    def _train_all(self, layout, by_id: dict[str, Record], progress: bool) -> None:
-        store, run, manifest, config = self.store, self.name, self.manifest, self.config
-        for key in store.list_all(f"{run}/"):  # leftovers of an earlier train that died
-            if key != lock_key(run):
-                store.delete(key)
-        try:
-            trainer = get_trainer(config)
-            total = sum(self._total_steps(trainer, shard_layout, 0) for shard_layout in layout)
-            with _progress(total, f"train {run}", progress) as bar:
-                for k, shard_layout in enumerate(layout):
-                    slices = []
-                    for ids in shard_layout:
-                        data = encode_slice([by_id[i] for i in ids])
-                        key = self._data_key(data)
-                        store.put(key, data)
-                        slices.append(slice_entry(key, [by_id[i] for i in ids]))
-                    stages = self._train_stages(trainer, k, shard_layout, by_id, 0, trainer.initial_state(k), bar, True)
-                    manifest.shards.append(ShardEntry(k, slices, [s[0] for s in stages], [s[1] for s in stages]))
-            self._commit(manifest)
-        except BaseException:
-            try:  # nothing was committed: leave the store as it was
-                for key in store.list_all(f"{run}/"):
-                    if key != lock_key(run):
-                        store.delete(key)
-            except Exception as cleanup:  # keep the original error; say what is left
-                print(f"unlearn: warning: could not remove the partial run {run!r}: {cleanup}", file=sys.stderr)
-            raise
+    def _purge_uncommitted(self) -> None:
+        for key in self.store.list_all(f"{self.name}/"):
+            if key != lock_key(self.name):
+                self.store.delete(key)
 
     # -- deletion ------------------------------------------------------------------
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
@@ -299,7 +218,7 @@ class SisaRun:
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
                progress: bool = False) -> DeletionReceipt:
         with RunLock(self.store, self.name, "delete"):
-            self.manifest = self._read_head(self.store, self.name)  # a stale handle acts on the current state
+            self.manifest = self.read_head(self.store, self.name)  # a stale handle acts on the current state
             return self._delete_locked(list(ids), list(owners), ignore_missing, progress)
 
     def _delete_locked(self, ids: list[str], owners: list[str], ignore_missing: bool,
@@ -318,46 +237,25 @@ class SisaRun:
         if not plan:
             receipt.seconds = round(time.perf_counter() - t0, 3)
             return receipt
-        new_layout = apply_deletion(old.layout(), targets)
-        shards = [ShardEntry(s.shard, list(s.slices), list(s.checkpoints), list(s.stage_digests)) for s in old.shards]
         R = self.config.slices
-        redone_sizes: list[int] = []
+        new_layout = apply_deletion(old.layout(), targets)
+        jobs = [RetrainJob(old.shards[d.shard], d.removed, d.first_stage) for d in plan]
         try:
-            trainer = get_trainer(self.config)
-            total = sum(self._total_steps(trainer, new_layout[d.shard], d.first_stage) for d in plan)
-            with _progress(total, f"delete from {self.name}", progress) as bar:
-                for d in plan:
-                    entry = shards[d.shard]
-                    records = {r.id: r for sl in entry.slices for r in self._load_slice(sl.data)}
-                    for rid in d.removed:
-                        del records[rid]
-                    for j in range(d.first_stage, R):
-                        ids_j = new_layout[d.shard][j]
-                        if ids_j != entry.slices[j].ids:
-                            data = encode_slice([records[i] for i in ids_j])
-                            key = self._data_key(data)
-                            self.store.put(key, data)
-                            entry.slices[j] = slice_entry(key, [records[i] for i in ids_j])
-                    if d.first_stage == 0:
-                        state = trainer.initial_state(d.shard)
-                    else:
-                        state = self._load_checkpoint(entry.checkpoints[d.first_stage - 1])
-                    stages = self._train_stages(trainer, d.shard, new_layout[d.shard], records, d.first_stage,
-                                                state, bar, True)
-                    entry.checkpoints[d.first_stage:] = [s[0] for s in stages]
-                    entry.stage_digests[d.first_stage:] = [s[1] for s in stages]
-                    receipt.shards.append(d.shard)
-                    receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
-                    receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
-                    redone_sizes += [len(stage_ids(new_layout[d.shard], j)) for j in range(d.first_stage, R)]
-            held_owners = set(old.owners().values())
-            tombs = set(old.tombstones) | {self._tombstone("id", i) for i in targets}
-            tombs |= {self._tombstone("owner", o) for o in owners if o in held_owners}
-            new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=sorted(tombs),
-                           version=old.version + 1, created=old.created, updated=_now())
+            entries = self._executor(progress).retrain(jobs)
         except BaseException:
             self._collect_garbage()  # HEAD still names the old manifest: drop what this command wrote
             raise
+        shards = list(old.shards)
+        for d, entry in zip(plan, entries):
+            shards[d.shard] = entry
+            receipt.shards.append(d.shard)
+            receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
+            receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
+        held_owners = set(old.owners().values())
+        tombs = set(old.tombstones) | {self._tombstone("id", i) for i in targets}
+        tombs |= {self._tombstone("owner", o) for o in owners if o in held_owners}
+        new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=sorted(tombs),
+                       version=old.version + 1, created=old.created, updated=_now())
         remaining = new.labels_held()
         receipt.warnings = [
             f"label {quote(label)} has no records left; a from-scratch run must pass "
@@ -365,7 +263,8 @@ class SisaRun:
             for label in self.config.labels if label not in remaining]
         receipt.purged_objects = self._commit(new)
         receipt.version = new.version
-        receipt.retrain_fraction = round(retrain_fraction(redone_sizes, R, new.records), 6)
+        redone = [len(stage_ids(new_layout[d.shard], j)) for d in plan for j in range(d.first_stage, R)]
+        receipt.retrain_fraction = round(retrain_fraction(redone, R, new.records), 6)
         receipt.seconds = round(time.perf_counter() - t0, 3)
         return receipt
 
@@ -378,31 +277,7 @@ class SisaRun:
         for k in chosen:
             if not 0 <= k < S:
                 raise UnlearnError(f"--shard {k}: run {quote(self.name)} has shards 0..{S - 1}")
-        trainer = get_trainer(self.config)
-        layout = self.manifest.layout()
-        report = []
-        total = sum(self._total_steps(trainer, layout[k], 0) for k in chosen)
-        with _progress(total, f"verify {self.name}", progress) as bar:
-            for k in chosen:
-                entry = self.manifest.shards[k]
-                problems = []
-                records: dict[str, Record] = {}
-                for j, sl in enumerate(entry.slices):
-                    got = self._load_slice(sl.data)
-                    if [r.id for r in got] != sl.ids:
-                        problems.append(f"slice {j}: stored records differ from the manifest")
-                    records.update((r.id, r) for r in got)
-                stages = self._train_stages(trainer, k, layout[k], records, 0, trainer.initial_state(k), bar, False)
-                rows = []
-                for j, (key, digest) in enumerate(stages):
-                    stored = state_digest(self._load_checkpoint(entry.checkpoints[j]))
-                    ok = digest == entry.stage_digests[j] == stored and key == entry.checkpoints[j]
-                    if not ok:
-                        problems.append(f"stage {j}: digest or checkpoint key differs")
-                    rows.append({"stage": j, "expected": entry.stage_digests[j], "retrained": digest,
-                                 "stored": stored, "key_matches": key == entry.checkpoints[j]})
-                report.append({"shard": k, "records": entry.records, "match": not problems,
-                               "problems": problems, "stages": rows})
+        report = self._executor(progress).verify([self.manifest.shards[k] for k in chosen])
         return {"run": self.name, "exact": all(r["match"] for r in report), "shards": report}
 
     # -- reading -----------------------------------------------------------------------
@@ -418,11 +293,10 @@ class SisaRun:
 
     def shard_probabilities(self, texts: Sequence[str]) -> tuple[list[int], np.ndarray]:
         """Probabilities of every non-empty shard model: (shards, array [S', n, L])."""
-        trainer = get_trainer(self.config)
-        shards = [s.shard for s in self.manifest.shards if s.records > 0]
-        probs = [trainer.predict_proba(self._load_checkpoint(self.manifest.shards[k].checkpoints[-1]), texts)
-                 for k in shards]
-        return shards, np.stack(probs) if probs else np.zeros((0, len(texts), len(self.config.labels)))
+        entries = [s for s in self.manifest.shards if s.records > 0]
+        probs = self._executor(False).predict(entries, texts)
+        empty = np.zeros((0, len(texts), len(self.config.labels)))
+        return [e.shard for e in entries], np.stack(probs) if probs else empty
 
     def predict(self, texts: Sequence[str], method: str = "vote") -> dict:
         shards, probs = self.shard_probabilities(texts)

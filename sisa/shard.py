@@ -1,0 +1,232 @@
+"""The work of one shard, and the executor interface that runs it for many shards.
+
+`ShardWorker` trains, retrains, verifies and predicts one shard against a store. It
+holds no run-level state (no manifest, no HEAD), so it can live in-process or inside
+a Ray actor (`cluster/`). Shards write only content-addressed objects (slice data and
+checkpoints), never the manifest, so several shards can work at once; the run commits
+their results together (`sisa/run.py`).
+
+An executor maps a list of shard jobs to results. `LocalExecutor` runs them one after
+another in this process; the Ray runtime provides one that runs them in shard actors.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .checkpoint import State, dump_state, load_state, state_digest
+from .config import SisaConfig
+from .errors import UnlearnError
+from .keys import sha256_hex
+from .manifest import ShardEntry, SliceEntry
+from .plan import checkpoint_key, stage_ids
+from .records import Record, quote
+from .store import Store
+
+_classifiers: dict[str, object] = {}
+
+
+def get_trainer(config: SisaConfig):
+    """A StageTrainer over one loaded base model per process and model configuration
+    (loading costs seconds; states are swapped in and out per shard)."""
+    from .models import load_classifier
+    from .trainer import StageTrainer
+
+    key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout])
+    if key not in _classifiers:
+        clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout)
+        _classifiers.clear()
+        _classifiers[key] = clf
+    return StageTrainer(config, _classifiers[key])
+
+
+def encode_slice(records: Sequence[Record]) -> bytes:
+    return "".join(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n"
+                   for r in sorted(records, key=lambda r: r.id)).encode("utf-8")
+
+
+def decode_slice(data: bytes) -> list[Record]:
+    # split on "\n" only: str.splitlines() would also split inside texts at U+2028, U+0085, ...
+    return [Record(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line]
+
+
+def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    return SliceEntry(key, [r.id for r in records], [r.owner for r in records], dict(sorted(counts.items())))
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    shard: int
+    slices: list[list[Record]]  # records per slice, each sorted by id
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    entry: ShardEntry  # the shard as last committed
+    removed: tuple[str, ...]
+    first_stage: int
+
+
+class ShardWorker:
+    def __init__(self, store: Store, run: str, config: SisaConfig):
+        self.store = store
+        self.run = run
+        self.config = config
+        self._trainer = None
+
+    @property
+    def trainer(self):
+        if self._trainer is None:
+            self._trainer = get_trainer(self.config)
+        return self._trainer
+
+    # -- objects -------------------------------------------------------------------
+    def ckpt_key(self, shard: int, stage: int, shard_layout: Sequence[Sequence[str]]) -> str:
+        key = checkpoint_key(self.config.digest(), shard, stage, shard_layout)
+        return f"{self.run}/ckpt/{shard:04d}/{stage:04d}-{key}.safetensors"
+
+    def write_slice(self, records: Sequence[Record]) -> SliceEntry:
+        data = encode_slice(records)
+        key = f"{self.run}/data/{sha256_hex(data)}.jsonl"
+        self.store.put(key, data)
+        return slice_entry(key, sorted(records, key=lambda r: r.id))
+
+    def load_checkpoint(self, key: str) -> State:
+        try:
+            return load_state(self.store.get(key))
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.run)}: checkpoint {key} is missing (changed by another "
+                               f"command while reading? try again)") from None
+        except Exception as exc:  # safetensors raises its own error type for corrupt data
+            raise UnlearnError(f"run {quote(self.run)}: checkpoint {key} is unreadable ({exc})") from None
+
+    def load_slice(self, key: str) -> list[Record]:
+        try:
+            return decode_slice(self.store.get(key))
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.run)}: slice data {key} is missing") from None
+        except (ValueError, TypeError) as exc:
+            raise UnlearnError(f"run {quote(self.run)}: slice data {key} is unreadable ({exc})") from None
+
+    # -- stages ----------------------------------------------------------------------
+    def total_steps(self, shard_layout: Sequence[Sequence[str]], first_stage: int) -> int:
+        return sum(self.trainer.stage_steps(len(stage_ids(shard_layout, s)))
+                   for s in range(first_stage, self.config.slices))
+
+    def _stages(self, shard: int, shard_layout: Sequence[Sequence[str]], records: dict[str, Record],
+                first_stage: int, state: State, on_step: Callable[[], None] | None,
+                write: bool) -> list[tuple[str, str]]:
+        """Stages first_stage..R-1; returns (checkpoint key, digest) per stage."""
+        out = []
+        for stage in range(first_stage, self.config.slices):
+            batch = [records[rid] for rid in stage_ids(shard_layout, stage)]
+            state = self.trainer.train_stage(state, batch, shard, stage, on_step=on_step)
+            digest = state_digest(state)
+            key = self.ckpt_key(shard, stage, shard_layout)
+            if write:
+                meta = {"run": self.run, "shard": shard, "stage": stage, "digest": digest, "records": len(batch)}
+                self.store.put(key, dump_state(state, meta))
+            out.append((key, digest))
+        return out
+
+    def train(self, job: TrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:
+        slices = [self.write_slice(recs) for recs in job.slices]
+        layout = [sl.ids for sl in slices]
+        records = {r.id: r for recs in job.slices for r in recs}
+        stages = self._stages(job.shard, layout, records, 0, self.trainer.initial_state(job.shard), on_step, True)
+        return ShardEntry(job.shard, slices, [k for k, _ in stages], [d for _, d in stages])
+
+    def retrain(self, job: RetrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:
+        """Drop `removed`, rewrite the changed slices, restore the checkpoint before
+        `first_stage` and redo the later stages. Writes only new objects."""
+        old = job.entry
+        gone = set(job.removed)
+        records = {r.id: r for sl in old.slices for r in self.load_slice(sl.data) if r.id not in gone}
+        slices = list(old.slices)
+        for j in range(job.first_stage, self.config.slices):
+            if gone & set(slices[j].ids):
+                slices[j] = self.write_slice([records[i] for i in slices[j].ids if i not in gone])
+        layout = [sl.ids for sl in slices]
+        state = (self.trainer.initial_state(old.shard) if job.first_stage == 0
+                 else self.load_checkpoint(old.checkpoints[job.first_stage - 1]))
+        stages = self._stages(old.shard, layout, records, job.first_stage, state, on_step, True)
+        return ShardEntry(old.shard, slices, old.checkpoints[:job.first_stage] + [k for k, _ in stages],
+                          old.stage_digests[:job.first_stage] + [d for _, d in stages])
+
+    def verify(self, entry: ShardEntry, on_step: Callable[[], None] | None = None) -> dict:
+        """Retrain from scratch on the stored records; compare every stage with the
+        manifest digest, the stored checkpoint tensors and the checkpoint key."""
+        problems = []
+        records: dict[str, Record] = {}
+        for j, sl in enumerate(entry.slices):
+            got = self.load_slice(sl.data)
+            if [r.id for r in got] != sl.ids:
+                problems.append(f"slice {j}: stored records differ from the manifest")
+            records.update((r.id, r) for r in got)
+        stages = self._stages(entry.shard, entry.layout(), records, 0, self.trainer.initial_state(entry.shard),
+                              on_step, False)
+        rows = []
+        for j, (key, digest) in enumerate(stages):
+            stored = state_digest(self.load_checkpoint(entry.checkpoints[j]))
+            if not (digest == entry.stage_digests[j] == stored and key == entry.checkpoints[j]):
+                problems.append(f"stage {j}: digest or checkpoint key differs")
+            rows.append({"stage": j, "expected": entry.stage_digests[j], "retrained": digest,
+                         "stored": stored, "key_matches": key == entry.checkpoints[j]})
+        return {"shard": entry.shard, "records": entry.records, "match": not problems,
+                "problems": problems, "stages": rows}
+
+    def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> np.ndarray:
+        return self.trainer.predict_proba(self.load_checkpoint(entry.checkpoints[-1]), texts)
+
+
+class Executor(Protocol):
+    """Runs shard jobs; results come back in job order."""
+
+    def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]: ...
+
+    def retrain(self, jobs: Sequence[RetrainJob]) -> list[ShardEntry]: ...
+
+    def verify(self, entries: Sequence[ShardEntry]) -> list[dict]: ...
+
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]: ...
+
+
+class LocalExecutor:
+    """Every shard in this process, one after another, with a progress bar of steps."""
+
+    def __init__(self, store: Store, run: str, config: SisaConfig, progress: bool = False):
+        self.worker = ShardWorker(store, run, config)
+        self.progress = progress
+
+    def _bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not self.progress, leave=False)
+
+    def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]:
+        w = self.worker
+        total = sum(w.total_steps([[r.id for r in s] for s in job.slices], 0) for job in jobs)
+        with self._bar(total, f"train {w.run}") as bar:
+            return [w.train(job, on_step=lambda: bar.update(1)) for job in jobs]
+
+    def retrain(self, jobs: Sequence[RetrainJob]) -> list[ShardEntry]:
+        w = self.worker
+        total = sum(w.total_steps([[i for i in sl.ids if i not in job.removed] for sl in job.entry.slices],
+                                  job.first_stage) for job in jobs)
+        with self._bar(total, f"delete from {w.run}") as bar:
+            return [w.retrain(job, on_step=lambda: bar.update(1)) for job in jobs]
+
+    def verify(self, entries: Sequence[ShardEntry]) -> list[dict]:
+        w = self.worker
+        with self._bar(sum(w.total_steps(e.layout(), 0) for e in entries), f"verify {w.run}") as bar:
+            return [w.verify(e, on_step=lambda: bar.update(1)) for e in entries]
+
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]:
+        return [self.worker.predict_proba(e, texts) for e in entries]
