@@ -2,7 +2,9 @@
 
 For every (S, R): train on the same data (the same e epochs of compute whatever S and
 R are), measure accuracy on held-out movies, then delete single records one request
-at a time and time each deletion. The baseline is the S=1, R=1 run's training time:
+at a time and time each deletion. Victims are stratified by slice (one record from
+each slice position, max(R, 2) in all), so the mean covers slice positions uniformly,
+as the analytic expectation (1/S)(2R+1)/(3R) assumes. The baseline is the S=1, R=1 run's training time:
 one model trained on all the data, which is what a deletion costs without SISA.
 All ratios come from one process in one run.
 
@@ -33,6 +35,19 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def stratified_victims(layout: list[list[list[str]]], n: int) -> list[str]:
+    """n record ids, the i-th from slice i mod R, each the keyed-first of that slice
+    position across all shards."""
+    R = len(layout[0])
+    out = []
+    for i in range(n):
+        pool = sorted((rid for shard in layout for rid in shard[i % R] if rid not in out),
+                      key=lambda rid: keyed_hash(99, "bench-victim", i, rid))
+        if pool:  # a slice position empty in every shard has nothing to delete
+            out.append(pool[0])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="minilm")
@@ -41,13 +56,11 @@ def main() -> int:
     ap.add_argument("--epochs", default="3")
     ap.add_argument("--shards", type=ints, default=[1, 4, 8])
     ap.add_argument("--slices", type=ints, default=[1, 4, 8])
-    ap.add_argument("--deletions", type=int, default=4, help="single-record deletions timed per configuration")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
 
     train = load_records(f"dataset:rotten_tomatoes?split=train&limit={args.records}")
     test = load_records(f"dataset:rotten_tomatoes?split=test&limit={args.test}")
-    victims_all = sorted(train, key=lambda r: keyed_hash(99, "bench-victim", r.id))
     rows = []
     with tempfile.TemporaryDirectory(prefix="unlearn-bench-") as tmp:
         store = LocalStore(tmp)
@@ -62,9 +75,9 @@ def main() -> int:
                 train_s = time.perf_counter() - t0
                 acc = run.evaluate(test, "vote")
                 times, fractions = [], []
-                for victim in victims_all[: args.deletions]:
+                for victim in stratified_victims(run.manifest.layout(), max(R, 2)):
                     t0 = time.perf_counter()
-                    receipt = run.delete(ids=[victim.id])
+                    receipt = run.delete(ids=[victim])
                     times.append(time.perf_counter() - t0)
                     fractions.append(receipt.retrain_fraction)
                 row = {

@@ -22,11 +22,19 @@ s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
 
 
-def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout") -> None:
+def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout", ray: bool = False) -> None:
     p.add_argument("--run", required=True, help="name of the run (a safe storage key: no '/', '..' or control characters)")
     p.add_argument("--store", default=None, help="directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if ray:
+        p.add_argument("--runtime", choices=("ray", "local"), default=os.environ.get("UNLEARN_RUNTIME", "ray"),
+                       help="ray: one actor per shard, shards in parallel (default; $UNLEARN_RUNTIME); "
+                            "local: every shard in this process, one after another")
+        p.add_argument("--address", default=None,
+                       help="join this Ray cluster (default $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
+        p.add_argument("--actor-cpus", type=float, default=None,
+                       help="CPUs reserved per shard actor (default: the cluster's CPUs / S, at most 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a SISA run: S shards of R cumulative slices, one LoRA model per shard",
                        description="Train S LoRA shard models, each in R cumulative stages with a checkpoint after every stage.")
-    _common(p)
+    _common(p, ray=True)
     p.add_argument("--data", required=True, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
     p.add_argument("--shards", type=int, default=4, help="number of shards S (default 4)")
     p.add_argument("--slices", type=int, default=4, help="slices per shard R (default 4)")
@@ -57,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="forget records or whole data owners, retraining only the affected shards",
                        description="Remove records (by id) or data owners, retrain the affected shards from the earliest "
                                    "affected slice, commit, and purge every superseded checkpoint and data object.")
-    _common(p, "print the receipt as JSON on stdout")
+    _common(p, "print the receipt as JSON on stdout", ray=True)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--ids", help="comma-separated record ids")
     g.add_argument("--ids-file", help="file with one record id per line")
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="retrain shards from scratch and check the stored state is bit-identical",
                        description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
-    _common(p)
+    _common(p, ray=True)
     p.add_argument("--shard", type=int, action="append", help="shard to check (repeatable; default all)")
 
     p = sub.add_parser("drop", help="remove a whole run and every object (and object version) it stored")
@@ -81,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("predict", help="labels and probabilities for texts, aggregated over the shard models")
-    _common(p)
+    _common(p, ray=True)
     p.add_argument("--input", required=True, help=".txt or - for stdin (one text per line), or JSONL/CSV/Parquet with a 'text' field")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
 
     p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
-    _common(p)
+    _common(p, ray=True)
     p.add_argument("--data", required=True, help="labelled records, same formats as train")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
     return parser
@@ -135,7 +143,8 @@ def _status_text(st: dict) -> str:
 
 def run_command(args) -> int:
     from sisa.records import load_records, load_texts, quote
-    from sisa.run import SisaRun
+    from cluster.runtime import make_executor
+    from sisa.run import SisaRun, with_labels
     from sisa.store import open_store
 
     progress = not args.quiet
@@ -151,7 +160,9 @@ def run_command(args) -> int:
         if SisaRun.exists(store, args.run):
             raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
         records = load_records(args.data)
-        run = SisaRun.train(store, args.run, records, config, progress=progress)
+        config = with_labels(config, records)
+        executor = make_executor(args.runtime, store, args.run, config, progress, args.address, args.actor_cpus)
+        run = SisaRun.train(store, args.run, records, config, progress=progress, executor=executor)
         st = run.status()
         _emit(args, st, _status_text(st))
         return 0
@@ -172,6 +183,9 @@ def run_command(args) -> int:
               f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
         return 0
     run = SisaRun.open(store, args.run)
+    if hasattr(args, "runtime"):
+        run.executor = make_executor(args.runtime, store, args.run, run.config, progress, args.address,
+                                     args.actor_cpus)
     if args.command == "delete":
         ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
         owners = (_split(args.owners, "owners") if args.owners

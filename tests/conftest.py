@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "deploy"))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# logic tests drive the in-process engine; tests of the Ray runtime pass --runtime ray
+os.environ["UNLEARN_RUNTIME"] = "local"
 
 from sisa.records import Record  # noqa: E402
 

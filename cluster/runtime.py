@@ -1,0 +1,147 @@
+"""Ray runtime: one actor per SISA shard, and an executor that fans shard jobs out to them.
+
+The shard actors run the very same `ShardWorker` as the in-process engine, so a run
+trained or edited through Ray is bit-identical to one trained in-process (one torch
+thread per actor, deterministic kernels). Actors only write content-addressed
+objects; the driver (or the coordinator) commits the manifest.
+
+Embedded default: a local Ray started for this process, bound to 127.0.0.1. With
+`--address` or RAY_ADDRESS the same code joins an existing cluster; every node then
+needs the store (a shared directory, or S3 with AWS_* set on the nodes).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+import cluster  # noqa: F401  (sets the loopback/auth environment before ray is imported)
+from sisa.config import SisaConfig
+from sisa.errors import UnlearnError
+from sisa.manifest import ShardEntry
+from sisa.shard import RetrainJob, ShardWorker, TrainJob
+from sisa.store import Store, open_store
+
+NAMESPACE = "unlearn"
+
+
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     object_store_memory=int(os.environ.get("UNLEARN_OBJECT_STORE_MB", "512")) * 2**20, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _shard_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class ShardActor:
+        """One SISA shard. Jobs are idempotent (content-addressed writes, no commit), so
+        Ray may re-run a job on a restarted actor and the result is the same."""
+
+        def __init__(self, store_uri: str, run: str, config: dict):
+            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config))
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def train(self, job: TrainJob) -> ShardEntry:
+            return self.worker.train(job)
+
+        def retrain(self, job: RetrainJob) -> ShardEntry:
+            return self.worker.retrain(job)
+
+        def verify(self, entry: ShardEntry) -> dict:
+            return self.worker.verify(entry)
+
+        def predict(self, entry: ShardEntry, texts: Sequence[str]) -> np.ndarray:
+            return self.worker.predict_proba(entry, texts)
+
+    return ShardActor
+
+
+class RayExecutor:
+    """Runs each shard's jobs in that shard's actor, all shards in parallel.
+
+    Actors are named `<run>/<config digest>/shard-<k>` in the `unlearn` namespace and
+    reused by later commands of the same Ray session (a long-lived cluster keeps its
+    models loaded)."""
+
+    def __init__(self, store: Store, run: str, config: SisaConfig, actor_cpus: float | None = None,
+                 progress: bool = False):
+        import ray
+
+        self.store, self.run, self.config, self.progress = store, run, config, progress
+        if actor_cpus is None:
+            total = ray.cluster_resources().get("CPU", 1.0)
+            actor_cpus = round(min(1.0, total / max(1, config.shards)), 3)
+        self.actor_cpus = actor_cpus
+        self._actors: dict[int, object] = {}
+
+    def actor(self, shard: int):
+        if shard not in self._actors:
+            cls = _shard_actor_class()
+            self._actors[shard] = cls.options(
+                name=f"{self.run}/{self.config.digest()[:12]}/shard-{shard}", namespace=NAMESPACE, get_if_exists=True,
+                num_cpus=self.actor_cpus,
+            ).remote(self.store.uri, self.run, self.config.to_json())
+        return self._actors[shard]
+
+    def _gather(self, refs: list, desc: str) -> list:
+        import ray
+        from tqdm import tqdm
+
+        pending = list(refs)
+        with tqdm(total=len(refs), desc=desc, unit="shard", file=sys.stderr, disable=not self.progress,
+                  leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, UnlearnError):
+                raise UnlearnError(str(cause).splitlines()[-1]) from None
+            raise
+
+    def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]:
+        return self._gather([self.actor(j.shard).train.remote(j) for j in jobs], f"train {self.run}")
+
+    def retrain(self, jobs: Sequence[RetrainJob]) -> list[ShardEntry]:
+        return self._gather([self.actor(j.entry.shard).retrain.remote(j) for j in jobs], f"delete from {self.run}")
+
+    def verify(self, entries: Sequence[ShardEntry]) -> list[dict]:
+        return self._gather([self.actor(e.shard).verify.remote(e) for e in entries], f"verify {self.run}")
+
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]:
+        import ray
+
+        texts_ref = ray.put(list(texts))
+        return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
+
+
+def make_executor(runtime: str, store: Store, run: str, config: SisaConfig, progress: bool,
+                  address: str | None = None, actor_cpus: float | None = None):
+    """None for the in-process engine, else a RayExecutor on a started or joined Ray."""
+    if runtime == "local":
+        return None
+    if runtime != "ray":
+        raise UnlearnError(f"--runtime {runtime!r}: choose ray or local")
+    init_ray(address)
+    return RayExecutor(store, run, config, actor_cpus=actor_cpus, progress=progress)
