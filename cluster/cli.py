@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--missing-ok", action="store_true", help="succeed when the run does not exist")
 
+    p = sub.add_parser("requests", help="the run's deletion requests with their status and receipts")
+    _common(p)
+
     p = sub.add_parser("unlock", help="remove the lock a dead command left on a run (check it is dead first)")
     _common(p)
 
@@ -190,7 +193,16 @@ def run_command(args) -> int:
         ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
         owners = (_split(args.owners, "owners") if args.owners
                   else _read_lines_file(args.owners_file) if args.owners_file else [])
-        receipt = run.delete(ids=ids, owners=owners, ignore_missing=args.ignore_missing, progress=progress).to_json()
+        from cluster.coordinator import Coordinator
+
+        coordinator = Coordinator(store, args.run, executor_factory=lambda _run: run.executor)
+        request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
+        coordinator.apply_due(progress=progress)
+        req = coordinator.get(request_id)
+        if req.status != "done":
+            raise UnlearnError(f"request {request_id} {req.status}: {req.reason}")
+        receipt = {"request_id": request_id, "accepted": req.accepted, "completed": req.completed,
+                   **coordinator.last_receipt.to_json()}
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
                 f"retrained shards {receipt['shards'] or 'none'}"
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
@@ -210,6 +222,15 @@ def run_command(args) -> int:
                      else "NOT EXACT: see the shards above")
         _emit(args, report, "\n".join(lines))
         return 0 if report["exact"] else 3
+    if args.command == "requests":
+        from cluster.coordinator import Coordinator
+
+        log = [r.to_json() for r in Coordinator(store, args.run).log()]
+        lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
+                 + (f"shards {r['shards']}  {r['records_deleted']} records" if r["status"] == "done"
+                    else (r["reason"] or "")) for r in log] or [f"run {args.run}: no deletion requests"]
+        _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
+        return 0
     if args.command == "status":
         st = run.status()
         _emit(args, st, _status_text(st))

@@ -83,3 +83,15 @@ def moto_server():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (init ~5 s, and actors cost ~4.5 s each to start)."""
+    from cluster.runtime import init_ray
+
+    import ray
+
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,233 @@
+"""The deletion coordinator: a durable request log, batching, routing, receipts.
+
+A request (ids and/or owners) is validated against the committed manifest and
+written to the run's log in the store (`RUN/requests/<request id>.json`) BEFORE it is
+acknowledged. Pending requests are then applied in batches: every request accepted
+within `window_s` of the oldest pending one goes into one deletion, which retrains
+only the affected shards (through whichever executor the run has: shard actors on
+Ray, or in-process). Each request gets a receipt: accepted and completed times,
+the shards its records lived in, the stages redone there, digests before and after.
+
+Once a request is done its log entry keeps counts and receipts only: the ids and
+owners it named are dropped (and every older version of the entry purged), so the
+log does not retain what was deleted. A coordinator that restarts replays every
+entry still pending or applying; re-applying is harmless because deleting the
+same thing twice is a no-op.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from sisa.errors import UnlearnError
+from sisa.plan import plan_deletion
+from sisa.records import quote
+from sisa.run import SisaRun
+from sisa.store import Store
+
+STATUSES = ("pending", "applying", "done", "failed")
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class DeletionRequest:
+    request_id: str
+    accepted: str
+    status: str = "pending"
+    ids: list[str] = field(default_factory=list)  # cleared once done
+    owners: list[str] = field(default_factory=list)  # cleared once done
+    requested: dict = field(default_factory=dict)  # {"ids": n, "owners": n}
+    ignore_missing: bool = False
+    batch: list[str] = field(default_factory=list)  # request ids applied together
+    records_deleted: int = 0
+    already_deleted: int = 0
+    shards: list[int] = field(default_factory=list)
+    stages_redone: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+    version: int | None = None
+    completed: str | None = None
+    seconds: float | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeletionRequest":
+        return cls(**d)
+
+
+def batch_due(accepted_times: list[float], now: float, window_s: float) -> bool:
+    """A batch is applied once its oldest pending request has waited `window_s`."""
+    return bool(accepted_times) and now >= min(accepted_times) + window_s
+
+
+class Coordinator:
+    """Owns one run's request log; `apply_due` does the work. Thread-safe."""
+
+    def __init__(self, store: Store, run: str, executor_factory: Callable[[SisaRun], object] | None = None,
+                 window_s: float = 0.0):
+        self.store = store
+        self.run = run
+        self.window_s = window_s
+        self.executor_factory = executor_factory
+        self._lock = threading.RLock()  # guards the pending set
+        self._apply_lock = threading.Lock()  # one batch at a time
+        self._accepted_at: dict[str, float] = {}
+        self.last_receipt = None  # the DeletionReceipt of the last applied batch
+        SisaRun.open(store, run)  # fail early on an unknown run
+        for req in self.log():  # replay: anything not finished is pending again
+            if req.status in ("pending", "applying"):
+                self._accepted_at[req.request_id] = 0.0
+
+    # -- the log -----------------------------------------------------------------------
+    def _key(self, request_id: str) -> str:
+        return f"{self.run}/requests/{request_id}.json"
+
+    def _write(self, req: DeletionRequest) -> None:
+        self.store.put(self._key(req.request_id), json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.prune_versions(self._key(req.request_id))
+
+    def log(self) -> list[DeletionRequest]:
+        out = []
+        for key in self.store.list(f"{self.run}/requests/"):
+            try:
+                out.append(DeletionRequest.from_json(json.loads(self.store.get(key))))
+            except KeyError:
+                continue
+            except (ValueError, TypeError) as exc:
+                raise UnlearnError(f"{self.store.uri}/{key}: unreadable request log entry ({exc})") from None
+        return sorted(out, key=lambda r: r.request_id)
+
+    def get(self, request_id: str) -> DeletionRequest:
+        try:
+            return DeletionRequest.from_json(json.loads(self.store.get(self._key(request_id))))
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}") from None
+
+    # -- intake --------------------------------------------------------------------------
+    def submit(self, ids: list[str] = (), owners: list[str] = (), ignore_missing: bool = False) -> str:
+        """Validate, log durably, then return the request id (the acknowledgement)."""
+        ids, owners = list(ids), list(owners)
+        if not ids and not owners:
+            raise UnlearnError("a deletion request needs ids or owners")
+        run = SisaRun.open(self.store, self.run)
+        _targets, _already, unknown = run.resolve(ids, owners)
+        if unknown and not ignore_missing:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise UnlearnError(f"run {quote(self.run)}: unknown {unknown[0]}{more}; request not accepted, nothing was deleted")
+        now = time.time()
+        req = DeletionRequest(request_id=f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}", accepted=_iso(now),
+                              ids=ids, owners=owners, requested={"ids": len(ids), "owners": len(owners)},
+                              ignore_missing=ignore_missing)
+        with self._lock:
+            self._write(req)  # durable before acknowledged
+            self._accepted_at[req.request_id] = now
+        return req.request_id
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return sorted(self._accepted_at)
+
+    # -- work --------------------------------------------------------------------------------
+    def apply_due(self, now: float | None = None, progress: bool = False) -> list[DeletionRequest]:
+        """Apply one batch if it is due; returns the finished requests (empty if none).
+        Requests submitted while a batch is applied are acknowledged at once and wait
+        for the next batch."""
+        with self._apply_lock:
+            with self._lock:
+                now = time.time() if now is None else now
+                if not batch_due(list(self._accepted_at.values()), now, self.window_s):
+                    return []
+                batch = [self.get(rid) for rid in sorted(self._accepted_at)]
+            for req in batch:
+                req.status = "applying"
+                self._write(req)
+            try:
+                done = self._apply(batch, progress)
+            except Exception as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                for req in batch:  # ids stay: nothing was deleted, the request can be resubmitted
+                    req.status, req.reason, req.completed = "failed", reason, _iso(time.time())
+                    self._write(req)
+                self._forget(batch)
+                raise
+            self._forget(done)
+            return done
+
+    def _forget(self, batch: list[DeletionRequest]) -> None:
+        with self._lock:
+            for req in batch:
+                self._accepted_at.pop(req.request_id, None)
+
+    def _apply(self, batch: list[DeletionRequest], progress: bool) -> list[DeletionRequest]:
+        t0 = time.perf_counter()
+        run = SisaRun.open(self.store, self.run)
+        if self.executor_factory:
+            run.executor = self.executor_factory(run)
+        layout = run.manifest.layout()
+        per_request = {}
+        for req in batch:  # which shards each request's own records live in, before the batch
+            targets, already, _unknown = run.resolve(req.ids, req.owners)
+            per_request[req.request_id] = (plan_deletion(layout, targets), len(targets), len(already))
+        ids = sorted({i for r in batch for i in r.ids})
+        owners = sorted({o for r in batch for o in r.owners})
+        receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress)
+        self.last_receipt = receipt
+        finished = _iso(time.time())
+        seconds = round(time.perf_counter() - t0, 3)
+        for req in batch:
+            plan, n_targets, n_already = per_request[req.request_id]
+            req.status, req.completed, req.seconds = "done", finished, seconds
+            req.batch = [r.request_id for r in batch]
+            req.records_deleted, req.already_deleted = n_targets, n_already
+            req.shards = [d.shard for d in plan]
+            req.stages_redone = {str(d.shard): receipt.stages_redone.get(str(d.shard), []) for d in plan}
+            req.digests = {str(d.shard): receipt.digests[str(d.shard)] for d in plan if str(d.shard) in receipt.digests}
+            req.version = receipt.version
+            req.ids, req.owners = [], []  # the log keeps no trace of what was deleted
+            self._write(req)
+        return batch
+
+
+class CoordinatorLoop:
+    """Applies due batches in a background thread (for long-lived coordinators)."""
+
+    def __init__(self, coordinator: Coordinator, poll_s: float = 0.05):
+        self.coordinator = coordinator
+        self.poll_s = poll_s
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="unlearn-coordinator", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.coordinator.apply_due():
+                    self._stop.wait(self.poll_s)
+            except Exception as exc:  # recorded in the failed requests' entries
+                self.errors.append(str(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def wait_for(coordinator: Coordinator, request_id: str, timeout_s: float = 3600.0, poll_s: float = 0.1) -> DeletionRequest:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = coordinator.get(request_id)
+        if req.status in ("done", "failed") or time.monotonic() > deadline:
+            return req
+        time.sleep(poll_s)
+
+

@@ -1,0 +1,101 @@
+"""The deletion coordinator: durable before acknowledged, batching, receipts, replay."""
+import json
+
+import pytest
+
+from cluster.cli import main
+from cluster.coordinator import Coordinator, CoordinatorLoop, batch_due, wait_for
+from conftest import synthetic_records
+from sisa.config import SisaConfig
+from sisa.errors import UnlearnError
+from sisa.run import SisaRun
+from sisa.store import LocalStore
+
+CFG = SisaConfig(shards=3, slices=2, model="tiny", batch_size=4, max_length=32)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    run = SisaRun.train(store, "r", synthetic_records(30, owners_every=1), CFG)
+    return store, run
+
+
+def test_batch_due():
+    assert not batch_due([], 100.0, 0.0)
+    assert batch_due([100.0], 100.0, 0.0)
+    assert not batch_due([99.0, 100.0], 100.0, 5.0)
+    assert batch_due([95.0, 100.0], 100.0, 5.0)
+
+
+def test_request_is_logged_before_it_is_acknowledged_and_forgotten_after(trained):
+    store, run = trained
+    coord = Coordinator(store, "r")
+    rid = coord.submit(ids=["r0003"], owners=["owner007"])
+    entry = json.loads(store.get(f"r/requests/{rid}.json"))  # durable at acknowledgement
+    assert entry["status"] == "pending" and entry["ids"] == ["r0003"] and entry["owners"] == ["owner007"]
+    done = coord.apply_due()
+    assert [r.request_id for r in done] == [rid]
+    req = coord.get(rid)
+    assert req.status == "done" and req.records_deleted == 2 and req.ids == [] and req.owners == []
+    assert req.completed >= req.accepted and req.version == 2
+    where = run.manifest.owners()
+    shards = sorted({k for k, s in enumerate(run.manifest.shards) for sl in s.slices
+                     for i in sl.ids if i in ("r0003", "r0007")})
+    assert req.shards == shards and set(req.digests) == {str(k) for k in shards}
+    assert "r0003" not in SisaRun.open(store, "r").manifest.owners() and "r0003" in where
+    assert b"r0003" not in store.get(f"r/requests/{rid}.json")
+
+
+def test_unknown_ids_are_not_accepted(trained):
+    store, _ = trained
+    coord = Coordinator(store, "r")
+    with pytest.raises(UnlearnError, match='unknown id "zz"; request not accepted'):
+        coord.submit(ids=["zz"])
+    assert store.list("r/requests/") == []
+
+
+def test_window_batches_requests_and_receipts_are_per_request(trained):
+    store, _ = trained
+    coord = Coordinator(store, "r", window_s=60.0)
+    a = coord.submit(ids=["r0001"])
+    b = coord.submit(ids=["r0002", "r0004"])
+    assert coord.apply_due() == []  # the window has not passed
+    done = coord.apply_due(now=1e12)
+    assert sorted(r.request_id for r in done) == sorted([a, b])
+    ra, rb = coord.get(a), coord.get(b)
+    assert ra.batch == rb.batch == sorted([a, b])
+    assert ra.records_deleted == 1 and rb.records_deleted == 2
+    assert ra.version == rb.version == 2  # one deletion for the whole batch
+
+
+def test_a_restarted_coordinator_replays_pending_requests(trained):
+    store, _ = trained
+    rid = Coordinator(store, "r", window_s=3600).submit(ids=["r0005"])  # then the process dies
+    fresh = Coordinator(store, "r", window_s=3600)
+    assert fresh.pending() == [rid]
+    assert [r.request_id for r in fresh.apply_due()] == [rid]  # replayed entries are due at once
+    assert fresh.get(rid).status == "done"
+    assert "r0005" not in SisaRun.open(store, "r").manifest.owners()
+
+
+def test_background_loop_and_requests_command(trained, capsys):
+    store, _ = trained
+    coord = Coordinator(store, "r")
+    loop = CoordinatorLoop(coord)
+    try:
+        rid = coord.submit(owners=["owner010"])
+        assert wait_for(coord, rid, timeout_s=60).status == "done"
+    finally:
+        loop.stop()
+    assert main(["requests", "--run", "r", "--store", store.root, "--json"]) == 0
+    log = json.loads(capsys.readouterr().out)["requests"]
+    assert [(r["request_id"], r["status"], r["records_deleted"]) for r in log] == [(rid, "done", 1)]
+
+
+def test_cli_delete_goes_through_the_log(trained, capsys):
+    store, _ = trained
+    assert main(["delete", "--run", "r", "--store", store.root, "--ids", "r0009", "--json", "--quiet"]) == 0
+    receipt = json.loads(capsys.readouterr().out)
+    assert receipt["request_id"] and receipt["accepted"] <= receipt["completed"] and receipt["ids"] == ["r0009"]
+    assert Coordinator(store, "r").get(receipt["request_id"]).status == "done"
