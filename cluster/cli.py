@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owners", help="comma-separated data owners")
     g.add_argument("--owners-file", help="file with one data owner per line")
     p.add_argument("--ignore-missing", action="store_true", help="skip ids/owners the run never held instead of failing")
+    p.add_argument("--window", type=float, default=0.0,
+                   help="batching window in seconds of the run's coordinator when this command creates it (default 0)")
 
     p = sub.add_parser("verify", help="retrain shards from scratch and check the stored state is bit-identical",
                        description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, ray=True)
     p.add_argument("--input", required=True, help=".txt or - for stdin (one text per line), or JSONL/CSV/Parquet with a 'text' field")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
+    p.add_argument("--wait", action="store_true",
+                   help="if shards are retraining for an acknowledged deletion, wait and answer from all shards "
+                        "(default: answer from the others and say which answered)")
 
     p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
     _common(p, ray=True)
@@ -193,16 +198,24 @@ def run_command(args) -> int:
         ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
         owners = (_split(args.owners, "owners") if args.owners
                   else _read_lines_file(args.owners_file) if args.owners_file else [])
-        from cluster.coordinator import Coordinator
+        targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
+        if args.runtime == "ray":
+            from cluster.runtime import coordinator_actor, ray_get, wait_request
 
-        coordinator = Coordinator(store, args.run, executor_factory=lambda _run: run.executor)
-        request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
-        coordinator.apply_due(progress=progress)
-        req = coordinator.get(request_id)
-        if req.status != "done":
-            raise UnlearnError(f"request {request_id} {req.status}: {req.reason}")
-        receipt = {"request_id": request_id, "accepted": req.accepted, "completed": req.completed,
-                   **coordinator.last_receipt.to_json()}
+            handle = coordinator_actor(store, args.run, args.window, args.actor_cpus)
+            request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
+            print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr)
+            req = wait_request(handle, request_id)
+        else:
+            from cluster.coordinator import Coordinator
+
+            coordinator = Coordinator(store, args.run, executor_factory=lambda _run: run.executor)
+            request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
+            coordinator.apply_due(progress=progress)
+            req = coordinator.get(request_id).to_json()
+        if req["status"] != "done":
+            raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
+        receipt = {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
                 f"retrained shards {receipt['shards'] or 'none'}"
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
@@ -236,7 +249,14 @@ def run_command(args) -> int:
         _emit(args, st, _status_text(st))
         return 0
     if args.command == "predict":
-        out = run.predict(load_texts(args.input), args.aggregate)
+        texts = load_texts(args.input)
+        if args.runtime == "ray":  # through the coordinator, so quarantined shards never answer
+            from cluster.runtime import coordinator_actor, ray_get
+
+            handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
+            out = ray_get(handle.predict.remote(texts, args.aggregate, args.wait))
+        else:
+            out = run.predict(texts, args.aggregate)
         lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
                  for p in out["predictions"]]
         _emit(args, out, "\n".join(lines))

@@ -53,6 +53,9 @@ class DeletionRequest:
     stages_redone: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
     version: int | None = None
+    retrain_fraction: float = 0.0  # of the whole batch
+    purged_objects: int = 0  # of the whole batch
+    warnings: list[str] = field(default_factory=list)
     completed: str | None = None
     seconds: float | None = None
     reason: str | None = None
@@ -82,11 +85,13 @@ class Coordinator:
         self._lock = threading.RLock()  # guards the pending set
         self._apply_lock = threading.Lock()  # one batch at a time
         self._accepted_at: dict[str, float] = {}
+        self._quarantine: dict[int, set[str]] = {}  # shard -> acknowledged requests not yet applied
         self.last_receipt = None  # the DeletionReceipt of the last applied batch
-        SisaRun.open(store, run)  # fail early on an unknown run
+        self.manifest = SisaRun.open(store, run).manifest  # the committed state; this is its only writer
         for req in self.log():  # replay: anything not finished is pending again
             if req.status in ("pending", "applying"):
                 self._accepted_at[req.request_id] = 0.0
+                self._quarantine_request(req)
 
     # -- the log -----------------------------------------------------------------------
     def _key(self, request_id: str) -> str:
@@ -131,7 +136,59 @@ class Coordinator:
         with self._lock:
             self._write(req)  # durable before acknowledged
             self._accepted_at[req.request_id] = now
+            self._quarantine_request(req)
         return req.request_id
+
+    # -- quarantine --------------------------------------------------------------------
+    def _quarantine_request(self, req: DeletionRequest) -> None:
+        """From acknowledgement until its batch commits, no shard holding one of the
+        request's records may answer a prediction."""
+        run = SisaRun(self.store, self.manifest)
+        targets, _already, _unknown = run.resolve(req.ids, req.owners)
+        for d in plan_deletion(self.manifest.layout(), targets):
+            self._quarantine.setdefault(d.shard, set()).add(req.request_id)
+
+    def _release(self, batch: list[DeletionRequest]) -> None:
+        ids = {r.request_id for r in batch}
+        for shard in list(self._quarantine):
+            self._quarantine[shard] -= ids
+            if not self._quarantine[shard]:
+                del self._quarantine[shard]
+
+    def serving_view(self) -> tuple[set[int], list]:
+        """(quarantined shards, committed shard entries), read together."""
+        with self._lock:
+            return set(self._quarantine), list(self.manifest.shards)
+
+    def predict(self, texts: list[str], serve, method: str = "vote", wait: bool = False,
+                timeout_s: float = 3600.0) -> dict:
+        """Ensemble prediction that honours quarantine. `serve(entries, texts)` returns
+        (checkpoint key, probabilities) per entry. An answer is used only if, after it
+        came back, its shard is not quarantined and the key is the committed one: a
+        deletion acknowledged meanwhile drops it. With wait=True, waits until no shard
+        is quarantined and answers from all of them."""
+        from sisa.run import format_predictions, stack_probabilities
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            quarantined, entries = self.serving_view()
+            if not (wait and quarantined):
+                asked = [e for e in entries if e.records > 0 and e.shard not in quarantined]
+                answers = serve(asked, texts) if asked else []
+                quarantined_after, entries_after = self.serving_view()
+                kept = [(e.shard, probs) for e, (key, probs) in zip(asked, answers)
+                        if e.shard not in quarantined_after and entries_after[e.shard].checkpoints[-1] == key]
+                if not wait or len(kept) == len(asked):
+                    with self._lock:
+                        manifest = self.manifest
+                    probs = stack_probabilities([p for _, p in kept], len(texts), manifest.config)
+                    out = format_predictions(manifest, texts, [k for k, _ in kept], probs, method)
+                    out["quarantined"] = sorted(quarantined | quarantined_after)
+                    return out
+            if time.monotonic() > deadline:
+                raise UnlearnError(f"run {quote(self.run)}: shards {sorted(quarantined)} still retraining "
+                                   f"after {timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def pending(self) -> list[str]:
         with self._lock:
@@ -167,6 +224,7 @@ class Coordinator:
         with self._lock:
             for req in batch:
                 self._accepted_at.pop(req.request_id, None)
+            self._release(batch)
 
     def _apply(self, batch: list[DeletionRequest], progress: bool) -> list[DeletionRequest]:
         t0 = time.perf_counter()
@@ -181,6 +239,8 @@ class Coordinator:
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress)
+        with self._lock:
+            self.manifest = run.manifest  # committed: serve the new shard versions from now on
         self.last_receipt = receipt
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
@@ -193,6 +253,8 @@ class Coordinator:
             req.stages_redone = {str(d.shard): receipt.stages_redone.get(str(d.shard), []) for d in plan}
             req.digests = {str(d.shard): receipt.digests[str(d.shard)] for d in plan if str(d.shard) in receipt.digests}
             req.version = receipt.version
+            req.retrain_fraction, req.purged_objects = receipt.retrain_fraction, receipt.purged_objects
+            req.warnings = receipt.warnings
             req.ids, req.owners = [], []  # the log keeps no trace of what was deleted
             self._write(req)
         return batch

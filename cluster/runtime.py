@@ -69,7 +69,7 @@ def _shard_actor_class():
         def verify(self, entry: ShardEntry) -> dict:
             return self.worker.verify(entry)
 
-        def predict(self, entry: ShardEntry, texts: Sequence[str]) -> np.ndarray:
+        def predict(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
             return self.worker.predict_proba(entry, texts)
 
     return ShardActor
@@ -112,13 +112,7 @@ class RayExecutor:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, UnlearnError):
-                raise UnlearnError(str(cause).splitlines()[-1]) from None
-            raise
+        return [ray_get(ref) for ref in refs]
 
     def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]:
         return self._gather([self.actor(j.shard).train.remote(j) for j in jobs], f"train {self.run}")
@@ -129,11 +123,82 @@ class RayExecutor:
     def verify(self, entries: Sequence[ShardEntry]) -> list[dict]:
         return self._gather([self.actor(e.shard).verify.remote(e) for e in entries], f"verify {self.run}")
 
-    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]:
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         import ray
 
         texts_ref = ray.put(list(texts))
         return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
+
+
+def ray_get(ref):
+    """ray.get that turns an UnlearnError raised in an actor back into a one-line UnlearnError."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.as_instanceof_cause()
+        if isinstance(cause, UnlearnError):
+            raise UnlearnError(str(cause).strip().splitlines()[-1]) from None
+        raise
+
+
+def _coordinator_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=32, num_cpus=0)
+    class CoordinatorActor:
+        """A run's coordinator as a named actor: it owns the request log and routing, applies
+        batches in a background thread, and answers ensemble predictions meanwhile. On a
+        restart its constructor replays the pending requests from the log."""
+
+        def __init__(self, store_uri: str, run: str, window_s: float, actor_cpus: float | None):
+            from cluster.coordinator import Coordinator, CoordinatorLoop
+            from sisa.run import SisaRun
+
+            store = open_store(store_uri)
+            config = SisaRun.read_head(store, run).config
+            self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
+            self.coordinator = Coordinator(store, run, executor_factory=lambda _run: self.executor, window_s=window_s)
+            self.loop = CoordinatorLoop(self.coordinator)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def submit(self, ids: list[str], owners: list[str], ignore_missing: bool = False) -> str:
+            return self.coordinator.submit(ids, owners, ignore_missing)
+
+        def get(self, request_id: str) -> dict:
+            return self.coordinator.get(request_id).to_json()
+
+        def log(self) -> list[dict]:
+            return [r.to_json() for r in self.coordinator.log()]
+
+        def quarantined(self) -> list[int]:
+            return sorted(self.coordinator.serving_view()[0])
+
+        def predict(self, texts: list[str], method: str = "vote", wait: bool = False) -> dict:
+            return self.coordinator.predict(texts, self.executor.predict, method, wait)
+
+    return CoordinatorActor
+
+
+def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None):
+    """The run's named coordinator actor, created if no live one exists in this Ray cluster."""
+    cls = _coordinator_actor_class()
+    return cls.options(name=f"{run}/coordinator", namespace=NAMESPACE, get_if_exists=True).remote(
+        store.uri, run, window_s, actor_cpus)
+
+
+def wait_request(handle, request_id: str, timeout_s: float = 24 * 3600.0, poll_s: float = 0.2) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = ray_get(handle.get.remote(request_id))
+        if req["status"] in ("done", "failed") or time.monotonic() > deadline:
+            return req
+        time.sleep(poll_s)
 
 
 def make_executor(runtime: str, store: Store, run: str, config: SisaConfig, progress: bool,

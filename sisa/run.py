@@ -68,6 +68,26 @@ def with_labels(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
     return config
 
 
+def stack_probabilities(probs: Sequence[np.ndarray], n: int, config: SisaConfig) -> np.ndarray:
+    return np.stack(probs) if len(probs) else np.zeros((0, n, len(config.labels)))
+
+
+def format_predictions(manifest: Manifest, texts: Sequence[str], shards: Sequence[int], probs: np.ndarray,
+                       method: str) -> dict:
+    """The ensemble's answer: label, probabilities and votes per text, and which shards answered."""
+    weights = [manifest.shards[k].records for k in shards]
+    labels, agg = aggregate(probs, method, weights)
+    names = manifest.config.labels
+    votes = vote_counts(probs)
+    return {
+        "aggregate": method, "shards": list(shards),
+        "predictions": [{"text": t, "label": names[int(i)],
+                         "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
+                         "votes": {n: int(v) for n, v in zip(names, vrow)}}
+                        for t, i, row, vrow in zip(texts, labels, agg, votes)],
+    }
+
+
 class SisaRun:
     def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
         self.store = store
@@ -294,23 +314,12 @@ class SisaRun:
     def shard_probabilities(self, texts: Sequence[str]) -> tuple[list[int], np.ndarray]:
         """Probabilities of every non-empty shard model: (shards, array [S', n, L])."""
         entries = [s for s in self.manifest.shards if s.records > 0]
-        probs = self._executor(False).predict(entries, texts)
-        empty = np.zeros((0, len(texts), len(self.config.labels)))
-        return [e.shard for e in entries], np.stack(probs) if probs else empty
+        answers = self._executor(False).predict(entries, texts)
+        return [e.shard for e in entries], stack_probabilities([p for _, p in answers], len(texts), self.config)
 
     def predict(self, texts: Sequence[str], method: str = "vote") -> dict:
         shards, probs = self.shard_probabilities(texts)
-        weights = [self.manifest.shards[k].records for k in shards]
-        labels, agg = aggregate(probs, method, weights)
-        names = self.config.labels
-        votes = vote_counts(probs)
-        return {
-            "aggregate": method, "shards": shards,
-            "predictions": [{"text": t, "label": names[int(i)],
-                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, row)},
-                             "votes": {n: int(v) for n, v in zip(names, vrow)}}
-                            for t, i, row, vrow in zip(texts, labels, agg, votes)],
-        }
+        return format_predictions(self.manifest, texts, shards, probs, method)
 
     def evaluate(self, records: Sequence[Record], method: str = "vote") -> dict:
         index = {label: i for i, label in enumerate(self.config.labels)}

@@ -80,6 +80,7 @@ class ShardWorker:
         self.run = run
         self.config = config
         self._trainer = None
+        self._serving: tuple[str, State] | None = None
 
     @property
     def trainer(self):
@@ -182,8 +183,13 @@ class ShardWorker:
         return {"shard": entry.shard, "records": entry.records, "match": not problems,
                 "problems": problems, "stages": rows}
 
-    def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> np.ndarray:
-        return self.trainer.predict_proba(self.load_checkpoint(entry.checkpoints[-1]), texts)
+    def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
+        """(checkpoint key the answer came from, probabilities). The last state used is
+        kept in memory, so a serving shard reads its checkpoint once per version."""
+        key = entry.checkpoints[-1]
+        if self._serving is None or self._serving[0] != key:
+            self._serving = (key, self.load_checkpoint(key))
+        return key, self.trainer.predict_proba(self._serving[1], texts)
 
 
 class Executor(Protocol):
@@ -195,7 +201,8 @@ class Executor(Protocol):
 
     def verify(self, entries: Sequence[ShardEntry]) -> list[dict]: ...
 
-    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]: ...
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+        """Per entry: (checkpoint key that answered, probabilities [n, L])."""
 
 
 class LocalExecutor:
@@ -228,5 +235,5 @@ class LocalExecutor:
         with self._bar(sum(w.total_steps(e.layout(), 0) for e in entries), f"verify {w.run}") as bar:
             return [w.verify(e, on_step=lambda: bar.update(1)) for e in entries]
 
-    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[np.ndarray]:
+    def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         return [self.worker.predict_proba(e, texts) for e in entries]
