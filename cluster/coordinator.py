@@ -238,7 +238,8 @@ class Coordinator:
             per_request[req.request_id] = (plan_deletion(layout, targets), len(targets), len(already))
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
-        receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress)
+        receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress,
+                             lock_holder=f"coordinator:{self.run}")
         with self._lock:
             self.manifest = run.manifest  # committed: serve the new shard versions from now on
         self.last_receipt = receipt

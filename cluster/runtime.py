@@ -60,6 +60,9 @@ def _shard_actor_class():
         def pid(self) -> int:
             return os.getpid()
 
+        def crash_at(self, point: str | None) -> None:
+            self.worker.crash_at(point)
+
         def train(self, job: TrainJob) -> ShardEntry:
             return self.worker.train(job)
 

@@ -22,10 +22,14 @@ def lock_key(run: str) -> str:
 
 
 class RunLock:
-    def __init__(self, store: Store, run: str, command: str):
+    """`holder` defaults to host:pid. A holder that outlives its processes (the coordinator
+    of a run, restarted by Ray) passes a stable name and takes over its own stale lock."""
+
+    def __init__(self, store: Store, run: str, command: str, holder: str | None = None):
         self.store = store
         self.run = run
-        self.info = {"holder": f"{socket.gethostname()}:{os.getpid()}", "command": command,
+        self.named = holder is not None
+        self.info = {"holder": holder or f"{socket.gethostname()}:{os.getpid()}", "command": command,
                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     def __enter__(self) -> "RunLock":
@@ -34,7 +38,9 @@ class RunLock:
                 held = json.loads(self.store.get(lock_key(self.run)))
                 who = f"{held.get('command')} by {held.get('holder')} since {held.get('since')}"
             except (KeyError, ValueError):
-                who = "another command"
+                held, who = {}, "another command"
+            if self.named and held.get("holder") == self.info["holder"]:
+                return self  # our own lock, left by an earlier incarnation that died
             raise UnlearnError(f"run {quote(self.run)} is busy: {who}; if that process is gone, "
                                f"run `unlearn unlock --run {self.run}`")
         return self

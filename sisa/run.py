@@ -236,8 +236,8 @@ class SisaRun:
         return targets, already, unknown
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
-               progress: bool = False) -> DeletionReceipt:
-        with RunLock(self.store, self.name, "delete"):
+               progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
+        with RunLock(self.store, self.name, "delete", holder=lock_holder):
             self.manifest = self.read_head(self.store, self.name)  # a stale handle acts on the current state
             return self._delete_locked(list(ids), list(owners), ignore_missing, progress)
 

@@ -81,7 +81,19 @@ class ShardWorker:
         self.config = config
         self._trainer = None
         self._serving: tuple[str, State] | None = None
+        self.fault: str | None = None  # fault injection for tests: see crash_at()
 
+    def crash_at(self, point: str | None) -> None:
+        """Make this process exit at `point` of the next job: "before-stage-J",
+        "during-stage-J" (after its first step) or "after-stage-J" (after its checkpoint
+        is written). Used by the fault-injection tests of the Ray runtime."""
+        self.fault = point
+
+    def _fault(self, point: str) -> None:
+        if self.fault == point:
+            import os
+
+            os._exit(17)
     @property
     def trainer(self):
         if self._trainer is None:
@@ -128,12 +140,18 @@ class ShardWorker:
         out = []
         for stage in range(first_stage, self.config.slices):
             batch = [records[rid] for rid in stage_ids(shard_layout, stage)]
-            state = self.trainer.train_stage(state, batch, shard, stage, on_step=on_step)
+            self._fault(f"before-stage-{stage}")
+            step = on_step
+            if self.fault == f"during-stage-{stage}":
+                def step(point=f"during-stage-{stage}"):
+                    self._fault(point)
+            state = self.trainer.train_stage(state, batch, shard, stage, on_step=step)
             digest = state_digest(state)
             key = self.ckpt_key(shard, stage, shard_layout)
             if write:
                 meta = {"run": self.run, "shard": shard, "stage": stage, "digest": digest, "records": len(batch)}
                 self.store.put(key, dump_state(state, meta))
+                self._fault(f"after-stage-{stage}")
             out.append((key, digest))
         return out
 
