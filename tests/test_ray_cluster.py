@@ -1,0 +1,100 @@
+"""The same CLI against a separately started Ray cluster (`ray start --head` on loopback)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import synthetic_records, write_jsonl
+
+pytestmark = pytest.mark.integration
+BIN = os.path.dirname(sys.executable)
+
+
+def ray_processes(marker: str) -> list:
+    """Processes of the cluster whose command line names our temp dir, with descendants."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    found = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            for child in p.children(recursive=True):
+                found[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+
+    def alive(p) -> bool:  # an exited child nobody reaped yet is not running
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in found.values() if alive(p)]
+
+
+def stop_cluster(marker: str) -> None:
+    """Stop only what our `ray start` started (never `ray stop`, which kills every Ray)."""
+    import psutil
+
+    procs = ray_processes(marker)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture
+def ray_head():
+    from seaweedfs import free_port
+
+    temp = tempfile.mkdtemp(prefix="ur-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        stop_cluster(temp)
+        assert ray_processes(temp) == []
+
+
+def unlearn(*args, address):
+    env = {**os.environ, "UNLEARN_RUNTIME": "ray"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([os.path.join(BIN, "unlearn"), *args, "--address", address, "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_train_delete_predict_against_a_started_cluster(ray_head, tmp_path):
+    address, temp = ray_head
+    store = str(tmp_path / "store")
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(24, owners_every=1))
+    status = json.loads(unlearn("train", "--data", data, "--run", "c", "--store", store, "--model", "tiny",
+                                "--shards", "2", "--slices", "2", "--json", address=address))
+    receipt = json.loads(unlearn("delete", "--run", "c", "--store", store, "--ids", "r0003", "--json",
+                                 address=address))
+    assert receipt["status"] == "done" and receipt["ids"] == ["r0003"] and len(receipt["shards"]) == 1
+    assert receipt["digests"][str(receipt["shards"][0])]["before"] in {s["digest"] for s in status["shards"]}
+    texts = tmp_path / "t.txt"
+    texts.write_text("great fun\nflat\n")
+    out = json.loads(unlearn("predict", "--run", "c", "--store", store, "--input", str(texts), "--json",
+                             address=address))
+    assert len(out["predictions"]) == 2 and out["shards"] == [0, 1]
+    # the shard actors ran as workers of the started cluster, not in a private Ray of the CLI
+    logs = os.path.join(temp, "session_latest", "logs")
+    hits = [name for name in os.listdir(logs) if name.startswith("worker-")
+            and "ShardActor" in open(os.path.join(logs, name), errors="replace").read()]
+    assert hits, "no ShardActor worker in the started cluster's logs"
