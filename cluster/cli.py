@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--missing-ok", action="store_true", help="succeed when the run does not exist")
 
+    p = sub.add_parser("serve", help="serve predictions and deletion requests over HTTP (Ray Serve)",
+                       description="POST /predict {\"texts\": [...]}, POST /delete {\"ids\": [...]} or "
+                                   "{\"owners\": [...]}, GET /requests/<id>. Runs until interrupted.")
+    _common(p, ray=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--aggregate", choices=METHODS, default="vote", help="ensemble aggregation (default vote)")
+    p.add_argument("--window", type=float, default=0.0, help="batching window of deletions in seconds (default 0)")
+
     p = sub.add_parser("requests", help="the run's deletion requests with their status and receipts")
     _common(p)
 
@@ -235,6 +244,28 @@ def run_command(args) -> int:
                      else "NOT EXACT: see the shards above")
         _emit(args, report, "\n".join(lines))
         return 0 if report["exact"] else 3
+    if args.command == "serve":
+        if args.runtime != "ray":
+            raise UnlearnError("serve needs the Ray runtime (--runtime ray)")
+        import signal
+        import time
+
+        from cluster.serving import start_serving
+
+        url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus)
+        print(f"unlearn: serving run {args.run} at {url} (POST /predict, POST /delete, GET /requests/<id>); "
+              f"Ctrl-C stops", file=sys.stderr, flush=True)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        from ray import serve
+
+        serve.shutdown()
+        return 0
     if args.command == "requests":
         from cluster.coordinator import Coordinator
 

@@ -19,7 +19,7 @@ import numpy as np
 
 import cluster  # noqa: F401  (sets the loopback/auth environment before ray is imported)
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
+from sisa.errors import UnlearnError, one_line
 from sisa.manifest import ShardEntry
 from sisa.shard import RetrainJob, ShardWorker, TrainJob
 from sisa.store import Store, open_store
@@ -139,11 +139,8 @@ def ray_get(ref):
 
     try:
         return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.as_instanceof_cause()
-        if isinstance(cause, UnlearnError):
-            raise UnlearnError(str(cause).strip().splitlines()[-1]) from None
-        raise
+    except UnlearnError as exc:  # Ray re-raises it as a subclass carrying the remote traceback
+        raise UnlearnError(one_line(exc)) from None
 
 
 def _coordinator_actor_class():

@@ -8,3 +8,12 @@ needed to fix the input.
 
 class UnlearnError(Exception):
     """A user-facing error: bad input, unknown run or id, unreachable store."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an UnlearnError, also when Ray re-raises it from an actor wrapped in
+    a traceback: the last line, without the exception's qualified name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    marker = "UnlearnError: "
+    return last.split(marker, 1)[1] if marker in last else last
