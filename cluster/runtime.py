@@ -54,14 +54,31 @@ def _shard_actor_class():
         """One SISA shard. Jobs are idempotent (content-addressed writes, no commit), so
         Ray may re-run a job on a restarted actor and the result is the same."""
 
-        def __init__(self, store_uri: str, run: str, config: dict):
-            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config))
+        def __init__(self, store_uri: str, run: str, config: dict, shared_refs: list | None = None):
+            import ray
+
+            # shared_refs wraps the ObjectRef in a list so that Ray hands it over unresolved:
+            # ray.get here maps the node's copy of the arrays read-only, without copying
+            shared = ray.get(shared_refs[0]) if shared_refs else None
+            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config), shared)
 
         def pid(self) -> int:
             return os.getpid()
 
         def crash_at(self, point: str | None) -> None:
             self.worker.crash_at(point)
+
+        def memory(self) -> dict:
+            """Resident memory of this actor with its model loaded (bytes): rss counts shared
+            pages in full, uss only pages private to this process, pss shares them out."""
+            import gc
+
+            import psutil
+
+            _ = self.worker.trainer  # make sure the model is loaded
+            gc.collect()
+            info = psutil.Process().memory_full_info()
+            return {"rss": info.rss, "uss": info.uss, "pss": getattr(info, "pss", info.uss)}
 
         def train(self, job: TrainJob) -> ShardEntry:
             return self.worker.train(job)
@@ -86,23 +103,43 @@ class RayExecutor:
     models loaded)."""
 
     def __init__(self, store: Store, run: str, config: SisaConfig, actor_cpus: float | None = None,
-                 progress: bool = False):
+                 progress: bool = False, share_base: bool = True):
         import ray
 
         self.store, self.run, self.config, self.progress = store, run, config, progress
+        self.share_base = share_base
+        self._shared_ref = None
         if actor_cpus is None:
             total = ray.cluster_resources().get("CPU", 1.0)
             actor_cpus = round(min(1.0, total / max(1, config.shards)), 3)
         self.actor_cpus = actor_cpus
         self._actors: dict[int, object] = {}
 
+    def _shared(self) -> list:
+        """The frozen base weights, loaded once here and put once into the object store;
+        every shard actor on a node maps the same copy (zero-copy, read-only)."""
+        import ray
+
+        from sisa.models import base_weights
+
+        if not self.share_base:
+            return []
+        if self._shared_ref is None:
+            self._shared_ref = ray.put(base_weights(self.config.model, len(self.config.labels)))
+        return [self._shared_ref]
+
     def actor(self, shard: int):
+        import ray
+
         if shard not in self._actors:
-            cls = _shard_actor_class()
-            self._actors[shard] = cls.options(
-                name=f"{self.run}/{self.config.digest()[:12]}/shard-{shard}", namespace=NAMESPACE, get_if_exists=True,
-                num_cpus=self.actor_cpus,
-            ).remote(self.store.uri, self.run, self.config.to_json())
+            name = f"{self.run}/{self.config.digest()[:12]}/shard-{shard}"
+            try:  # a live actor of this run keeps its model: no need to load and share weights again
+                self._actors[shard] = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                cls = _shard_actor_class()
+                self._actors[shard] = cls.options(
+                    name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=self.actor_cpus,
+                ).remote(self.store.uri, self.run, self.config.to_json(), self._shared())
         return self._actors[shard]
 
     def _gather(self, refs: list, desc: str) -> list:

@@ -151,10 +151,11 @@ def _head_name(model) -> str:
     raise UnlearnError(f"{type(model).__name__}: cannot find the classification head (looked for {HEAD_NAMES})")
 
 
-def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lora_dropout: float) -> Classifier:
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _load_base(spec: str, num_labels: int, shared: dict | None = None):
+    """(tokenizer, base classifier). With `shared` (name -> read-only numpy array), the
+    model is built from its config and its parameters become views of those arrays, so
+    processes on one node share one copy of the frozen weights (Ray's object store)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     _quiet_transformers()
     path = resolve_model(spec)
@@ -162,10 +163,39 @@ def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lo
         tokenizer = AutoTokenizer.from_pretrained(path)
         if spec == "tiny":
             base = _tiny_base(tokenizer, num_labels)
+        elif shared is not None:
+            config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+            base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         else:
             base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise UnlearnError(f"--model {spec!r}: cannot load ({str(exc).splitlines()[0]})") from None
+    if shared is not None:
+        params = dict(base.named_parameters())
+        if set(params) != set(shared):
+            raise UnlearnError(f"--model {spec!r}: shared base weights do not match the model's parameters")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")  # frozen: never written
+            for name, p in params.items():
+                arr = shared[name]
+                if tuple(arr.shape) != tuple(p.shape):
+                    raise UnlearnError(f"--model {spec!r}: shared tensor {name} has shape {arr.shape}, expected {tuple(p.shape)}")
+                p.data = torch.from_numpy(arr)
+    return tokenizer, base
+
+
+def base_weights(spec: str, num_labels: int) -> dict:
+    """The frozen base model's parameters as numpy arrays, to put once into Ray's object store."""
+    _tokenizer, base = _load_base(spec, num_labels)
+    return {n: p.detach().numpy() for n, p in base.named_parameters()}
+
+
+def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lora_dropout: float,
+                    shared: dict | None = None) -> Classifier:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    tokenizer, base = _load_base(spec, num_labels, shared)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base.config.pad_token_id = tokenizer.pad_token_id

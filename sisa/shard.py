@@ -30,15 +30,17 @@ from .store import Store
 _classifiers: dict[str, object] = {}
 
 
-def get_trainer(config: SisaConfig):
+def get_trainer(config: SisaConfig, shared: dict | None = None):
     """A StageTrainer over one loaded base model per process and model configuration
-    (loading costs seconds; states are swapped in and out per shard)."""
+    (loading costs seconds; states are swapped in and out per shard). `shared`: frozen
+    base weights as read-only arrays (see models.base_weights)."""
     from .models import load_classifier
     from .trainer import StageTrainer
 
     key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout])
     if key not in _classifiers:
-        clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout)
+        clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout,
+                              shared=shared)
         _classifiers.clear()
         _classifiers[key] = clf
     return StageTrainer(config, _classifiers[key])
@@ -75,12 +77,13 @@ class RetrainJob:
 
 
 class ShardWorker:
-    def __init__(self, store: Store, run: str, config: SisaConfig):
+    def __init__(self, store: Store, run: str, config: SisaConfig, shared: dict | None = None):
         self.store = store
         self.run = run
         self.config = config
+        self.shared = shared
         self._trainer = None
-        self._serving: tuple[str, State] | None = None
+        self._serving: dict[str, State] = {}  # checkpoint key -> state, for predictions
         self.fault: str | None = None  # fault injection for tests: see crash_at()
 
     def crash_at(self, point: str | None) -> None:
@@ -97,7 +100,7 @@ class ShardWorker:
     @property
     def trainer(self):
         if self._trainer is None:
-            self._trainer = get_trainer(self.config)
+            self._trainer = get_trainer(self.config, self.shared)
         return self._trainer
 
     # -- objects -------------------------------------------------------------------
@@ -202,12 +205,14 @@ class ShardWorker:
                 "problems": problems, "stages": rows}
 
     def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
-        """(checkpoint key the answer came from, probabilities). The last state used is
-        kept in memory, so a serving shard reads its checkpoint once per version."""
+        """(checkpoint key the answer came from, probabilities). States are kept in memory
+        by checkpoint key, so a serving shard reads each checkpoint version once."""
         key = entry.checkpoints[-1]
-        if self._serving is None or self._serving[0] != key:
-            self._serving = (key, self.load_checkpoint(key))
-        return key, self.trainer.predict_proba(self._serving[1], texts)
+        if key not in self._serving:
+            if len(self._serving) >= 64:  # LoRA states are small, but bound the cache anyway
+                self._serving.pop(next(iter(self._serving)))
+            self._serving[key] = self.load_checkpoint(key)
+        return key, self.trainer.predict_proba(self._serving[key], texts)
 
 
 class Executor(Protocol):
