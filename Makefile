@@ -30,6 +30,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/sisa_bench.py
+	$(BIN)/python bench/ray_bench.py
 
 clean:
 	rm -rf $(VENV) unlearn-store .pytest_cache

@@ -74,7 +74,8 @@ def memory(store, records, model: str, shards: int) -> list[dict]:
         name = f"mem-{model}-{int(share)}"
         config = with_labels(SisaConfig(shards=shards, slices=1, epochs="1", model=model), records)
         executor = RayExecutor(store, name, config, share_base=share)
-        infos = [ray_get(executor.actor(k).memory.remote()) for k in range(shards)]
+        [ray_get(executor.actor(k).memory.remote()) for k in range(shards)]  # every actor loads first
+        infos = [ray_get(executor.actor(k).memory.remote()) for k in range(shards)]  # then all are measured
         rows.append({"model": model, "shared_base": share, "actors": shards,
                      "rss_mb_mean": round(sum(i["rss"] for i in infos) / shards / MB, 1),
                      "uss_mb_mean": round(sum(i["uss"] for i in infos) / shards / MB, 1),

@@ -58,8 +58,14 @@ def _shard_actor_class():
             import ray
 
             # shared_refs wraps the ObjectRef in a list so that Ray hands it over unresolved:
-            # ray.get here maps the node's copy of the arrays read-only, without copying
-            shared = ray.get(shared_refs[0]) if shared_refs else None
+            # ray.get here maps the node's copy of the arrays read-only, without copying.
+            # After a restart whose owner is gone the object may be lost: load from disk then.
+            shared = None
+            if shared_refs:
+                try:
+                    shared = ray.get(shared_refs[0], timeout=120)
+                except Exception:  # ObjectLostError, OwnerDiedError, GetTimeoutError
+                    shared = None
             self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config), shared)
 
         def pid(self) -> int:
@@ -75,7 +81,8 @@ def _shard_actor_class():
 
             import psutil
 
-            _ = self.worker.trainer  # make sure the model is loaded
+            trainer = self.worker.trainer
+            trainer.predict_proba(trainer.initial_state(0), ["touch every weight once"])  # fault pages in
             gc.collect()
             info = psutil.Process().memory_full_info()
             return {"rss": info.rss, "uss": info.uss, "pss": getattr(info, "pss", info.uss)}
