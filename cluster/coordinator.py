@@ -17,6 +17,7 @@ same thing twice is a no-op.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -87,6 +88,7 @@ class Coordinator:
         self._accepted_at: dict[str, float] = {}
         self._quarantine: dict[int, set[str]] = {}  # shard -> acknowledged requests not yet applied
         self.last_receipt = None  # the DeletionReceipt of the last applied batch
+        self.fault: str | None = None  # tests: exit the process at "after-commit"
         self.manifest = SisaRun.open(store, run).manifest  # the committed state; this is its only writer
         for req in self.log():  # replay: anything not finished is pending again
             if req.status in ("pending", "applying"):
@@ -242,6 +244,8 @@ class Coordinator:
                              lock_holder=f"coordinator:{self.run}")
         with self._lock:
             self.manifest = run.manifest  # committed: serve the new shard versions from now on
+        if self.fault == "after-commit":  # committed, receipts not yet written
+            os._exit(17)
         self.last_receipt = receipt
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)

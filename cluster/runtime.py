@@ -218,6 +218,10 @@ def _coordinator_actor_class():
         def log(self) -> list[dict]:
             return [r.to_json() for r in self.coordinator.log()]
 
+        def crash_at(self, point: str | None) -> None:
+            """Tests: exit at "after-commit" of the next batch (committed, receipts not written)."""
+            self.coordinator.fault = point
+
         def quarantined(self) -> list[int]:
             return sorted(self.coordinator.serving_view()[0])
 

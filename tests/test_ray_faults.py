@@ -142,3 +142,38 @@ def test_coordinator_killed_while_applying_replays_from_the_log(served, tmp_path
     assert seen == "applying" and req["status"] == "done", (seen, req)
     assert ray_get(handle.pid.remote()) != pid
     assert_equals_from_scratch(served, tmp_path)
+
+
+def test_coordinator_killed_with_a_pending_request_replays_it(served, tmp_path):
+    """Killed after the acknowledgement, before the batch started (a long window holds it)."""
+    import ray
+
+    from cluster.runtime import coordinator_actor, ray_get, wait_request
+
+    old = served["handle"]
+    ray.kill(old, no_restart=True)  # replace the module's coordinator by one with a long window
+    handle = coordinator_actor(served["store"], "f", window_s=3600.0)
+    served["handle"] = handle
+    request_id = delete(served, victim(served, 3, 0))
+    assert ray_get(handle.get.remote(request_id))["status"] == "pending"
+    pid = ray_get(handle.pid.remote())
+    ray.kill(handle, no_restart=False)
+    req = wait_request(handle, request_id, timeout_s=180)  # replayed entries are due at once
+    assert req["status"] == "done" and ray_get(handle.pid.remote()) != pid
+    assert_equals_from_scratch(served, tmp_path)
+    ray.kill(handle, no_restart=True)  # back to a coordinator without a window for the next tests
+    served["handle"] = coordinator_actor(served["store"], "f", window_s=0.0)
+
+
+def test_coordinator_exits_after_commit_before_the_receipt(served, tmp_path):
+    from cluster.runtime import ray_get, wait_request
+
+    handle = served["handle"]
+    pid = ray_get(handle.pid.remote())
+    ray_get(handle.crash_at.remote("after-commit"))
+    request_id = delete(served, victim(served, 0, 1))
+    req = wait_request(handle, request_id, timeout_s=180)
+    # the deletion was committed before the exit; the replay finds it done and says so
+    assert req["status"] == "done" and ray_get(handle.pid.remote()) != pid
+    assert req["records_deleted"] + req["already_deleted"] == 1
+    assert_equals_from_scratch(served, tmp_path)
