@@ -87,7 +87,6 @@ class Coordinator:
         self._apply_lock = threading.Lock()  # one batch at a time
         self._accepted_at: dict[str, float] = {}
         self._quarantine: dict[int, set[str]] = {}  # shard -> acknowledged requests not yet applied
-        self.last_receipt = None  # the DeletionReceipt of the last applied batch
         self.fault: str | None = None  # tests: exit the process at "after-commit"
         self.manifest = SisaRun.open(store, run).manifest  # the committed state; this is its only writer
         for req in self.log():  # replay: anything not finished is pending again
@@ -246,7 +245,6 @@ class Coordinator:
             self.manifest = run.manifest  # committed: serve the new shard versions from now on
         if self.fault == "after-commit":  # committed, receipts not yet written
             os._exit(17)
-        self.last_receipt = receipt
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
         for req in batch:

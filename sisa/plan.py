@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 from .keys import keyed_hash, sha256_hex
 
@@ -119,13 +119,6 @@ def apply_deletion(layout: Layout, ids: Iterable[str]) -> Layout:
     return [[[rid for rid in ids_ if rid not in gone] for ids_ in shard] for shard in layout]
 
 
-def stage_work(slices: int, first_stage: int) -> Fraction:
-    """Fraction of one shard's full training that redoing stages first_stage..R-1 costs
-    (stage j trains on (j+1)/R of the shard for the same number of epochs)."""
-    total = slices * (slices + 1) // 2
-    return Fraction(sum(j + 1 for j in range(first_stage, slices)), total)
-
-
 def retrain_fraction(redone_stage_sizes: Iterable[int], slices: int, total_records: int) -> float:
     """Training examples processed by the redone stages, as a fraction of one full
     training over `total_records` (every stage runs 2e/(R+1) epochs; e cancels)."""
@@ -139,6 +132,3 @@ def expected_retrain_fraction(shards: int, slices: int) -> float:
     training over all the data: (1/S) * (2R+1)/(3R) (ALGORITHMS.md)."""
     return (1 / shards) * (2 * slices + 1) / (3 * slices)
 
-
-def shard_counts(layout: Layout) -> Mapping[int, int]:
-    return {k: sum(len(ids) for ids in shard) for k, shard in enumerate(layout)}

@@ -70,15 +70,18 @@ def test_plan_deletion_earliest_slice_per_shard():
 
 
 @pytest.mark.parametrize("S,R", [(1, 1), (8, 8), (4, 2)])
-def test_expected_fraction_matches_mean_stage_work(S, R):
-    mean = sum(plan.stage_work(R, j) for j in range(R)) / R
-    assert plan.expected_retrain_fraction(S, R) == pytest.approx(float(mean) / S)
-    assert plan.stage_work(R, 0) == 1
+def test_expected_fraction_matches_mean_retrain_work(S, R):
+    """Average the work of deleting from each slice position of one of S equal shards
+    (slices of n records): it must equal the analytic (1/S)(2R+1)/(3R)."""
+    n = 10
+    total = S * R * n
+    mean = sum(plan.retrain_fraction([(j + 1) * n for j in range(first, R)], R, total) for first in range(R)) / R
+    assert plan.expected_retrain_fraction(S, R) == pytest.approx(mean)
 
 
 def test_retrain_fraction_counts_examples():
     # R=3: a stage runs 2e/4 epochs; redoing stages of 10 and 20 records out of 40 total
-    assert plan.retrain_fraction([10, 20], 3, 40) == pytest.approx(2 * 30 / (4 * 40))
+    assert plan.retrain_fraction([10, 20], 3, 40) == pytest.approx(0.375)  # 30 examples x 2/4 epochs / 40
     # redoing all R stages of a single shard holding everything costs exactly one training
     assert plan.retrain_fraction([10, 20, 30], 3, 30) == 1.0
     assert plan.retrain_fraction([30], 1, 30) == 1.0

@@ -2,7 +2,6 @@
 import pytest
 
 from conftest import synthetic_records
-from sisa import plan
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
 from sisa.store import LocalStore

@@ -1,5 +1,4 @@
 """The storage interface on every backend, and erasure on a real versioned S3 server."""
-import json
 import os
 import time
 import uuid
