@@ -35,6 +35,9 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
                        help="join this Ray cluster (default $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
         p.add_argument("--actor-cpus", type=float, default=None,
                        help="CPUs reserved per shard actor (default: the cluster's CPUs / S, at most 1)")
+        p.add_argument("--actor-gpus", type=float, default=None,
+                       help="GPUs reserved per shard actor of a --device cuda run, fractions allowed "
+                            "(default: the cluster's GPUs / S, at most 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where shard models train and answer (default cpu). Part of the run's configuration: "
+                        "GPU and CPU kernels round differently, so a deletion is exact against the same device")
 
     p = sub.add_parser("delete", help="forget records or whole data owners, retraining only the affected shards",
                        description="Remove records (by id) or data owners, retrain the affected shards from the earliest "
@@ -172,13 +178,15 @@ def run_command(args) -> int:
         config = SisaConfig(
             shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=args.model,
             labels=tuple(_split(args.labels, "labels")) if args.labels else (), lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length)
+            lora_alpha=args.lora_alpha, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+            extra={"device": args.device} if args.device != "cpu" else {})
         store.check()
         if SisaRun.exists(store, args.run):
             raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
         records = load_records(args.data)
         config = with_labels(config, records)
-        executor = make_executor(args.runtime, store, args.run, config, progress, args.address, args.actor_cpus)
+        executor = make_executor(args.runtime, store, args.run, config, progress, args.address, args.actor_cpus,
+                                 args.actor_gpus)
         run = SisaRun.train(store, args.run, records, config, progress=progress, executor=executor)
         st = run.status()
         _emit(args, st, _status_text(st))
@@ -202,7 +210,7 @@ def run_command(args) -> int:
     run = SisaRun.open(store, args.run)
     if hasattr(args, "runtime"):
         run.executor = make_executor(args.runtime, store, args.run, run.config, progress, args.address,
-                                     args.actor_cpus)
+                                     args.actor_cpus, args.actor_gpus)
     if args.command == "delete":
         ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
         owners = (_split(args.owners, "owners") if args.owners

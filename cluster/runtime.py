@@ -110,16 +110,17 @@ class RayExecutor:
     models loaded)."""
 
     def __init__(self, store: Store, run: str, config: SisaConfig, actor_cpus: float | None = None,
-                 progress: bool = False, share_base: bool = True):
+                 progress: bool = False, share_base: bool = True, actor_gpus: float | None = None):
         import ray
 
         self.store, self.run, self.config, self.progress = store, run, config, progress
         self.share_base = share_base
         self._shared_ref = None
+        resources = ray.cluster_resources()
         if actor_cpus is None:
-            total = ray.cluster_resources().get("CPU", 1.0)
-            actor_cpus = round(min(1.0, total / max(1, config.shards)), 3)
+            actor_cpus = round(min(1.0, resources.get("CPU", 1.0) / max(1, config.shards)), 3)
         self.actor_cpus = actor_cpus
+        self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
         self._actors: dict[int, object] = {}
 
     def _shared(self) -> list:
@@ -146,6 +147,7 @@ class RayExecutor:
                 cls = _shard_actor_class()
                 self._actors[shard] = cls.options(
                     name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=self.actor_cpus,
+                    num_gpus=self.actor_gpus,
                 ).remote(self.store.uri, self.run, self.config.to_json(), self._shared())
         return self._actors[shard]
 
@@ -175,6 +177,23 @@ class RayExecutor:
 
         texts_ref = ray.put(list(texts))
         return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
+
+
+def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | None) -> float:
+    """GPUs reserved per shard actor: none for a CPU run; for a `cuda` run the requested
+    share, by default an equal share of the cluster's GPUs (at most one per actor).
+    Ray places an actor only where its GPU share fits, and hands it CUDA_VISIBLE_DEVICES."""
+    if config.device == "cpu":
+        if requested:
+            raise UnlearnError(f"--actor-gpus {requested:g}: this run trains on the CPU; "
+                               f"train it with --device cuda to use GPUs")
+        return 0.0
+    if cluster_gpus <= 0:
+        raise UnlearnError("this run trains on device cuda, but the Ray cluster has no GPUs")
+    gpus = requested if requested is not None else round(min(1.0, cluster_gpus / max(1, config.shards)), 3)
+    if not 0 < gpus <= cluster_gpus:
+        raise UnlearnError(f"--actor-gpus {gpus:g}: must be > 0 and at most the cluster's {cluster_gpus:g} GPUs")
+    return gpus
 
 
 def ray_get(ref):
@@ -250,11 +269,11 @@ def wait_request(handle, request_id: str, timeout_s: float = 24 * 3600.0, poll_s
 
 
 def make_executor(runtime: str, store: Store, run: str, config: SisaConfig, progress: bool,
-                  address: str | None = None, actor_cpus: float | None = None):
+                  address: str | None = None, actor_cpus: float | None = None, actor_gpus: float | None = None):
     """None for the in-process engine, else a RayExecutor on a started or joined Ray."""
     if runtime == "local":
         return None
     if runtime != "ray":
         raise UnlearnError(f"--runtime {runtime!r}: choose ray or local")
     init_ray(address)
-    return RayExecutor(store, run, config, actor_cpus=actor_cpus, progress=progress)
+    return RayExecutor(store, run, config, actor_cpus=actor_cpus, progress=progress, actor_gpus=actor_gpus)

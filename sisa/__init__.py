@@ -10,3 +10,5 @@ before MKL is loaded, so it is set on import of this package; a user's value win
 import os
 
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+# cuBLAS needs a fixed workspace for deterministic GEMMs (runs with device cuda; no effect on CPU).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

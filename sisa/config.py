@@ -14,6 +14,8 @@ from fractions import Fraction
 from .errors import UnlearnError
 from .keys import sha256_hex
 
+DEVICES = ("cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class SisaConfig:
@@ -62,8 +64,17 @@ class SisaConfig:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.max_length < 8:
             raise bad("max_length", f"must be >= 8, got {self.max_length}")
+        if self.device not in DEVICES:
+            raise bad("extra.device", f"must be one of {list(DEVICES)}, got {self.device!r}")
         if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels):
             raise bad("labels", f"need at least two distinct labels, got {list(self.labels)}")
+
+    @property
+    def device(self) -> str:
+        """Where shard models train and answer. Kept in `extra` (so CPU runs keep their
+        digests) and part of the digest: GPU kernels round differently from CPU ones, so
+        a GPU run and a CPU run are different runs, each exact against itself."""
+        return self.extra.get("device", "cpu")
 
     @property
     def epochs_fraction(self) -> Fraction:

@@ -37,7 +37,8 @@ def get_trainer(config: SisaConfig, shared: dict | None = None):
     from .models import load_classifier
     from .trainer import StageTrainer
 
-    key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout])
+    key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout,
+                      config.device])
     if key not in _classifiers:
         clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout,
                               shared=shared)

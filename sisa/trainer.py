@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import State
 from .config import SisaConfig
+from .errors import UnlearnError
 from .keys import keyed_seed
 from .models import Classifier
 from .plan import pass_order, stage_pass_sizes
@@ -46,6 +47,12 @@ class StageTrainer:
     def __init__(self, config: SisaConfig, classifier: Classifier):
         self.config = config
         self.clf = classifier
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UnlearnError("config device 'cuda': no CUDA GPU is visible in this process "
+                                   "(on Ray, give shard actors GPUs with --actor-gpus; or train with --device cpu)")
+            classifier.model.to(self.device)
         self.label_index = {label: i for i, label in enumerate(config.labels)}
         self._tokens: dict[str, list[int]] = {}
 
@@ -61,14 +68,14 @@ class StageTrainer:
         )
         for name, p in self.clf.trainable.items():
             if f"opt.{name}.step" in state:
-                opt.state[p] = {slot: state[f"opt.{name}.{slot}"].clone() for slot in ADAM_SLOTS}
+                opt.state[p] = {slot: state[f"opt.{name}.{slot}"].to(p.device, copy=True) for slot in ADAM_SLOTS}
         return opt
 
     def _capture(self, opt: torch.optim.Optimizer) -> State:
-        state: State = {f"param.{n}": p.detach().clone() for n, p in self.clf.trainable.items()}
+        state: State = {f"param.{n}": p.detach().to("cpu", copy=True) for n, p in self.clf.trainable.items()}
         for name, p in self.clf.trainable.items():
             for slot, value in opt.state.get(p, {}).items():
-                state[f"opt.{name}.{slot}"] = value.detach().clone()
+                state[f"opt.{name}.{slot}"] = value.detach().to("cpu", copy=True)
         return state
 
     # -- batches --------------------------------------------------------------
@@ -111,8 +118,8 @@ class StageTrainer:
                     for start in range(0, len(order), cfg.batch_size):
                         chunk = order[start:start + cfg.batch_size]
                         ids, mask = self._batch([self._tokens[rid] for rid in chunk])
-                        labels = torch.tensor([self.label_index[by_id[rid].label] for rid in chunk])
-                        logits = model(input_ids=ids, attention_mask=mask).logits
+                        labels = torch.tensor([self.label_index[by_id[rid].label] for rid in chunk], device=self.device)
+                        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                         loss = F.cross_entropy(logits, labels)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -133,5 +140,6 @@ class StageTrainer:
                 enc = self.clf.tokenizer(list(texts[start:start + batch_size]), truncation=True,
                                          max_length=self.config.max_length)
                 ids, mask = self._batch(enc["input_ids"])
-                out.append(torch.softmax(model(input_ids=ids, attention_mask=mask).logits, dim=-1).numpy())
+                logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                out.append(torch.softmax(logits, dim=-1).cpu().numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, len(self.config.labels)))

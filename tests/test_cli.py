@@ -95,3 +95,36 @@ def test_wrong_credentials_are_one_line_without_secrets(seaweedfs, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "s3://any-bucket/x" in lines[0], lines
     assert "wrong-secret-value" not in proc.stderr and seaweedfs.secret_key not in proc.stderr
+
+
+def test_gpu_options_without_a_gpu_are_one_line_errors(tmp_path, capsys):
+    """This machine has no GPU: a cuda run must fail up front with one line and leave
+    nothing behind; GPU shares are reserved only for cuda runs and only where GPUs exist."""
+    import torch
+
+    from cluster.runtime import actor_gpus_for
+    from sisa.config import SisaConfig
+    from sisa.errors import UnlearnError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the no-GPU error paths cannot be exercised here")
+    store = tmp_path / "s"
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(8))
+    assert main(["train", "--data", data, "--run", "g", "--store", str(store), "--model", "tiny", "--shards", "2",
+                 "--slices", "1", "--device", "cuda", "--runtime", "local", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["unlearn: error: config device 'cuda': no CUDA GPU is visible in this process (on Ray, give "
+                   "shard actors GPUs with --actor-gpus; or train with --device cpu)"]
+    assert not any(p.is_file() for p in store.rglob("*"))
+    cpu, cuda = SisaConfig(shards=4), SisaConfig(shards=4, extra={"device": "cuda"})
+    assert cpu.digest() != cuda.digest() and cpu.digest() == SisaConfig(shards=4, extra={}).digest()
+    assert actor_gpus_for(cpu, 2.0, None) == 0.0
+    assert actor_gpus_for(cuda, 2.0, None) == 0.5 and actor_gpus_for(cuda, 8.0, None) == 1.0
+    assert actor_gpus_for(cuda, 2.0, 0.25) == 0.25
+    for config, gpus, req, msg in ((cpu, 2.0, 1.0, "this run trains on the CPU"),
+                                   (cuda, 0.0, None, "the Ray cluster has no GPUs"),
+                                   (cuda, 1.0, 2.0, "at most the cluster's 1 GPUs")):
+        with pytest.raises(UnlearnError, match=msg):
+            actor_gpus_for(config, gpus, req)
+    with pytest.raises(UnlearnError, match="config field 'extra.device'"):
+        SisaConfig(extra={"device": "tpu"})
