@@ -2,28 +2,17 @@
 
 The run owns the manifest and the commit; the per-shard work goes through an
 executor (`sisa/shard.py`): in this process by default (no Ray, usable from a
-notebook), or in Ray shard actors (`cluster/`). Storage layout under the run's prefix:
+notebook), or in Ray shard actors (`cluster/`). Besides HEAD and manifests (see
+`stored_run.py` for the commit and the purge), the run stores under its prefix:
 
-    RUN/HEAD                              pointer to the current manifest (the commit)
-    RUN/LOCK                              held while a command mutates the run
-    RUN/manifests/<sha256>.json           manifests
     RUN/data/<sha256>.jsonl               records of one slice, content-addressed
     RUN/ckpt/<shard>/<stage>-<key>.safetensors   state after a stage; key = checkpoint_key()
-
-Every mutation writes new objects, then a new manifest, then HEAD, and only then
-purges what the new manifest no longer references (old checkpoints, old slice data,
-old manifests, every version of each). A crash before HEAD leaves the previous
-state readable; a crash after it leaves garbage that the next mutation purges first.
 """
 from __future__ import annotations
 
-import hmac
-import json
 import os
 import sys
 import time
-from collections import defaultdict
-from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -31,27 +20,14 @@ import numpy as np
 from .aggregate import aggregate, vote_counts
 from .config import SisaConfig
 from .errors import UnlearnError
-from .keys import sha256_hex
-from .lock import RunLock, lock_key
+from .lock import RunLock
 from .manifest import DeletionReceipt, Manifest
 from .plan import apply_deletion, build_layout, plan_deletion, retrain_fraction, stage_ids
-from .records import Record, id_problem, quote
+from .records import Record, quote
 from .shard import Executor, LocalExecutor, RetrainJob, TrainJob, get_trainer  # noqa: F401 (re-export)
 from .store import Store
-
-MANAGED = ("manifests/", "data/", "ckpt/")  # sub-prefixes that garbage collection owns
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def check_run_name(name: str) -> None:
-    if not name:
-        raise UnlearnError("--run: empty run name")
-    problem = id_problem(name)
-    if problem:
-        raise UnlearnError(f"--run {quote(name)}: {problem}")
+from .stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
+from .tombstones import after_deletion, resolve
 
 
 def with_labels(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
@@ -88,97 +64,29 @@ def format_predictions(manifest: Manifest, texts: Sequence[str], shards: Sequenc
     }
 
 
-class SisaRun:
-    def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
-        self.store = store
-        self.manifest = manifest
-        self.executor = executor
+class SisaRun(StoredRun):
+    MANAGED = ("manifests/", "data/", "ckpt/")
 
-    # -- naming ------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.manifest.run
+    def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
+        super().__init__(store, manifest)
+        self.executor = executor
 
     @property
     def config(self) -> SisaConfig:
         return self.manifest.config
 
-    @staticmethod
-    def _head(run: str) -> str:
-        return f"{run}/HEAD"
-
-    def _tombstone(self, kind: str, value: str) -> str:
-        return hmac.new(bytes.fromhex(self.manifest.salt), f"{kind}\x1f{value}".encode(), "sha256").hexdigest()
-
     def _executor(self, progress: bool) -> Executor:
         return self.executor or LocalExecutor(self.store, self.name, self.config, progress)
 
-    # -- open / commit -------------------------------------------------------------
-    @classmethod
-    def exists(cls, store: Store, run: str) -> bool:
-        check_run_name(run)
-        return store.exists(cls._head(run))
-
-    @classmethod
-    def drop(cls, store: Store, run: str) -> int:
-        """Purge every object (and version) of a run, HEAD last, so an interrupted drop
-        can simply be re-run."""
-        check_run_name(run)
-        with RunLock(store, run, "drop"):
-            keys = [k for k in store.list_all(f"{run}/") if k not in (cls._head(run), lock_key(run))]
-            for key in keys:
-                store.delete(key)
-            store.delete(cls._head(run))
-        return len(keys) + 1
-
     @classmethod
     def read_head(cls, store: Store, run: str) -> Manifest:
-        try:
-            mkey = json.loads(store.get(cls._head(run)))["manifest"]
-        except KeyError:
-            raise UnlearnError(f"run {quote(run)} not found in store {store.uri}") from None
-        except (ValueError, TypeError):
-            raise UnlearnError(f"run {quote(run)}: {store.uri}/{cls._head(run)} is not a valid pointer") from None
-        try:
-            return Manifest.loads(store.get(mkey), f"{store.uri}/{mkey}")
-        except KeyError:
-            raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
+        mkey, data = read_manifest_json(store, run)
+        return Manifest.loads(data, f"{store.uri}/{mkey}")
 
     @classmethod
     def open(cls, store: Store, run: str, executor: Executor | None = None) -> "SisaRun":
         check_run_name(run)
         return cls(store, cls.read_head(store, run), executor)
-
-    def _manifest_key(self, manifest: Manifest) -> str:
-        return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
-
-    def _commit(self, manifest: Manifest) -> int:
-        """Write the manifest, point HEAD at it (the commit), then purge everything the
-        new manifest does not reference. A failed purge does not undo the commit: it is
-        reported, and the next mutating command finishes it."""
-        mkey = self._manifest_key(manifest)
-        self.store.put(mkey, manifest.dumps())
-        self.store.put(self._head(self.name), json.dumps({"manifest": mkey}).encode())
-        self.manifest = manifest
-        try:
-            self.store.prune_versions(self._head(self.name))
-            return self._collect_garbage()
-        except Exception as exc:
-            print(f"unlearn: warning: committed, but the purge of superseded objects failed ({exc}); "
-                  f"the next delete or drop finishes it", file=sys.stderr)
-            return 0
-
-    def _collect_garbage(self) -> int:
-        """Purge every object (and object version) under the managed prefixes that the
-        current manifest does not reference. Call only while holding the run lock."""
-        keep = self.manifest.referenced_keys() | {self._manifest_key(self.manifest)}
-        purged = 0
-        for sub in MANAGED:
-            for key in self.store.list_all(f"{self.name}/{sub}"):
-                if key not in keep:
-                    self.store.delete(key)
-                    purged += 1
-        return purged
 
     # -- training ------------------------------------------------------------------
     @classmethod
@@ -189,7 +97,7 @@ class SisaRun:
         config = with_labels(config, records)
         layout = build_layout(((r.id, r.owner) for r in records), config.seed, config.shards, config.slices)
         by_id = {r.id: r for r in records}
-        now = _now()
+        now = now_iso()
         manifest = Manifest(run=run, config=config, shards=[], salt=os.urandom(16).hex(), created=now, updated=now)
         self = cls(store, manifest, executor)
         jobs = [TrainJob(k, [[by_id[i] for i in ids] for ids in shard]) for k, shard in enumerate(layout)]
@@ -209,31 +117,14 @@ class SisaRun:
                 raise
         return self
 
-    def _purge_uncommitted(self) -> None:
-        for key in self.store.list_all(f"{self.name}/"):
-            if key != lock_key(self.name):
-                self.store.delete(key)
-
     # -- deletion ------------------------------------------------------------------
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
         """(ids to remove, requested ids/owners already deleted earlier, unknown ones)."""
-        held = self.manifest.owners()
-        by_owner: dict[str, list[str]] = defaultdict(list)
-        for rid, owner in held.items():
-            by_owner[owner].append(rid)
-        tombs = set(self.manifest.tombstones)
-        targets: set[str] = set()
-        already: list[str] = []
-        unknown: list[str] = []
-        for kind, values, table in (("id", ids, None), ("owner", owners, by_owner)):
-            for v in values:
-                if (v in held) if table is None else (v in table):
-                    targets.update([v] if table is None else table[v])
-                elif self._tombstone(kind, v) in tombs:
-                    already.append(v)
-                else:
-                    unknown.append(f"{kind} {quote(v)}")
-        return targets, already, unknown
+        return resolve(self.manifest.owners(), self.manifest.tombstones, self.manifest.salt, ids, owners)
+
+    def units_of(self, targets: Iterable[str]) -> list[int]:
+        """The shards whose models hold any of `targets` (what a deletion must retrain)."""
+        return [d.shard for d in plan_deletion(self.manifest.layout(), set(targets))]
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
                progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
@@ -271,11 +162,9 @@ class SisaRun:
             receipt.shards.append(d.shard)
             receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
             receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
-        held_owners = set(old.owners().values())
-        tombs = set(old.tombstones) | {self._tombstone("id", i) for i in targets}
-        tombs |= {self._tombstone("owner", o) for o in owners if o in held_owners}
-        new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=sorted(tombs),
-                       version=old.version + 1, created=old.created, updated=_now())
+        tombs = after_deletion(old.salt, old.tombstones, targets, owners, set(old.owners().values()))
+        new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=tombs,
+                       version=old.version + 1, created=old.created, updated=now_iso())
         remaining = new.labels_held()
         receipt.warnings = [
             f"label {quote(label)} has no records left; a from-scratch run must pass "

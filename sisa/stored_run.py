@@ -1,0 +1,137 @@
+"""What every method's run shares: a HEAD pointer to a manifest, commit, purge.
+
+Storage layout under the run's prefix (the method adds its own object prefixes):
+
+    RUN/HEAD                      pointer to the current manifest (the commit)
+    RUN/LOCK                      held while a command mutates the run
+    RUN/manifests/<sha256>.json   manifests
+    RUN/requests/<id>.json        the coordinator's deletion log (cluster/)
+
+Every mutation writes new objects, then a new manifest, then HEAD, and only then purges
+what the new manifest no longer references (every version of each object). A crash
+before HEAD leaves the previous state readable; a crash after it leaves garbage that the
+next mutation purges first.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+
+from .errors import UnlearnError
+from .keys import sha256_hex
+from .lock import RunLock, lock_key
+from .records import id_problem, quote
+from .store import Store
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_run_name(name: str) -> None:
+    if not name:
+        raise UnlearnError("--run: empty run name")
+    problem = id_problem(name)
+    if problem:
+        raise UnlearnError(f"--run {quote(name)}: {problem}")
+
+
+def head_key(run: str) -> str:
+    return f"{run}/HEAD"
+
+
+def read_manifest_json(store: Store, run: str) -> tuple[str, bytes]:
+    """(key, bytes) of the manifest HEAD names, with one-line errors."""
+    try:
+        mkey = json.loads(store.get(head_key(run)))["manifest"]
+    except KeyError:
+        raise UnlearnError(f"run {quote(run)} not found in store {store.uri}") from None
+    except (ValueError, TypeError):
+        raise UnlearnError(f"run {quote(run)}: {store.uri}/{head_key(run)} is not a valid pointer") from None
+    try:
+        return mkey, store.get(mkey)
+    except KeyError:
+        raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
+
+
+def run_method(store: Store, run: str) -> str:
+    """Which method ("sisa" or "erase") made the run."""
+    check_run_name(run)
+    mkey, data = read_manifest_json(store, run)
+    try:
+        return json.loads(data).get("method", "sisa")
+    except (ValueError, AttributeError):
+        raise UnlearnError(f"{store.uri}/{mkey}: unreadable manifest") from None
+
+
+class StoredRun:
+    """Base of SisaRun and EraseRun: `manifest` has `.run` and `.dumps()`, and
+    `.referenced_keys()`; MANAGED names the sub-prefixes garbage collection owns."""
+
+    MANAGED: tuple[str, ...] = ("manifests/",)
+
+    def __init__(self, store: Store, manifest):
+        self.store = store
+        self.manifest = manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.run
+
+    @staticmethod
+    def _head(run: str) -> str:
+        return head_key(run)
+
+    @classmethod
+    def exists(cls, store: Store, run: str) -> bool:
+        check_run_name(run)
+        return store.exists(head_key(run))
+
+    @classmethod
+    def drop(cls, store: Store, run: str) -> int:
+        """Purge every object (and version) of a run, HEAD last, so an interrupted drop
+        can simply be re-run."""
+        check_run_name(run)
+        with RunLock(store, run, "drop"):
+            keys = [k for k in store.list_all(f"{run}/") if k not in (head_key(run), lock_key(run))]
+            for key in keys:
+                store.delete(key)
+            store.delete(head_key(run))
+        return len(keys) + 1
+
+    def _manifest_key(self, manifest) -> str:
+        return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
+
+    def _commit(self, manifest) -> int:
+        """Write the manifest, point HEAD at it (the commit), then purge everything the
+        new manifest does not reference. A failed purge does not undo the commit: it is
+        reported, and the next mutating command finishes it."""
+        mkey = self._manifest_key(manifest)
+        self.store.put(mkey, manifest.dumps())
+        self.store.put(head_key(self.name), json.dumps({"manifest": mkey}).encode())
+        self.manifest = manifest
+        try:
+            self.store.prune_versions(head_key(self.name))
+            return self._collect_garbage()
+        except Exception as exc:
+            print(f"unlearn: warning: committed, but the purge of superseded objects failed ({exc}); "
+                  f"the next delete or drop finishes it", file=sys.stderr)
+            return 0
+
+    def _collect_garbage(self) -> int:
+        """Purge every object (and object version) under the managed prefixes that the
+        current manifest does not reference. Call only while holding the run lock."""
+        keep = self.manifest.referenced_keys() | {self._manifest_key(self.manifest)}
+        purged = 0
+        for sub in self.MANAGED:
+            for key in self.store.list_all(f"{self.name}/{sub}"):
+                if key not in keep:
+                    self.store.delete(key)
+                    purged += 1
+        return purged
+
+    def _purge_uncommitted(self) -> None:
+        for key in self.store.list_all(f"{self.name}/"):
+            if key != lock_key(self.name):
+                self.store.delete(key)
