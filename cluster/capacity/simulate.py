@@ -1,0 +1,224 @@
+"""A discrete-event simulation of a deletion-request stream through one configuration.
+
+Pure code (numpy; no Ray, torch or I/O). It follows the coordinator's rules
+(`cluster/coordinator.py`): one batch at a time; a batch starts once its oldest
+pending request has waited `window_s` and the previous batch is done, and takes every
+request pending at that moment. Inside a batch, SISA retrains each touched shard once,
+from the earliest slice any of its requests hit, on `workers` parallel workers; ERASE
+certifies every request and re-clusters each partition whose certificate failed; full
+retraining trains one model on all records.
+
+The events are batches, not requests: runs of requests that arrive to an idle pipeline
+and finish before the next one arrives are settled in one vectorised step, so a year of
+requests through a grid of configurations takes seconds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .costs import Config, Profile, full_training_s, makespan, query_s, sisa_jobs
+from .workload import DAY, Workload
+
+BUSY_LIMIT = 0.99  # a pipeline busier than this in the second half never catches up
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per batch (in order) and per request: what happened."""
+    batch_size: np.ndarray
+    batch_start_s: np.ndarray
+    batch_end_s: np.ndarray
+    batch_jobs: np.ndarray  # shards (or partitions) retrained
+    batch_fraction: np.ndarray  # retraining work, fraction of one full training
+    batch_compute_s: np.ndarray  # worker-seconds
+    time_to_forget_s: np.ndarray  # per request: its batch's end minus its arrival
+
+
+@dataclass(frozen=True)
+class Result:
+    config: Config
+    requests: int
+    records: int
+    horizon_s: float
+    trace: Trace
+    query_s: float  # I: compute seconds of one query
+
+    @property
+    def batches(self) -> int:
+        return len(self.trace.batch_size)
+
+    @property
+    def mean_retrain_fraction(self) -> float:
+        """Retraining work per request, as a fraction of one full training."""
+        return float(self.trace.batch_fraction.sum() / self.requests) if self.requests else 0.0
+
+    @property
+    def compute_s_per_deletion(self) -> float:
+        """U: worker-seconds per request, fixed costs included."""
+        return float(self.trace.batch_compute_s.sum() / self.requests) if self.requests else 0.0
+
+    @property
+    def compute_hours_per_day(self) -> float:
+        return float(self.trace.batch_compute_s.sum() / 3600.0 / (self.horizon_s / DAY))
+
+    def percentile_s(self, q: float) -> float:
+        return float(np.percentile(self.trace.time_to_forget_s, q)) if self.requests else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the second half of the horizon during which a batch was applying."""
+        lo, hi = self.horizon_s / 2, self.horizon_s
+        t = self.trace
+        busy = np.clip(np.minimum(t.batch_end_s, hi) - np.maximum(t.batch_start_s, lo), 0, None).sum()
+        return float(busy / (hi - lo))
+
+    @property
+    def stable(self) -> bool:
+        """The pipeline catches up: it is idle at times. A saturated one keeps up only by
+        ever larger batches that retrain whole shards back to back."""
+        return self.busy_fraction < BUSY_LIMIT
+
+
+class _Model:
+    """Cost of a batch of requests lo..hi-1 when the data has shrunk by `factor`:
+    (duration s, worker-seconds, retrain fraction, jobs)."""
+
+    def batch(self, lo: int, hi: int, factor: float) -> tuple[float, float, float, int]:
+        raise NotImplementedError
+
+    def single(self, factor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        out = np.array([self.batch(i, i + 1, f) for i, f in enumerate(factor)], dtype=float).reshape(-1, 4)
+        return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+
+
+def _hits_by_request(hit_request: np.ndarray, n: int) -> np.ndarray:
+    return np.searchsorted(hit_request, np.arange(n + 1), side="left")
+
+
+class _Sisa(_Model):
+    def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
+        S, R = config.shards, config.slices
+        rec = workload.recorded
+        # a calibrated run's real shard sizes, when replaying that very run
+        layout = profile.layout if profile.layout_shape == (S, R) and profile.layout_records == records else None
+        if rec is not None and (rec.shards, rec.slices) == (S, R):
+            hit_request, shard, stage = rec.hit_request, rec.shard, rec.stage
+        else:
+            hit_request = workload.hit_request
+            shard = (workload.shard_key % np.uint64(S)).astype(np.int64)
+            stage = (workload.slice_key % np.uint64(R)).astype(np.int64)
+        self.jobs = sisa_jobs(profile, S, R, records, layout)
+        self.bounds = _hits_by_request(hit_request, workload.requests)
+        self.shard, self.stage = shard, stage
+        self.shard_l, self.stage_l = shard.tolist(), stage.tolist()
+        self.per_shard = self.jobs.fraction.shape[0] > 1
+        self.batch_fixed = profile.batch_fixed_s
+        self.workers = config.workers
+        self.one_hit = bool(np.all(np.diff(self.bounds) == 1))
+
+    def _job(self, shard, stage, factor):
+        row = shard if self.per_shard else 0 * shard
+        j = self.jobs
+        return j.fixed_s[stage] + j.train_s[row, stage] * factor, j.fraction[row, stage]
+
+    def single(self, factor):
+        if not self.one_hit:
+            return super().single(factor)
+        secs, frac = self._job(self.shard, self.stage, factor)
+        return self.batch_fixed + secs, self.batch_fixed + secs, frac, np.ones(len(factor))
+
+    def batch(self, lo, hi, factor):
+        first: dict[int, int] = {}
+        for h in range(self.bounds[lo], self.bounds[hi]):
+            k, r = self.shard_l[h], self.stage_l[h]
+            if r < first.get(k, r + 1):
+                first[k] = r
+        if not first:
+            return self.batch_fixed, self.batch_fixed, 0.0, 0
+        secs, frac = self._job(np.fromiter(first.keys(), np.int64), np.fromiter(first.values(), np.int64), factor)
+        return (self.batch_fixed + makespan(secs, self.workers), self.batch_fixed + float(secs.sum()),
+                float(frac.sum()), len(first))
+
+
+class _Erase(_Model):
+    def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
+        P = config.partitions
+        self.fallback = workload.fallback_u < profile.erase_fallback_p
+        self.partition = (workload.shard_key % np.uint64(P)).astype(np.int64).tolist()
+        self.bounds = _hits_by_request(workload.hit_request, workload.requests)
+        self.hit_request = workload.hit_request.tolist()
+        self.fixed = profile.erase_batch_fixed_s
+        self.cert = profile.erase_certificate_s
+        self.recluster_s = profile.erase_recluster_s_per_record * records / P
+        self.partitions, self.workers = P, config.workers
+
+    def batch(self, lo, hi, factor):
+        parts = {self.partition[h] for h in range(self.bounds[lo], self.bounds[hi])
+                 if self.fallback[self.hit_request[h]]}
+        secs = np.full(len(parts), self.recluster_s * factor)
+        base = self.fixed + (hi - lo) * self.cert
+        return base + makespan(secs, self.workers), base + float(secs.sum()), len(parts) / self.partitions, len(parts)
+
+
+class _Full(_Model):
+    def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
+        self.profile, self.records = profile, records
+
+    def batch(self, lo, hi, factor):
+        s = full_training_s(self.profile, self.records * factor)
+        return s, s, 1.0, 1
+
+    def single(self, factor):
+        s = np.array([full_training_s(self.profile, self.records * f) for f in factor])
+        return s, s, np.ones(len(factor)), np.ones(len(factor))
+
+
+MODELS = {"sisa": _Sisa, "erase": _Erase, "full": _Full}
+
+
+def shrink_factors(workload: Workload, records: int) -> np.ndarray:
+    """Records left when each request's batch could start, relative to the start: work
+    scales with the data that is still there."""
+    before = np.concatenate([[0], np.cumsum(workload.records)[:-1]])
+    return np.maximum(records - before, 1) / records
+
+
+def simulate(workload: Workload, config: Config, profile: Profile, records: int) -> Result:
+    a = workload.arrival_s
+    n = len(a)
+    W = config.window_s
+    model = MODELS[config.method](workload, config, profile, records)
+    factor = shrink_factors(workload, records)
+    dur, comp, frac, jobs = model.single(factor) if n else (np.zeros(0),) * 4
+    # a request is settled alone when it finds the pipeline idle and finishes before the next arrives
+    alone = np.ones(n, dtype=bool)
+    alone[:-1] = a[1:] > a[:-1] + W + dur[:-1]
+    not_alone = np.flatnonzero(~alone)
+    parts: list[tuple] = []
+    end_of = np.empty(n)
+    i, t_free = 0, -math.inf
+    while i < n:
+        if a[i] >= t_free and alone[i]:
+            k = int(not_alone[np.searchsorted(not_alone, i)]) if np.searchsorted(not_alone, i) < len(not_alone) else n
+            start = a[i:k] + W
+            end = start + dur[i:k]
+            parts.append((np.ones(k - i), start, end, jobs[i:k], frac[i:k], comp[i:k]))
+            end_of[i:k] = end
+            t_free, i = float(end[-1]), k
+            continue
+        start = max(t_free, a[i] + W)
+        j = int(np.searchsorted(a, start, side="right"))
+        d, c, f, m = (dur[i], comp[i], frac[i], jobs[i]) if j == i + 1 else model.batch(i, j, float(factor[i]))
+        parts.append(([j - i], [start], [start + d], [m], [f], [c]))
+        end_of[i:j] = start + d
+        t_free, i = start + d, j
+    cols = [np.concatenate([np.asarray(p[c], dtype=float) for p in parts]) if parts else np.zeros(0)
+            for c in range(6)]
+    trace = Trace(batch_size=cols[0].astype(np.int64), batch_start_s=cols[1], batch_end_s=cols[2],
+                  batch_jobs=cols[3].astype(np.int64), batch_fraction=cols[4], batch_compute_s=cols[5],
+                  time_to_forget_s=end_of - a)
+    return Result(config=config, requests=n, records=records, horizon_s=workload.horizon_s, trace=trace,
+                  query_s=query_s(profile, config))

@@ -1,0 +1,268 @@
+"""Deletion-request streams: Poisson at a rate, daily peaks, campaign spikes, or the
+replay of a request log exported by the coordinator (`unlearn requests --json`).
+
+Pure code. Every random choice is a keyed hash of (seed, purpose, request id), the
+request id being its position in a generated stream or its id in a replayed log, so
+one stream is identical for every configuration it is run through: differences
+between configurations are never sampling noise.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from sisa.errors import UnlearnError
+from sisa.keys import keyed_hash, keyed_uniform
+
+DAY = 86400.0
+UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "d": DAY, "day": DAY,
+         "w": 7 * DAY, "week": 7 * DAY}
+
+
+@dataclass(frozen=True)
+class Spike:
+    start_s: float
+    duration_s: float
+    factor: float  # the rate is multiplied by this inside [start, start + duration)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Shape of the arrival rate around its mean: a daily cosine (peak at `peak_s`
+    seconds after midnight, rate x (1 + amplitude) at the peak) and spikes."""
+    daily_amplitude: float = 0.0
+    peak_s: float = 14 * 3600.0
+    spikes: tuple[Spike, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Where a replayed log's requests really retrained, valid for a run of `shards` x
+    `slices`: one hit per (request, shard), with the first stage redone there. A request
+    whose records were all deleted before has no hit."""
+    shards: int
+    slices: int
+    hit_request: np.ndarray
+    shard: np.ndarray
+    stage: np.ndarray
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests sorted by arrival. A request deletes `records[i]` records through one or
+    more hits (one per shard it touches); generated requests are single data owners,
+    one hit each. `shard_key` and `slice_key` are keyed hashes per hit from which a
+    configuration takes shard (or ERASE partition) and slice by modulo; `fallback_u`
+    decides whether an ERASE certificate fails."""
+    arrival_s: np.ndarray
+    records: np.ndarray
+    hit_request: np.ndarray  # request index of each hit, non-decreasing
+    shard_key: np.ndarray
+    slice_key: np.ndarray
+    fallback_u: np.ndarray
+    horizon_s: float
+    description: str
+    recorded: Recorded | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def requests(self) -> int:
+        return len(self.arrival_s)
+
+
+# -- parsing (one line naming the option and the value on bad input) -----------------------
+def _number(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UnlearnError(f"{option} {text!r}: not a number") from None
+    if not math.isfinite(value):
+        raise UnlearnError(f"{option} {text!r}: not a finite number")
+    return value
+
+
+def parse_duration(text: str, option: str = "duration") -> float:
+    """`0`, `90s`, `5min`, `1h`, `30d`, `2w`, or a bare number of seconds."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-z]*)\s*", text)
+    if not m or (m.group(2) and m.group(2) not in UNITS):
+        raise UnlearnError(f"{option} {text!r}: not a duration (like 0, 90s, 5min, 1h, 30d, 2w)")
+    value = _number(m.group(1), option) * UNITS.get(m.group(2), 1.0)
+    if value < 0:
+        raise UnlearnError(f"{option} {text!r}: must not be negative")
+    return value
+
+
+def parse_rate(text: str, option: str = "rate") -> float:
+    """`500/day`, `2/h`, `0.1/s`, `3/min`, `10/week`: events per second."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*/\s*([a-z]+)\s*", text)
+    if not m or m.group(2) not in UNITS:
+        raise UnlearnError(f"{option} {text!r}: not a rate (like 500/day, 2/h, 0.1/s)")
+    value = _number(m.group(1), option) / UNITS[m.group(2)]
+    if value < 0:
+        raise UnlearnError(f"{option} {text!r}: must not be negative")
+    return value
+
+
+def parse_count(text: str, option: str = "count", minimum: int = 1) -> int:
+    """`1e6`, `1000`: a whole number >= minimum."""
+    value = _number(text, option)
+    if value != int(value):
+        raise UnlearnError(f"{option} {text!r}: not a whole number")
+    if value < minimum:
+        raise UnlearnError(f"{option} {text!r}: must be >= {minimum}")
+    return int(value)
+
+
+def parse_list(text: str, option: str, parse) -> list:
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UnlearnError(f"{option} {text!r}: empty item in the list")
+    return [parse(t, option) for t in items]
+
+
+def parse_pattern(text: str, option: str = "--pattern") -> Pattern:
+    """`poisson`, `daily:A[@HH]` (daily cosine, peak rate x (1+A) at hour HH, default 14),
+    `spike:AT,FOR,X` (rate x X from AT for FOR); combine with `+`."""
+    amplitude, peak, spikes = 0.0, 14 * 3600.0, []
+    for part in text.split("+"):
+        part = part.strip()
+        kind, _, arg = part.partition(":")
+        if kind == "poisson" and not arg:
+            continue
+        if kind == "daily" and arg:
+            a, _, hour = arg.partition("@")
+            amplitude = _number(a, option)
+            if not 0 <= amplitude <= 1:
+                raise UnlearnError(f"{option} {part!r}: the daily amplitude must be in [0, 1]")
+            if hour:
+                peak = _number(hour, option) * 3600.0
+                if not 0 <= peak < DAY:
+                    raise UnlearnError(f"{option} {part!r}: the peak hour must be in [0, 24)")
+            continue
+        if kind == "spike" and arg.count(",") == 2:
+            at, length, factor = arg.split(",")
+            f = _number(factor, option)
+            if f < 0:
+                raise UnlearnError(f"{option} {part!r}: the spike factor must be >= 0")
+            spikes.append(Spike(parse_duration(at, option), parse_duration(length, option), f))
+            continue
+        raise UnlearnError(f"{option} {part!r}: not a pattern (poisson, daily:A[@HOUR], spike:AT,FOR,FACTOR; "
+                           f"join with +)")
+    return Pattern(amplitude, peak, tuple(spikes))
+
+
+# -- generation -------------------------------------------------------------------------------
+def cumulative_intensity(rate_per_s: float, pattern: Pattern, horizon_s: float,
+                         step_s: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
+    """(times, expected arrivals by each time) on a grid, integrating the rate exactly
+    for the cosine and by grid cell for spikes (whose edges are rounded to the grid)."""
+    t = np.linspace(0.0, horizon_s, max(2, int(math.ceil(horizon_s / step_s)) + 1))
+    w = 2 * math.pi / DAY
+    base = t + pattern.daily_amplitude / w * (np.sin(w * (t - pattern.peak_s)) - math.sin(-w * pattern.peak_s))
+    rate = np.ones(len(t) - 1)
+    for sp in pattern.spikes:
+        mid = (t[:-1] + t[1:]) / 2
+        rate = np.where((mid >= sp.start_s) & (mid < sp.start_s + sp.duration_s), rate * sp.factor, rate)
+    cum = np.concatenate([[0.0], np.cumsum(np.diff(base) * rate)])
+    return t, rate_per_s * cum
+
+
+def request_keys(request_ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    shard = np.array([keyed_hash(seed, "plan-shard", r) for r in request_ids], dtype=np.uint64)
+    slice_ = np.array([keyed_hash(seed, "plan-slice", r) for r in request_ids], dtype=np.uint64)
+    fallback = np.array([keyed_uniform(seed, "plan-fallback", r) for r in request_ids], dtype=float)
+    return shard, slice_, fallback
+
+
+def generate(rate_per_s: float, horizon_s: float, pattern: Pattern = Pattern(), seed: int = 0,
+             description: str = "") -> Workload:
+    """Arrivals of a Poisson process with the pattern's time-varying rate, by time
+    rescaling: unit-rate points in expected-arrival space, mapped back through the
+    inverse cumulative intensity. Point i's gap is a keyed Exp(1) of request i."""
+    if horizon_s <= 0:
+        raise UnlearnError(f"--horizon {horizon_s:g} s: must be > 0")
+    t, cum = cumulative_intensity(rate_per_s, pattern, horizon_s)
+    total = cum[-1]
+    points: list[float] = []
+    s, i = 0.0, 0
+    while True:
+        s += -math.log(keyed_uniform(seed, "plan-arrival", i))
+        if s >= total:
+            break
+        points.append(s)
+        i += 1
+    arrival = np.interp(np.array(points), cum, t) if points else np.zeros(0)
+    ids = [f"req{i}" for i in range(len(points))]
+    shard, slice_, fallback = request_keys(ids, seed)
+    n = len(ids)
+    return Workload(arrival_s=arrival, records=np.ones(n, dtype=np.int64), hit_request=np.arange(n),
+                    shard_key=shard, slice_key=slice_, fallback_u=fallback, horizon_s=horizon_s,
+                    description=description)
+
+
+def _epoch_s(text: str, where: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except (TypeError, ValueError):
+        raise UnlearnError(f"{where}: 'accepted' is not an ISO time: {text!r}") from None
+
+
+def from_log(log: dict, seed: int = 0, shape: tuple[int, int] | None = None, where: str = "request log") -> Workload:
+    """A workload from `unlearn requests --json`: arrival at each request's accepted time
+    (relative to the first), records deleted as in its receipt. With `shape` (the run's
+    shards x slices) and a receipt for every request, configurations of that shape
+    replay the shards and first stages really retrained; other configurations place each
+    request by keyed hash of its id. Failed requests deleted nothing and are left out."""
+    entries = log.get("requests") if isinstance(log, dict) else None
+    if not isinstance(entries, list):
+        raise UnlearnError(f"{where}: expected {{\"requests\": [...]}} as written by `unlearn requests --json`")
+    rows, notes = [], []
+    for n, e in enumerate(entries):
+        if not isinstance(e, dict) or "request_id" not in e or "accepted" not in e:
+            raise UnlearnError(f"{where}: request {n} lacks 'request_id' or 'accepted'")
+        if e.get("status") != "failed":
+            rows.append(e)
+    if not rows:
+        raise UnlearnError(f"{where}: no requests to replay")
+    if len(rows) < len(entries):
+        notes.append(f"{len(entries) - len(rows)} failed requests left out")
+    times = {e["request_id"]: _epoch_s(e["accepted"], f"{where}: request {e['request_id']!r}") for e in rows}
+    rows.sort(key=lambda e: (times[e["request_id"]], e["request_id"]))
+    t0 = times[rows[0]["request_id"]]
+    arrival = np.array([times[e["request_id"]] - t0 for e in rows])
+    records = np.array([max(1, int(e.get("records_deleted") or 0) or sum((e.get("requested") or {}).values()))
+                        for e in rows], dtype=np.int64)
+    recorded = None
+    if shape is not None:
+        if all(e.get("status") == "done" for e in rows):
+            recorded = _recorded(rows, shape, where)
+        else:
+            notes.append("some requests have no receipt yet: every request is placed by keyed hash")
+    ids = [e["request_id"] for e in rows]
+    shard, slice_, fallback = request_keys(ids, seed)
+    span = float(arrival[-1]) if arrival[-1] > 0 else 1.0
+    return Workload(arrival_s=arrival, records=records, hit_request=np.arange(len(rows)), shard_key=shard,
+                    slice_key=slice_, fallback_u=fallback, horizon_s=span,
+                    description=f"replay of {len(rows)} requests ({where})", recorded=recorded, notes=tuple(notes))
+
+
+def _recorded(rows: list[dict], shape: tuple[int, int], where: str) -> Recorded:
+    hit_request, shard, stage = [], [], []
+    for i, e in enumerate(rows):
+        redone = e.get("stages_redone") or {}
+        for k in e.get("shards") or []:
+            stages = redone.get(str(k)) or []
+            if not stages:
+                raise UnlearnError(f"{where}: request {e['request_id']!r} names shard {k} but no stages redone")
+            if not (0 <= k < shape[0] and 0 <= min(stages) < shape[1]):
+                raise UnlearnError(f"{where}: request {e['request_id']!r} retrained shard {k} from stage "
+                                   f"{min(stages)}, outside {shape[0]} shards x {shape[1]} slices")
+            hit_request.append(i)
+            shard.append(k)
+            stage.append(min(stages))
+    return Recorded(shape[0], shape[1], np.array(hit_request, dtype=np.int64), np.array(shard, dtype=np.int64),
+                    np.array(stage, dtype=np.int64))
