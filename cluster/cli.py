@@ -45,14 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     from sisa.models import PRESETS
 
     parser = argparse.ArgumentParser(
-        prog="unlearn", description="Exact machine unlearning of fine-tuning data (SISA over LoRA shards).",
+        prog="unlearn", description="Exact machine unlearning of fine-tuning data: SISA (LoRA shard models) "
+                                    "or ERASE (in-context examples chosen by quantized k-means).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a SISA run: S shards of R cumulative slices, one LoRA model per shard",
-                       description="Train S LoRA shard models, each in R cumulative stages with a checkpoint after every stage.")
+    p = sub.add_parser("train", help="train a run: SISA (S shards x R slices of LoRA models) or ERASE (k in-context examples)",
+                       description="SISA (default): train S LoRA shard models, each in R cumulative stages with a "
+                                   "checkpoint after every stage. ERASE (--method erase): embed every record, choose "
+                                   "k examples by quantized k-means for the prompt of a frozen language model.")
     _common(p, ray=True)
     p.add_argument("--data", required=True, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
+    p.add_argument("--method", choices=("sisa", "erase"), default="sisa", help="unlearning method (default sisa)")
     p.add_argument("--shards", type=int, default=4, help="number of shards S (default 4)")
     p.add_argument("--slices", type=int, default=4, help="slices per shard R (default 4)")
     p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
@@ -64,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    e = p.add_argument_group("ERASE options (--method erase)")
+    e.add_argument("--shots", type=int, default=8, help="k: examples in the prompt, one per cluster (default 8)")
+    e.add_argument("--partitions", type=int, default=1,
+                   help="P: divide-and-conquer partitions, one Ray actor each (default 1)")
+    e.add_argument("--eps", type=float, default=0.05, help="quantisation grid step of the centroids (default 0.05)")
+    e.add_argument("--gamma", type=float, default=0.2, help="balance parameter of quantized k-means (default 0.2)")
+    e.add_argument("--iters", type=int, default=10, help="Lloyd iterations T (default 10)")
+    e.add_argument("--no-per-label", dest="per_label", action="store_false",
+                   help="cluster all records together (default: each label apart, so every label is in the prompt)")
+    e.add_argument("--embedder", default="minilm", help="encoder for the embeddings: minilm (default), tiny, or a folder")
+    e.add_argument("--lm", default="smollm2-135m",
+                   help="frozen causal language model for predictions: smollm2-135m (default) or a folder")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where shard models train and answer (default cpu). Part of the run's configuration: "
                         "GPU and CPU kernels round differently, so a deletion is exact against the same device")
@@ -164,6 +180,167 @@ def _status_text(st: dict) -> str:
     return "\n".join(lines)
 
 
+def _delete(args, store, run, progress: bool) -> dict:
+    """Through the run's coordinator (a named Ray actor, or in this process): logged
+    durably, acknowledged, applied, receipted. Returns the receipt."""
+    ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
+    owners = (_split(args.owners, "owners") if args.owners
+              else _read_lines_file(args.owners_file) if args.owners_file else [])
+    targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
+    if args.runtime == "ray":
+        from cluster.runtime import coordinator_actor, ray_get, wait_request
+
+        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus)
+        request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
+        print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr)
+        req = wait_request(handle, request_id)
+    else:
+        from cluster.coordinator import Coordinator
+
+        coordinator = Coordinator(store, args.run, run_factory=lambda: run)
+        request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
+        coordinator.apply_due(progress=progress)
+        req = coordinator.get(request_id).to_json()
+    if req["status"] != "done":
+        raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
+    for warning in req["warnings"]:
+        print(f"unlearn: warning: {warning}", file=sys.stderr)
+    return {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
+
+
+def _serve(args, store) -> int:
+    if args.runtime != "ray":
+        raise UnlearnError("serve needs the Ray runtime (--runtime ray)")
+    import signal
+    import time
+
+    from cluster.serving import start_serving
+
+    url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus)
+    print(f"unlearn: serving run {args.run} at {url} (POST /predict, POST /delete, GET /requests/<id>); "
+          f"Ctrl-C stops", file=sys.stderr, flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+def _requests(args, store) -> int:
+    from cluster.coordinator import Coordinator
+
+    log = [r.to_json() for r in Coordinator(store, args.run).log()]
+    lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
+             + (f"shards {r['shards']}  {r['records_deleted']} records" if r["status"] == "done"
+                else (r["reason"] or "")) for r in log] or [f"run {args.run}: no deletion requests"]
+    _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
+    return 0
+
+
+def train_erase(args, store, progress: bool) -> int:
+    from erase.config import EraseConfig
+    from erase.run import EraseRun, with_labels
+    from sisa.records import load_records, quote
+
+    config = EraseConfig(shots=args.shots, partitions=args.partitions, eps=args.eps, gamma=args.gamma,
+                         iters=args.iters, seed=args.seed, per_label=args.per_label, embedder=args.embedder,
+                         lm=args.lm, labels=tuple(_split(args.labels, "labels")) if args.labels else ())
+    store.check()
+    if EraseRun.exists(store, args.run):
+        raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
+    records = load_records(args.data)
+    config = with_labels(config, records)
+    pool = _erase_pool(args, store, config)
+    run = EraseRun.train(store, args.run, records, config, progress=progress, pool=pool)
+    st = run.status()
+    _emit(args, st, _erase_status_text(st) + f"\ntrained in {st['stats']['train_seconds']:.1f} s")
+    return 0
+
+
+def _erase_pool(args, store, config):
+    """ERASE partitions in Ray actors (one per partition), or None: in this process."""
+    if args.runtime != "ray":
+        return None
+    from cluster.runtime import erase_pool, init_ray
+
+    init_ray(args.address)
+    return erase_pool(store, args.run, config, args.actor_cpus)
+
+
+def _erase_status_text(st: dict) -> str:
+    c = st["config"]
+    lines = [f"run {st['run']} (erase, version {st['version']}) in {st['store']}: {st['records']} records, "
+             f"{c['shots']} shots, {c['partitions']} partitions, embedder {c['embedder']}, lm {c['lm']}",
+             f"  digest {st['digest'][:16]}  deletions {st['stats'].get('deletions', 0)}: certified "
+             f"{st['stats'].get('certified', 0)}, partition re-fits {st['stats'].get('partition_refits', 0)}, "
+             f"root re-fits {st['stats'].get('root_refits', 0)}",
+             "  prompt examples: " + " ".join(st["selected_ids"])]
+    return "\n".join(lines)
+
+
+def erase_command(args, store, progress: bool) -> int:
+    from erase.run import EraseRun
+    from sisa.records import load_records, load_texts
+
+    run = EraseRun.open(store, args.run)
+    if hasattr(args, "runtime"):
+        run.pool = _erase_pool(args, store, run.config) if args.command in ("delete", "verify") else None
+    if args.command == "delete":
+        receipt = _delete(args, store, run, progress)
+        d = receipt["details"]
+        text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.3f} s "
+                f"(clustering {d.get('cluster_seconds', 0):.4f} s): partitions {receipt['shards'] or 'none'}; "
+                f"certificate held for {d.get('certified', 0)}, re-clustered {d.get('reclustered_partitions', [])}"
+                f"{', root re-fit' if d.get('root_refit') else ''}; selection "
+                f"{'CHANGED' if d.get('selection_changed') else 'unchanged'}; purged {receipt['purged_objects']} objects")
+        if d.get("selection_changed"):
+            text += "\nprompt examples now: " + " ".join(d.get("selected_ids", []))
+        if receipt["already_deleted"]:
+            text += f"; already deleted before: {receipt['already_deleted']}"
+        _emit(args, receipt, text)
+        return 0
+    if args.command == "verify":
+        report = run.verify(progress=progress)
+        text = (f"exact: a fresh clustering of the {report['records']} retained records gives the same state "
+                f"(digest {report['digest'][:16]}) and the same {len(report['selected_ids'])} examples"
+                if report["exact"] else "NOT EXACT: " + "; ".join(report["problems"]))
+        _emit(args, report, text)
+        return 0 if report["exact"] else 3
+    if args.command == "status":
+        st = run.status()
+        _emit(args, st, _erase_status_text(st))
+        return 0
+    if args.command == "predict":
+        texts = load_texts(args.input)
+        if args.runtime == "ray":  # through the coordinator: examples being deleted never answer
+            from cluster.runtime import coordinator_actor, ray_get
+
+            handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
+            out = ray_get(handle.predict.remote(texts, "vote", args.wait))
+        else:
+            out = run.predict(texts)
+        lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
+                 for p in out["predictions"]]
+        _emit(args, out, "\n".join(lines))
+        return 0
+    if args.command == "eval":
+        out = run.evaluate(load_records(args.data))
+        _emit(args, out, f"accuracy (erase, {out['shots']}-shot, {out['records']} records): {out['accuracy']:.4f}; "
+                         f"{out['seconds_per_query'] * 1000:.1f} ms per query")
+        return 0
+    if args.command == "serve":
+        return _serve(args, store)
+    if args.command == "requests":
+        return _requests(args, store)
+    raise AssertionError(args.command)
+
+
 def run_command(args) -> int:
     from sisa.records import load_records, load_texts, quote
     from cluster.runtime import make_executor
@@ -172,6 +349,8 @@ def run_command(args) -> int:
 
     progress = not args.quiet
     store = open_store(args.store)
+    if args.command == "train" and args.method == "erase":
+        return train_erase(args, store, progress)
     if args.command == "train":
         from sisa.config import SisaConfig
 
@@ -207,32 +386,16 @@ def run_command(args) -> int:
         _emit(args, {"run": args.run, "unlocked": removed},
               f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
         return 0
+    from sisa.stored_run import run_method
+
+    if run_method(store, args.run) == "erase":
+        return erase_command(args, store, progress)
     run = SisaRun.open(store, args.run)
     if hasattr(args, "runtime"):
         run.executor = make_executor(args.runtime, store, args.run, run.config, progress, args.address,
                                      args.actor_cpus, args.actor_gpus)
     if args.command == "delete":
-        ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
-        owners = (_split(args.owners, "owners") if args.owners
-                  else _read_lines_file(args.owners_file) if args.owners_file else [])
-        targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
-        if args.runtime == "ray":
-            from cluster.runtime import coordinator_actor, ray_get, wait_request
-
-            handle = coordinator_actor(store, args.run, args.window, args.actor_cpus)
-            request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
-            print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr)
-            req = wait_request(handle, request_id)
-        else:
-            from cluster.coordinator import Coordinator
-
-            coordinator = Coordinator(store, args.run, executor_factory=lambda _run: run.executor)
-            request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
-            coordinator.apply_due(progress=progress)
-            req = coordinator.get(request_id).to_json()
-        if req["status"] != "done":
-            raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
-        receipt = {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
+        receipt = _delete(args, store, run, progress)
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
                 f"retrained shards {receipt['shards'] or 'none'}"
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
@@ -240,8 +403,6 @@ def run_command(args) -> int:
                 f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
         if receipt["already_deleted"]:
             text += f"; already deleted before: {receipt['already_deleted']}"
-        for warning in receipt["warnings"]:
-            print(f"unlearn: warning: {warning}", file=sys.stderr)
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
@@ -253,36 +414,9 @@ def run_command(args) -> int:
         _emit(args, report, "\n".join(lines))
         return 0 if report["exact"] else 3
     if args.command == "serve":
-        if args.runtime != "ray":
-            raise UnlearnError("serve needs the Ray runtime (--runtime ray)")
-        import signal
-        import time
-
-        from cluster.serving import start_serving
-
-        url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus)
-        print(f"unlearn: serving run {args.run} at {url} (POST /predict, POST /delete, GET /requests/<id>); "
-              f"Ctrl-C stops", file=sys.stderr, flush=True)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-        try:
-            while not stop:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        from ray import serve
-
-        serve.shutdown()
-        return 0
+        return _serve(args, store)
     if args.command == "requests":
-        from cluster.coordinator import Coordinator
-
-        log = [r.to_json() for r in Coordinator(store, args.run).log()]
-        lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
-                 + (f"shards {r['shards']}  {r['records_deleted']} records" if r["status"] == "done"
-                    else (r["reason"] or "")) for r in log] or [f"run {args.run}: no deletion requests"]
-        _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
-        return 0
+        return _requests(args, store)
     if args.command == "status":
         st = run.status()
         _emit(args, st, _status_text(st))

@@ -26,10 +26,10 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from sisa.errors import UnlearnError
-from sisa.plan import plan_deletion
 from sisa.records import quote
-from sisa.run import SisaRun
 from sisa.store import Store
+
+from .methods import open_run
 
 STATUSES = ("pending", "applying", "done", "failed")
 
@@ -50,7 +50,7 @@ class DeletionRequest:
     batch: list[str] = field(default_factory=list)  # request ids applied together
     records_deleted: int = 0
     already_deleted: int = 0
-    shards: list[int] = field(default_factory=list)
+    shards: list[int] = field(default_factory=list)  # SISA shards, or ERASE partitions, holding its records
     stages_redone: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
     version: int | None = None
@@ -60,6 +60,7 @@ class DeletionRequest:
     completed: str | None = None
     seconds: float | None = None
     reason: str | None = None
+    details: dict = field(default_factory=dict)  # method-specific receipt (ERASE: certificate, new selection)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,18 +78,21 @@ def batch_due(accepted_times: list[float], now: float, window_s: float) -> bool:
 class Coordinator:
     """Owns one run's request log; `apply_due` does the work. Thread-safe."""
 
-    def __init__(self, store: Store, run: str, executor_factory: Callable[[SisaRun], object] | None = None,
+    def __init__(self, store: Store, run: str, run_factory: Callable[[], object] | None = None,
                  window_s: float = 0.0):
+        """`run_factory()` returns the run object to apply deletions with (a SisaRun with
+        its executor, an EraseRun with its partition pool); default: in this process."""
         self.store = store
         self.run = run
         self.window_s = window_s
-        self.executor_factory = executor_factory
+        self.run_factory = run_factory or (lambda: open_run(store, run))
         self._lock = threading.RLock()  # guards the pending set
         self._apply_lock = threading.Lock()  # one batch at a time
         self._accepted_at: dict[str, float] = {}
-        self._quarantine: dict[int, set[str]] = {}  # shard -> acknowledged requests not yet applied
+        # what may not answer predictions (SISA: shards; ERASE: prompt examples) -> requests not yet applied
+        self._quarantine: dict[object, set[str]] = {}
         self.fault: str | None = None  # tests: exit the process at "after-commit"
-        self.manifest = SisaRun.open(store, run).manifest  # the committed state; this is its only writer
+        self.manifest = open_run(store, run).manifest  # the committed state; this is its only writer
         for req in self.log():  # replay: anything not finished is pending again
             if req.status in ("pending", "applying"):
                 self._accepted_at[req.request_id] = 0.0
@@ -125,7 +129,7 @@ class Coordinator:
         ids, owners = list(ids), list(owners)
         if not ids and not owners:
             raise UnlearnError("a deletion request needs ids or owners")
-        run = SisaRun.open(self.store, self.run)
+        run = open_run(self.store, self.run)
         _targets, _already, unknown = run.resolve(ids, owners)
         if unknown and not ignore_missing:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -143,11 +147,21 @@ class Coordinator:
     # -- quarantine --------------------------------------------------------------------
     def _quarantine_request(self, req: DeletionRequest) -> None:
         """From acknowledgement until its batch commits, no shard holding one of the
-        request's records may answer a prediction."""
-        run = SisaRun(self.store, self.manifest)
+        request's records (SISA), no prompt example among them (ERASE), may answer."""
+        run = self._view()
         targets, _already, _unknown = run.resolve(req.ids, req.owners)
-        for d in plan_deletion(self.manifest.layout(), targets):
-            self._quarantine.setdefault(d.shard, set()).add(req.request_id)
+        for unit in run.quarantine_of(targets):
+            self._quarantine.setdefault(unit, set()).add(req.request_id)
+
+    def _view(self):
+        """A read-only run object over the committed manifest (no store reads)."""
+        if self.manifest.method == "erase":
+            from erase.run import EraseRun
+
+            return EraseRun(self.store, self.manifest)
+        from sisa.run import SisaRun
+
+        return SisaRun(self.store, self.manifest)
 
     def _release(self, batch: list[DeletionRequest]) -> None:
         ids = {r.request_id for r in batch}
@@ -170,6 +184,8 @@ class Coordinator:
         is quarantined and answers from all of them."""
         from sisa.run import format_predictions, stack_probabilities
 
+        if self.manifest.method == "erase":
+            return self._predict_in_context(texts, serve, wait, timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             quarantined, entries = self.serving_view()
@@ -189,6 +205,26 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise UnlearnError(f"run {quote(self.run)}: shards {sorted(quarantined)} still retraining "
                                    f"after {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def _predict_in_context(self, texts: list[str], serve, wait: bool, timeout_s: float) -> dict:
+        """ERASE: `serve(manifest, texts, exclude)` answers with the committed prompt minus
+        the quarantined examples. If an example the answer used is quarantined meanwhile,
+        the answer is dropped and asked again; with wait=True, waits until no example
+        is quarantined."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                quarantined, manifest = set(self._quarantine), self.manifest
+            if not (wait and quarantined):
+                out = serve(manifest, texts, sorted(quarantined))
+                with self._lock:
+                    newly = set(self._quarantine) - quarantined
+                if not newly & set(out["examples"]):
+                    out["quarantined"] = sorted(quarantined)
+                    return out
+            if time.monotonic() > deadline:
+                raise UnlearnError(f"run {quote(self.run)}: examples still being deleted after {timeout_s:.0f} s")
             time.sleep(0.05)
 
     def pending(self) -> list[str]:
@@ -229,14 +265,12 @@ class Coordinator:
 
     def _apply(self, batch: list[DeletionRequest], progress: bool) -> list[DeletionRequest]:
         t0 = time.perf_counter()
-        run = SisaRun.open(self.store, self.run)
-        if self.executor_factory:
-            run.executor = self.executor_factory(run)
-        layout = run.manifest.layout()
+        run = self.run_factory()
+        run.manifest = run.read_head(self.store, self.run)
         per_request = {}
-        for req in batch:  # which shards each request's own records live in, before the batch
+        for req in batch:  # which shards (partitions) each request's own records live in, before the batch
             targets, already, _unknown = run.resolve(req.ids, req.owners)
-            per_request[req.request_id] = (plan_deletion(layout, targets), len(targets), len(already))
+            per_request[req.request_id] = (run.units_of(targets), len(targets), len(already))
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress,
@@ -248,13 +282,17 @@ class Coordinator:
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
         for req in batch:
-            plan, n_targets, n_already = per_request[req.request_id]
+            units, n_targets, n_already = per_request[req.request_id]
             req.status, req.completed, req.seconds = "done", finished, seconds
             req.batch = [r.request_id for r in batch]
             req.records_deleted, req.already_deleted = n_targets, n_already
-            req.shards = [d.shard for d in plan]
-            req.stages_redone = {str(d.shard): receipt.stages_redone.get(str(d.shard), []) for d in plan}
-            req.digests = {str(d.shard): receipt.digests[str(d.shard)] for d in plan if str(d.shard) in receipt.digests}
+            req.shards = units
+            if run.manifest.method == "sisa":
+                req.stages_redone = {str(k): receipt.stages_redone.get(str(k), []) for k in units}
+                req.digests = {str(k): receipt.digests[str(k)] for k in units if str(k) in receipt.digests}
+            else:  # one clustering state for the whole run
+                req.digests = dict(receipt.digests) if units else {}
+            req.details = receipt.details
             req.version = receipt.version
             req.retrain_fraction, req.purged_objects = receipt.retrain_fraction, receipt.purged_objects
             req.warnings = receipt.warnings

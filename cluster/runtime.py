@@ -196,6 +196,104 @@ def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | N
     return gpus
 
 
+def _partition_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class PartitionActor:
+        """One ERASE cluster partition (a divide-and-conquer leaf): its records' fixed-point
+        embeddings and quantized k-means state, in memory. Light: numpy only, no model.
+        After a restart it holds nothing; the next command reloads it from the store."""
+
+        def __init__(self):
+            self.part = None
+
+        def call(self, method: str, args: tuple):
+            from erase.partition import apply_call
+
+            self.part, result = apply_call(self.part, method, args)
+            return result
+
+    return PartitionActor
+
+
+class RayPartitionPool:
+    """ERASE's PartitionPool over Ray: partition key -> a named actor, calls in parallel.
+
+    Actors are named `<run>/erase/<config digest>/<key>`; results are small (outputs,
+    candidates, deltas), the points never leave their actor except to be stored."""
+
+    def __init__(self, run: str, config_digest: str, actor_cpus: float):
+        self.prefix = f"{run}/erase/{config_digest[:12]}"
+        self.actor_cpus = actor_cpus
+        self._actors: dict[str, object] = {}
+
+    def actor(self, key: str):
+        if key not in self._actors:
+            cls = _partition_actor_class()
+            self._actors[key] = cls.options(name=f"{self.prefix}/{key}", namespace=NAMESPACE, get_if_exists=True,
+                                            num_cpus=self.actor_cpus).remote()
+        return self._actors[key]
+
+    def call(self, calls: dict) -> dict:
+        refs = {key: self.actor(key).call.remote(method, args) for key, (method, args) in calls.items()}
+        return {key: ray_get(ref) for key, ref in refs.items()}
+
+
+def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) -> RayPartitionPool:
+    """The Ray pool for an ERASE run's partitions (Ray must be initialised)."""
+    import ray
+
+    if actor_cpus is None:
+        actor_cpus = round(min(1.0, ray.cluster_resources().get("CPU", 1.0) / max(1, config.partitions)), 3)
+    return RayPartitionPool(run, config.digest(), actor_cpus)
+
+
+def _icl_actor_class():
+    import ray
+
+    @ray.remote(max_restarts=-1, max_task_retries=-1)
+    class InContextActor:
+        """Holds the frozen language model and answers batches of queries; the key/value
+        cache of the example prefix is computed once per prompt and reused."""
+
+        def __init__(self, lm: str, labels: list[str]):
+            from erase.icl import InContextClassifier
+
+            self.clf = InContextClassifier(lm=lm, labels=labels)
+
+        def predict(self, examples: list, texts: list) -> np.ndarray:
+            return self.clf.predict_proba([tuple(e) for e in examples], texts)
+
+    return InContextActor
+
+
+class InContextServer:
+    """Spreads ERASE queries over a few in-context actors, each with the model loaded once."""
+
+    def __init__(self, run: str, lm: str, labels: Sequence[str], actors: int | None = None,
+                 actor_cpus: float | None = None):
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        n = actors or max(1, min(4, int(cpus)))
+        self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n), 3)
+        cls = _icl_actor_class()
+        self.actors = [cls.options(name=f"{run}/icl/{lm.replace('/', '_')}/{i}", namespace=NAMESPACE,
+                                   get_if_exists=True, num_cpus=self.actor_cpus).remote(lm, list(labels))
+                       for i in range(n)]
+
+    def predict_proba(self, examples: Sequence[tuple[str, str]], texts: Sequence[str]) -> np.ndarray:
+        import ray
+
+        if not texts:
+            return np.zeros((0, 0))
+        examples_ref = ray.put([list(e) for e in examples])
+        chunks = np.array_split(np.arange(len(texts)), min(len(self.actors), len(texts)))
+        refs = [a.predict.remote(examples_ref, [texts[i] for i in idx]) for a, idx in zip(self.actors, chunks)]
+        return np.concatenate([ray_get(r) for r in refs], axis=0)
+
+
 def ray_get(ref):
     """ray.get that turns an UnlearnError raised in an actor back into a one-line UnlearnError."""
     import ray
@@ -217,12 +315,25 @@ def _coordinator_actor_class():
 
         def __init__(self, store_uri: str, run: str, window_s: float, actor_cpus: float | None):
             from cluster.coordinator import Coordinator, CoordinatorLoop
-            from sisa.run import SisaRun
+            from sisa.stored_run import run_method
 
             store = open_store(store_uri)
-            config = SisaRun.read_head(store, run).config
-            self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
-            self.coordinator = Coordinator(store, run, executor_factory=lambda _run: self.executor, window_s=window_s)
+            self.method = run_method(store, run)
+            if self.method == "erase":
+                from erase.run import EraseRun
+
+                # one long-lived run object: its clustering state stays loaded in the partition actors
+                self.run = EraseRun.open(store, run)
+                self.run.pool = erase_pool(store, run, self.run.config, actor_cpus)
+                self.server, self._examples = None, {}
+                factory = lambda: self.run  # noqa: E731
+            else:
+                from sisa.run import SisaRun
+
+                config = SisaRun.read_head(store, run).config
+                self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
+                factory = lambda: SisaRun.open(store, run, self.executor)  # noqa: E731
+            self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s)
             self.loop = CoordinatorLoop(self.coordinator)
 
         def pid(self) -> int:
@@ -245,7 +356,21 @@ def _coordinator_actor_class():
             return sorted(self.coordinator.serving_view()[0])
 
         def predict(self, texts: list[str], method: str = "vote", wait: bool = False) -> dict:
+            if self.method == "erase":
+                return self.coordinator.predict(texts, self._answer_in_context, method, wait)
             return self.coordinator.predict(texts, self.executor.predict, method, wait)
+
+        def _answer_in_context(self, manifest, texts: list[str], exclude: list[str]) -> dict:
+            from erase.run import EraseRun, format_predictions
+
+            if self.server is None:
+                self.server = InContextServer(manifest.run, manifest.config.lm, manifest.config.labels)
+            key = (manifest.state, tuple(exclude))
+            if key not in self._examples:  # reading texts costs a store round trip: once per prompt
+                self._examples = {key: EraseRun(self.run.store, manifest).examples(exclude)}
+            examples = self._examples[key]
+            probs = self.server.predict_proba(examples, texts)
+            return format_predictions(manifest.config.labels, texts, probs, manifest.selected_ids, exclude)
 
     return CoordinatorActor
 

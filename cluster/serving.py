@@ -1,6 +1,7 @@
 """HTTP serving of a run with Ray Serve: ensemble predictions and deletion requests.
 
     POST /predict        {"texts": [...], "wait": false}  -> {"predictions": [...], "shards": [...]}
+                         (ERASE runs answer "examples": the prompt examples used, instead of "shards")
     POST /delete         {"ids": [...]} or {"owners": [...]} -> {"request_id": ...}  (once durable)
     GET  /requests/<id>  -> the request's status and receipt
 
@@ -35,8 +36,12 @@ def _ingress_class():
             out = await self.coordinator.predict.remote(texts, self.aggregate, wait)
             results, start = [], 0
             for ts, _wait in batches:
-                results.append({"predictions": out["predictions"][start:start + len(ts)], "shards": out["shards"],
-                                "quarantined": out.get("quarantined", [])})
+                answer = {"predictions": out["predictions"][start:start + len(ts)],
+                          "quarantined": out.get("quarantined", [])}
+                for key in ("shards", "examples", "withheld_examples"):  # SISA: shards; ERASE: examples
+                    if key in out:
+                        answer[key] = out[key]
+                results.append(answer)
                 start += len(ts)
             return results
 

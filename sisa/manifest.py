@@ -111,6 +111,7 @@ class DeletionReceipt:
     version: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # method-specific (ERASE: certificate, re-fits, new selection)
 
     def to_json(self) -> dict:
         return asdict(self)

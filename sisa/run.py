@@ -126,6 +126,10 @@ class SisaRun(StoredRun):
         """The shards whose models hold any of `targets` (what a deletion must retrain)."""
         return [d.shard for d in plan_deletion(self.manifest.layout(), set(targets))]
 
+    def quarantine_of(self, targets: Iterable[str]) -> list[int]:
+        """What may not answer predictions once the deletion of `targets` is acknowledged."""
+        return self.units_of(targets)
+
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
                progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
         with RunLock(self.store, self.name, "delete", holder=lock_holder):

@@ -1,0 +1,361 @@
+"""An ERASE run on a store: train, delete, verify, status, predict, evaluate.
+
+The language model never changes; what a run learns is which k training records go
+into the prompt. Training embeds every record once (each text alone, see embed.py),
+clusters the embeddings with quantized k-means (model.py) and stores the state.
+A deletion loads that state, runs the certificate (re-clustering only where it fails),
+rewrites the affected partitions' record objects and the state, commits, and purges
+every superseded object: the deleted texts and their embeddings included.
+
+Besides HEAD and manifests (`sisa/stored_run.py`) the run stores:
+
+    RUN/data/<sha256>.jsonl               records of one partition, content-addressed
+    RUN/state/<sha256>.safetensors        the clustering state with every record's embedding
+
+The partitions' clustering work goes through a pool (`model.PartitionPool`): in this
+process by default, or one Ray actor per partition (`cluster/`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from sisa.errors import UnlearnError
+from sisa.keys import keyed_hash, sha256_hex
+from sisa.lock import RunLock
+from sisa.manifest import DeletionReceipt
+from sisa.records import Record, quote
+from sisa.shard import decode_slice, encode_slice
+from sisa.store import Store
+from sisa.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
+from sisa.tombstones import after_deletion, resolve
+
+from .config import EraseConfig
+from .manifest import EraseManifest, PartitionRecords
+
+
+def with_labels(config: EraseConfig, records: Sequence[Record]) -> EraseConfig:
+    """Fix the label set (the sorted labels of the data unless given) and check every record."""
+    if not config.labels:
+        labels = sorted({r.label for r in records})
+        if len(labels) < 2:
+            raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
+        config = EraseConfig.from_json({**config.to_json(), "labels": labels})
+    known = set(config.labels)
+    for r in records:
+        if r.label not in known:
+            raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
+    return config
+
+
+def prompt_order(seed: int, ids: Iterable[str]) -> list[str]:
+    """The order of the examples in the prompt: keyed by id, so removing one example
+    never reorders the others."""
+    return sorted(ids, key=lambda i: (keyed_hash(seed, "erase-prompt-order", i), i))
+
+
+def partition_of(config: EraseConfig, rid: str) -> int:
+    """Which partition holds a record's text (the same keyed rule the clustering uses)."""
+    return keyed_hash(config.seed, "erase-partition", rid) % config.partitions
+
+
+def dump_model(model) -> bytes:
+    from safetensors.numpy import save
+
+    tensors, meta = model.to_tensors()
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"erase": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+
+
+def load_model(data: bytes, where: str, pool=None):
+    from safetensors.numpy import load
+
+    from sisa.checkpoint import read_metadata
+
+    from .model import EraseModel
+
+    try:
+        meta = json.loads(read_metadata(data)["erase"])
+        tensors = load(data)
+    except Exception as exc:  # safetensors raises its own error type on corrupt data
+        raise UnlearnError(f"{where}: unreadable clustering state ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    return EraseModel.from_tensors(tensors, meta, pool=pool)
+
+
+class EraseRun(StoredRun):
+    MANAGED = ("manifests/", "data/", "state/")
+
+    def __init__(self, store: Store, manifest: EraseManifest, pool=None):
+        super().__init__(store, manifest)
+        self.pool = pool
+        self._model = None  # the loaded clustering state of manifest.state
+        self._model_key: str | None = None
+        self._classifiers: dict[str, object] = {}
+
+    @property
+    def config(self) -> EraseConfig:
+        return self.manifest.config
+
+    @classmethod
+    def read_head(cls, store: Store, run: str) -> EraseManifest:
+        mkey, data = read_manifest_json(store, run)
+        return EraseManifest.loads(data, f"{store.uri}/{mkey}")
+
+    @classmethod
+    def open(cls, store: Store, run: str, pool=None) -> "EraseRun":
+        check_run_name(run)
+        return cls(store, cls.read_head(store, run), pool)
+
+    # -- objects ---------------------------------------------------------------------
+    def _write_partition(self, index: int, records: Sequence[Record]) -> PartitionRecords:
+        records = sorted(records, key=lambda r: r.id)
+        data = encode_slice(records)
+        key = f"{self.name}/data/{sha256_hex(data)}.jsonl"
+        self.store.put(key, data)
+        counts: dict[str, int] = defaultdict(int)
+        for r in records:
+            counts[r.label] += 1
+        return PartitionRecords(index, key, [r.id for r in records], [r.owner for r in records],
+                                dict(sorted(counts.items())))
+
+    def _write_state(self, model) -> str:
+        data = dump_model(model)
+        key = f"{self.name}/state/{sha256_hex(data)}.safetensors"
+        self.store.put(key, data)
+        return key
+
+    def load_partition(self, entry: PartitionRecords) -> list[Record]:
+        try:
+            return decode_slice(self.store.get(entry.data))
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is missing") from None
+        except (ValueError, TypeError) as exc:
+            raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is unreadable ({exc})") from None
+
+    def records(self, ids: Iterable[str] | None = None) -> list[Record]:
+        """Retained records (all, or those named), read from their partitions' objects."""
+        wanted = None if ids is None else set(ids)
+        out = []
+        for entry in self.manifest.partitions:
+            if wanted is not None and not wanted.intersection(entry.ids):
+                continue
+            out.extend(r for r in self.load_partition(entry) if wanted is None or r.id in wanted)
+        return out
+
+    def model(self):
+        """The clustering state of the committed manifest, loaded once per process."""
+        if self._model is None or self._model_key != self.manifest.state:
+            try:
+                data = self.store.get(self.manifest.state)
+            except KeyError:
+                raise UnlearnError(f"run {quote(self.name)}: clustering state {self.manifest.state} is missing") from None
+            self._model = load_model(data, f"{self.store.uri}/{self.manifest.state}", self.pool)
+            self._model_key = self.manifest.state
+        return self._model
+
+    # -- training ------------------------------------------------------------------------
+    @staticmethod
+    def fit(records: Sequence[Record], config: EraseConfig, progress: bool = False, pool=None, embedder=None):
+        """Embed and cluster: the pure part of training (no store)."""
+        from .embed import Embedder
+        from .model import EraseModel
+
+        records = sorted(records, key=lambda r: r.id)
+        embedder = embedder or Embedder(config.embedder, config.embed_max_length)
+        X = embedder.embed([r.text for r in records], progress=progress)
+        return EraseModel.fit([r.id for r in records], [r.label for r in records], X, config.clustering(), pool=pool)
+
+    @classmethod
+    def train(cls, store: Store, run: str, records: Sequence[Record], config: EraseConfig,
+              progress: bool = False, pool=None) -> "EraseRun":
+        check_run_name(run)
+        store.check()
+        config = with_labels(config, records)
+        if not records:
+            raise UnlearnError("no records to train on")
+        t0 = time.perf_counter()
+        model = cls.fit(records, config, progress, pool)
+        fit_seconds = time.perf_counter() - t0
+        now = now_iso()
+        manifest = EraseManifest(run=run, config=config, partitions=[], state="", selected_ids=[], digest="",
+                                 salt=os.urandom(16).hex(), created=now, updated=now,
+                                 stats={"deletions": 0, "certified": 0, "partition_refits": 0, "root_refits": 0,
+                                        "train_seconds": round(fit_seconds, 3)})
+        self = cls(store, manifest, pool)
+        by_partition: dict[int, list[Record]] = defaultdict(list)
+        for r in records:
+            by_partition[partition_of(config, r.id)].append(r)
+        with RunLock(store, run, "train"):
+            if store.exists(cls._head(run)):
+                raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
+            self._purge_uncommitted()
+            try:
+                manifest.partitions = [self._write_partition(p, by_partition[p]) for p in range(config.partitions)]
+                manifest.state = self._write_state(model)
+                manifest.selected_ids = prompt_order(config.seed, model.selected_ids)
+                manifest.digest = model.digest()
+                self._commit(manifest)
+            except BaseException:
+                try:
+                    self._purge_uncommitted()
+                except Exception as cleanup:
+                    print(f"unlearn: warning: could not remove the partial run {quote(run)}: {cleanup}",
+                          file=sys.stderr)
+                raise
+        self._model, self._model_key = model, manifest.state
+        return self
+
+    # -- deletion --------------------------------------------------------------------------
+    def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
+        return resolve(self.manifest.owners(), self.manifest.tombstones, self.manifest.salt, ids, owners)
+
+    def units_of(self, targets: Iterable[str]) -> list[int]:
+        """The partitions holding any of `targets` (the only ones a deletion touches)."""
+        return sorted({partition_of(self.config, t) for t in targets})
+
+    def quarantine_of(self, targets: Iterable[str]) -> set[str]:
+        """The prompt examples among `targets`: no answer may use them once their deletion
+        is acknowledged."""
+        return set(targets) & set(self.manifest.selected_ids)
+
+    def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
+               progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
+        with RunLock(self.store, self.name, "delete", holder=lock_holder):
+            self.manifest = self.read_head(self.store, self.name)
+            return self._delete_locked(list(ids), list(owners), ignore_missing)
+
+    def _delete_locked(self, ids: list[str], owners: list[str], ignore_missing: bool) -> DeletionReceipt:
+        t0 = time.perf_counter()
+        targets, already, unknown = self.resolve(ids, owners)
+        if unknown and not ignore_missing:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise UnlearnError(f"run {quote(self.name)}: unknown {unknown[0]}{more}; nothing was deleted")
+        self._collect_garbage()
+        old = self.manifest
+        receipt = DeletionReceipt(run=self.name, ids=sorted(targets), already_deleted=already, shards=[],
+                                  stages_redone={}, digests={}, retrain_fraction=0.0, purged_objects=0,
+                                  version=old.version, seconds=0.0)
+        if not targets:
+            receipt.seconds = round(time.perf_counter() - t0, 3)
+            return receipt
+        model = self.model()
+        try:
+            report = model.delete(sorted(targets))
+            touched = self.units_of(targets)
+            partitions = list(old.partitions)
+            for p in touched:
+                kept = [r for r in self.load_partition(old.partitions[p]) if r.id not in targets]
+                partitions[p] = self._write_partition(p, kept)
+            state = self._write_state(model)
+            stats = dict(old.stats)
+            stats["deletions"] = stats.get("deletions", 0) + len(targets)
+            stats["certified"] = stats.get("certified", 0) + report.certified
+            stats["partition_refits"] = stats.get("partition_refits", 0) + len(report.reclustered_partitions)
+            stats["root_refits"] = stats.get("root_refits", 0) + int(report.root_refit)
+            new = EraseManifest(
+                run=old.run, config=old.config, partitions=partitions, state=state,
+                selected_ids=prompt_order(old.config.seed, model.selected_ids), digest=model.digest(),
+                salt=old.salt, tombstones=after_deletion(old.salt, old.tombstones, targets, owners,
+                                                         set(old.owners().values())),
+                stats=stats, version=old.version + 1, created=old.created, updated=now_iso())
+            receipt.purged_objects = self._commit(new)
+        except BaseException:
+            self._model = None  # the in-memory state may be ahead of the store: reload it next time
+            self._collect_garbage()
+            raise
+        self._model_key = new.state
+        receipt.shards = touched
+        receipt.digests = {"state": {"before": old.digest, "after": new.digest}}
+        receipt.version = new.version
+        # work redone, as a fraction of clustering everything again: the re-clustered partitions' records
+        refit = sum(len(new.partitions[p].ids) for p in touched) if report.reclustered_partitions else 0
+        receipt.retrain_fraction = round(refit / max(1, new.records), 6)
+        receipt.details = {
+            "certified": report.certified, "reclustered_partitions": list(report.reclustered_partitions),
+            "root_refit": bool(report.root_refit), "selection_changed": bool(report.selection_changed),
+            "selected_ids": list(new.selected_ids), "cluster_seconds": round(report.seconds, 6)}
+        remaining = new.labels_held()
+        receipt.warnings = [f"label {quote(label)} has no records left; the prompt no longer shows it"
+                            for label in self.config.labels if label not in remaining]
+        receipt.seconds = round(time.perf_counter() - t0, 3)
+        return receipt
+
+    # -- verification ------------------------------------------------------------------------
+    def verify(self, progress: bool = False) -> dict:
+        """Re-embed the retained records from their stored texts, cluster from scratch and
+        compare with the committed state: digest and selected examples."""
+        records = self.records()
+        fresh = self.fit(records, self.config, progress) if records else None
+        stored = self.model()
+        problems = []
+        checks = {"stored state": stored.digest(), "fresh clustering": fresh.digest() if fresh else None}
+        for what, digest in checks.items():
+            if digest != self.manifest.digest:
+                problems.append(f"{what} digest {str(digest)[:16]} != manifest {self.manifest.digest[:16]}")
+        if fresh is not None and prompt_order(self.config.seed, fresh.selected_ids) != self.manifest.selected_ids:
+            problems.append("the selected examples differ from a fresh clustering")
+        return {"run": self.name, "exact": not problems, "records": len(records), "digest": self.manifest.digest,
+                "selected_ids": list(self.manifest.selected_ids), "problems": problems}
+
+    # -- reading -----------------------------------------------------------------------------
+    def status(self) -> dict:
+        m = self.manifest
+        return {
+            "run": m.run, "method": m.method, "store": self.store.uri, "version": m.version,
+            "created": m.created, "updated": m.updated, "records": m.records,
+            "deleted_items": len(m.tombstones), "config": m.config.to_json(),
+            "selected_ids": list(m.selected_ids), "digest": m.digest, "stats": dict(m.stats),
+            "partitions": [{"partition": p.partition, "records": len(p.ids), "labels": p.label_counts}
+                           for p in m.partitions],
+        }
+
+    def examples(self, exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+        """(text, label) of the prompt examples, in prompt order."""
+        skip = set(exclude)
+        by_id = {r.id: r for r in self.records([i for i in self.manifest.selected_ids if i not in skip])}
+        return [(by_id[i].text, by_id[i].label) for i in self.manifest.selected_ids if i in by_id]
+
+    def classifier(self, lm: str | None = None):
+        from .icl import InContextClassifier
+
+        lm = lm or self.config.lm
+        if lm not in self._classifiers:
+            self._classifiers[lm] = InContextClassifier(lm=lm, labels=list(self.config.labels))
+        return self._classifiers[lm]
+
+    def predict(self, texts: Sequence[str], lm: str | None = None, exclude: Iterable[str] = ()) -> dict:
+        examples = self.examples(exclude)
+        probs = self.classifier(lm).predict_proba(examples, list(texts))
+        return format_predictions(self.config.labels, texts, probs, self.manifest.selected_ids, exclude)
+
+    def evaluate(self, records: Sequence[Record], lm: str | None = None) -> dict:
+        index = {label: i for i, label in enumerate(self.config.labels)}
+        for r in records:
+            if r.label not in index:
+                raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(self.config.labels)}")
+        truth = np.array([index[r.label] for r in records])
+        t0 = time.perf_counter()
+        probs = self.classifier(lm).predict_proba(self.examples(), [r.text for r in records])
+        seconds = time.perf_counter() - t0
+        return {"method": "erase", "records": len(records), "shots": len(self.manifest.selected_ids),
+                "accuracy": round(float((probs.argmax(axis=1) == truth).mean()), 6) if len(records) else None,
+                "seconds_per_query": round(seconds / max(1, len(records)), 6)}
+
+
+def format_predictions(labels: Sequence[str], texts: Sequence[str], probs: np.ndarray, selected: Sequence[str],
+                       exclude: Iterable[str] = ()) -> dict:
+    """The in-context answer: label and probabilities per text, and which examples the
+    prompt used (examples quarantined by a pending deletion are left out and named)."""
+    withheld = sorted(set(exclude) & set(selected))
+    return {
+        "method": "erase", "examples": [i for i in selected if i not in withheld], "withheld_examples": withheld,
+        "predictions": [{"text": t, "label": labels[int(row.argmax())],
+                         "probabilities": {n: round(float(p), 6) for n, p in zip(labels, row)}}
+                        for t, row in zip(texts, probs)],
+    }
