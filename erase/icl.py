@@ -1,0 +1,242 @@
+"""In-context classification with a frozen causal LM: the prediction side of ERASE.
+
+ERASE never trains the LM; unlearning only changes which k examples are in the prompt.
+A label is scored by the summed log-likelihood of its verbalizer's tokens after the
+prompt (instruction, solved examples, query up to "Label:"), and probabilities are the
+softmax over labels.
+
+Cost is what decides ERASE against SISA (ALGORITHMS.md, holistic cost), so the shared
+part of the prompt is computed once: the key/value cache of the instruction and the
+examples is built once per call and copied into every batch of queries (a forward pass
+appends to a DynamicCache, so one batch must never see another's keys). Each batch then
+runs its queries once (right-padded after the prefix) and the verbalizers' later tokens
+once per label on top of that (the padding between a short query and its verbalizer is
+masked out and the position ids continue from the query's real length). `use_cache=False`
+runs instruction + examples + query per query, the baseline the cache is measured against;
+both paths feed the model the same token ids, so they give the same probabilities.
+
+Token ids are assembled from separately tokenized pieces (instruction, each example,
+query, verbalizer), so the verbalizer scored after a query is exactly the token sequence
+that followed "Label:" in the examples.
+
+Context budget: every example and query text is cut to `text_tokens` tokens (default 96,
+on a token boundary). If the k examples still do not fit in `max_length` (default: the
+model's context, at most 2048) together with a query of that budget and the longest
+verbalizer, the example texts are cut further, evenly, until they do; only a prompt that
+cannot fit even with one token per example text is an error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+import sisa  # noqa: F401  (MKL settings before torch loads)
+from sisa.errors import UnlearnError
+
+from .prompt import PromptTemplate
+
+PRESETS = ("smollm2-135m", "tiny-lm")
+TEXT_TOKENS = 96
+MAX_CONTEXT = 2048
+_SLACK = 4  # tokens a rendered query may differ from its pieces (merges at the template's edges)
+
+
+def _tiny_lm(tokenizer):
+    """A fixed random 2-layer Llama over SmolLM2's vocabulary: real tokenizer, real cache and
+    mask code paths, milliseconds per forward. For tests only (its predictions mean nothing)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_CONTEXT,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=0.4)  # large weights: outputs that vary with every token
+    with torch.random.fork_rng():
+        torch.manual_seed(2468)
+        return LlamaForCausalLM(config)
+
+
+def _is_causal(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return not getattr(config, "is_encoder_decoder", False) and any(
+        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+
+
+def load_causal_lm(spec: str):
+    """(tokenizer, model in eval mode) for a preset, a Hugging Face folder or a hub id."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from sisa.models import _quiet_transformers, resolve_model, smollm2_dir
+
+    _quiet_transformers()
+    path = smollm2_dir() if spec == "tiny-lm" else resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if spec == "tiny-lm":
+            model = _tiny_lm(tokenizer)
+        else:
+            config = AutoConfig.from_pretrained(path)
+            if not _is_causal(config):
+                archs = ", ".join(getattr(config, "architectures", None) or ["none listed"])
+                raise UnlearnError(f"--lm {spec!r}: not a causal language model (architectures: {archs})")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UnlearnError(f"--lm {spec!r}: cannot load ({str(exc).strip().splitlines()[0]})") from None
+    model.eval()
+    return tokenizer, model
+
+
+class InContextClassifier:
+    def __init__(self, lm: str = "smollm2-135m", labels: Sequence[str] = (), verbalizers: dict[str, str] | None = None,
+                 template: PromptTemplate | None = None, max_length: int | None = None,
+                 text_tokens: int = TEXT_TOKENS):
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+            raise UnlearnError(f"labels must be at least two distinct non-empty strings, got {labels!r}")
+        verbalizers = dict(verbalizers) if verbalizers is not None else {x: " " + x for x in labels}
+        missing = [x for x in labels if x not in verbalizers]
+        if missing:
+            raise UnlearnError(f"verbalizers: no verbalizer for label {missing[0]!r}")
+        if text_tokens < 1:
+            raise UnlearnError(f"text_tokens must be >= 1, got {text_tokens}")
+        self.labels, self.template, self.text_tokens = labels, template or PromptTemplate(), text_tokens
+        self.tokenizer, self.model = load_causal_lm(lm)
+        context = int(getattr(self.model.config, "max_position_embeddings", MAX_CONTEXT) or MAX_CONTEXT)
+        self.max_length = min(context, MAX_CONTEXT) if max_length is None else max_length
+        if not 1 <= self.max_length <= context:
+            raise UnlearnError(f"max_length must be in 1..{context} (the model's context), got {max_length}")
+        self.verbalizers = [verbalizers[x] for x in labels]
+        self.verb_ids = [self._ids(v) for v in self.verbalizers]
+        for label, ids in zip(labels, self.verb_ids):
+            if not ids:
+                raise UnlearnError(f"verbalizers: label {label!r} has an empty verbalizer")
+        if len({tuple(ids) for ids in self.verb_ids}) != len(labels):
+            raise UnlearnError("verbalizers: two labels have the same verbalizer tokens")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.instruction_ids = self._ids(self.template.render_instruction(self.verbalizers), special=True)
+        # what a query of the full text budget and its longest verbalizer need after the prefix
+        self.query_reserve = (len(self._ids(self.template.render_query(""))) + text_tokens
+                              + max(len(ids) for ids in self.verb_ids) + _SLACK)
+        if len(self.instruction_ids) + self.query_reserve > self.max_length:
+            raise UnlearnError(f"max_length {self.max_length} is too short for the instruction and one query "
+                               f"({len(self.instruction_ids) + self.query_reserve} tokens)")
+
+    def _ids(self, text: str, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _truncate(self, text: str, tokens: int) -> str:
+        """The longest prefix of `text` of at most `tokens` tokens, cut on a token boundary."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) <= tokens:
+            return text
+        return text[:enc["offset_mapping"][tokens - 1][1]]
+
+    def prefix_ids(self, examples: Sequence[tuple[str, str]]) -> list[int]:
+        """Instruction + solved examples, the example texts cut to fit the context (see module doc)."""
+        verb = dict(zip(self.labels, self.verbalizers))
+        for n, pair in enumerate(examples):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise UnlearnError(f"example {n}: expected a (text, label) pair")
+            if pair[1] not in verb:
+                raise UnlearnError(f"example {n}: unknown label {pair[1]!r}; labels: {', '.join(self.labels)}")
+        room = self.max_length - len(self.instruction_ids) - self.query_reserve
+        budget = self.text_tokens
+        while True:
+            parts = [self._ids(self.template.render_example(self._truncate(text, budget), verb[label]))
+                     for text, label in examples]
+            used = sum(len(p) for p in parts)
+            if used <= room:
+                return self.instruction_ids + [t for p in parts for t in p]
+            if budget == 1:
+                raise UnlearnError(f"{len(examples)} examples do not fit in max_length {self.max_length} "
+                                   "even with one token per example text")
+            budget = max(1, budget - math.ceil((used - room) / len(examples)))
+
+    def query_ids(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise UnlearnError(f"queries must be strings, got {type(text).__name__}")
+        return self._ids(self.template.render_query(self._truncate(text, self.text_tokens)))
+
+    def predict_proba(self, examples: Sequence[tuple[str, str]], queries: Sequence[str],
+                      use_cache: bool = True, batch_size: int = 8) -> np.ndarray:
+        """[len(queries), len(labels)] label probabilities (float64 rows summing to 1)."""
+        import torch
+
+        if isinstance(queries, str) or len(queries) == 0:
+            raise UnlearnError("no queries to predict (give a non-empty list of texts)")
+        if batch_size < 1:
+            raise UnlearnError(f"batch_size must be >= 1, got {batch_size}")
+        prefix = self.prefix_ids(examples)
+        qids = [self.query_ids(q) for q in queries]
+        longest = max(len(q) for q in qids) + max(len(v) for v in self.verb_ids)
+        if len(prefix) + longest > self.max_length:  # only if a template edge merged unusually
+            raise UnlearnError(f"a query does not fit: {len(prefix) + longest} tokens > max_length {self.max_length}")
+        scores = np.zeros((len(qids), len(self.labels)))
+        with torch.inference_mode():
+            past = self._prefix_cache(prefix) if use_cache and prefix else None
+            for start in range(0, len(qids), batch_size):
+                batch = qids[start:start + batch_size]
+                scores[start:start + len(batch)] = self._score(prefix, past, batch)
+        scores -= scores.max(axis=1, keepdims=True)
+        probs = np.exp(scores)
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def _prefix_cache(self, prefix: list[int]) -> list[tuple]:
+        """Per layer (keys, values) of the prefix, batch 1; never handed to the model itself."""
+        import torch
+
+        out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _fresh_cache(self, past: list[tuple], rows: int):
+        """A new DynamicCache holding the prefix for `rows` rows (expand is a view; the cache's
+        first update concatenates, so the stored prefix tensors are never written)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past],
+                            config=self.model.config)
+
+    def _score(self, prefix: list[int], past, batch: list[list[int]]) -> np.ndarray:
+        """Summed verbalizer log-likelihoods [len(batch), L]."""
+        import torch
+
+        B, L, P = len(batch), len(self.labels), len(prefix)
+        qlen = torch.tensor([len(q) for q in batch])
+        Q = int(qlen.max())
+        query = torch.full((B, Q), self.pad_id, dtype=torch.long)
+        qmask = torch.zeros((B, Q), dtype=torch.long)
+        for b, q in enumerate(batch):
+            query[b, :len(q)] = torch.tensor(q)
+            qmask[b, :len(q)] = 1
+        mask = torch.cat([torch.ones((B, P), dtype=torch.long), qmask], dim=1)
+        if past is not None:  # only the queries run; positions continue after the prefix
+            ids, cache, positions = query, self._fresh_cache(past, B), torch.arange(P, P + Q)
+        else:  # the whole prompt, per query
+            ids = torch.cat([torch.tensor([prefix] * B, dtype=torch.long).reshape(B, P), query], dim=1)
+            cache, positions = None, torch.arange(P + Q)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(B, -1),
+                         past_key_values=cache, use_cache=True, logits_to_keep=Q)
+        first = torch.log_softmax(out.logits[torch.arange(B), qlen - 1].float(), dim=-1)  # [B, V]
+        scores = torch.stack([first[:, v[0]] for v in self.verb_ids], dim=1).double()  # [B, L]
+        M = max(len(v) for v in self.verb_ids) - 1
+        if M > 0:  # later verbalizer tokens: one row per (query, label) on top of the query's cache
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(L)
+            verb = torch.full((B * L, M), self.pad_id, dtype=torch.long)
+            vmask = torch.zeros((B * L, M), dtype=torch.long)
+            for l, v in enumerate(self.verb_ids):
+                verb[l::L, :len(v) - 1] = torch.tensor(v[:-1])
+                vmask[l::L, :len(v) - 1] = 1
+            mask2 = torch.cat([mask.repeat_interleave(L, dim=0), vmask], dim=1)
+            pos2 = P + qlen.repeat_interleave(L)[:, None] + torch.arange(M)[None, :]
+            out2 = self.model(input_ids=verb, attention_mask=mask2, position_ids=pos2, past_key_values=cache,
+                              use_cache=True)
+            logp = torch.log_softmax(out2.logits.float(), dim=-1).reshape(B, L, M, -1)
+            for l, v in enumerate(self.verb_ids):
+                for t in range(1, len(v)):
+                    scores[:, l] += logp[:, l, t - 1, v[t]].double()
+        return scores.numpy()
