@@ -9,6 +9,7 @@ fractions compare directly.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -173,14 +174,14 @@ def expected_batch_fraction(shards: int, slices: int, k: int) -> float:
     return float(np.sum(2 * j / (slices * (slices + 1)) * (1 - (1 - j / (slices * shards)) ** k)))
 
 
-def makespan(jobs: np.ndarray, workers: int) -> float:
+def makespan(jobs: list[float], workers: int) -> float:
     """Wall time of independent jobs on `workers` (longest job first onto the least
     loaded worker; the coordinator hands shards to free actors in the same spirit)."""
-    if len(jobs) == 0:
+    if not jobs:
         return 0.0
     if len(jobs) <= workers:
-        return float(np.max(jobs))
-    loads = np.zeros(workers)
-    for job in np.sort(jobs)[::-1]:
-        loads[np.argmin(loads)] += job
-    return float(loads.max())
+        return float(max(jobs))
+    loads = [0.0] * workers
+    for job in sorted(jobs, reverse=True):
+        heapq.heapreplace(loads, loads[0] + job)
+    return float(max(loads))

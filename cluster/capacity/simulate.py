@@ -14,6 +14,7 @@ requests through a grid of configurations takes seconds.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -118,6 +119,8 @@ class _Sisa(_Model):
         self.batch_fixed = profile.batch_fixed_s
         self.workers = config.workers
         self.one_hit = bool(np.all(np.diff(self.bounds) == 1))
+        self.rows, self.frac_l = self.jobs.train_s.tolist(), self.jobs.fraction.tolist()
+        self.fixed_l = self.jobs.fixed_s.tolist()
 
     def _job(self, shard, stage, factor):
         row = shard if self.per_shard else 0 * shard
@@ -138,15 +141,16 @@ class _Sisa(_Model):
                 first[k] = r
         if not first:
             return self.batch_fixed, self.batch_fixed, 0.0, 0
-        secs, frac = self._job(np.fromiter(first.keys(), np.int64), np.fromiter(first.values(), np.int64), factor)
-        return (self.batch_fixed + makespan(secs, self.workers), self.batch_fixed + float(secs.sum()),
-                float(frac.sum()), len(first))
+        rows = self.rows
+        secs = [self.fixed_l[r] + rows[k if self.per_shard else 0][r] * factor for k, r in first.items()]
+        frac = sum(self.frac_l[k if self.per_shard else 0][r] for k, r in first.items())
+        return (self.batch_fixed + makespan(secs, self.workers), self.batch_fixed + sum(secs), frac, len(first))
 
 
 class _Erase(_Model):
     def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
         P = config.partitions
-        self.fallback = workload.fallback_u < profile.erase_fallback_p
+        self.fallback = (workload.fallback_u < profile.erase_fallback_p).tolist()
         self.partition = (workload.shard_key % np.uint64(P)).astype(np.int64).tolist()
         self.bounds = _hits_by_request(workload.hit_request, workload.requests)
         self.hit_request = workload.hit_request.tolist()
@@ -158,9 +162,9 @@ class _Erase(_Model):
     def batch(self, lo, hi, factor):
         parts = {self.partition[h] for h in range(self.bounds[lo], self.bounds[hi])
                  if self.fallback[self.hit_request[h]]}
-        secs = np.full(len(parts), self.recluster_s * factor)
+        secs = [self.recluster_s * factor] * len(parts)
         base = self.fixed + (hi - lo) * self.cert
-        return base + makespan(secs, self.workers), base + float(secs.sum()), len(parts) / self.partitions, len(parts)
+        return base + makespan(secs, self.workers), base + sum(secs), len(parts) / self.partitions, len(parts)
 
 
 class _Full(_Model):
@@ -196,29 +200,29 @@ def simulate(workload: Workload, config: Config, profile: Profile, records: int)
     # a request is settled alone when it finds the pipeline idle and finishes before the next arrives
     alone = np.ones(n, dtype=bool)
     alone[:-1] = a[1:] > a[:-1] + W + dur[:-1]
-    not_alone = np.flatnonzero(~alone)
-    parts: list[tuple] = []
+    not_alone = np.flatnonzero(~alone).tolist() + [n]
+    arrivals, alone_l = a.tolist(), alone.tolist()
+    size, start, end = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
+    b_jobs, b_frac, b_comp = np.zeros(n, dtype=np.int64), np.zeros(n), np.zeros(n)
     end_of = np.empty(n)
-    i, t_free = 0, -math.inf
+    i, b, t_free = 0, 0, -math.inf
     while i < n:
-        if a[i] >= t_free and alone[i]:
-            k = int(not_alone[np.searchsorted(not_alone, i)]) if np.searchsorted(not_alone, i) < len(not_alone) else n
-            start = a[i:k] + W
-            end = start + dur[i:k]
-            parts.append((np.ones(k - i), start, end, jobs[i:k], frac[i:k], comp[i:k]))
-            end_of[i:k] = end
-            t_free, i = float(end[-1]), k
+        if arrivals[i] >= t_free and alone_l[i]:  # settle the run of lone requests i..k-1 at once
+            k = not_alone[bisect.bisect_left(not_alone, i)]
+            m = k - i
+            size[b:b + m] = 1
+            start[b:b + m] = a[i:k] + W
+            end[b:b + m] = end_of[i:k] = start[b:b + m] + dur[i:k]
+            b_jobs[b:b + m], b_frac[b:b + m], b_comp[b:b + m] = jobs[i:k], frac[i:k], comp[i:k]
+            t_free, i, b = float(end_of[k - 1]), k, b + m
             continue
-        start = max(t_free, a[i] + W)
-        j = int(np.searchsorted(a, start, side="right"))
+        t0 = max(t_free, arrivals[i] + W)
+        j = bisect.bisect_right(arrivals, t0, i)
         d, c, f, m = (dur[i], comp[i], frac[i], jobs[i]) if j == i + 1 else model.batch(i, j, float(factor[i]))
-        parts.append(([j - i], [start], [start + d], [m], [f], [c]))
-        end_of[i:j] = start + d
-        t_free, i = start + d, j
-    cols = [np.concatenate([np.asarray(p[c], dtype=float) for p in parts]) if parts else np.zeros(0)
-            for c in range(6)]
-    trace = Trace(batch_size=cols[0].astype(np.int64), batch_start_s=cols[1], batch_end_s=cols[2],
-                  batch_jobs=cols[3].astype(np.int64), batch_fraction=cols[4], batch_compute_s=cols[5],
-                  time_to_forget_s=end_of - a)
+        size[b], start[b], end[b], b_jobs[b], b_frac[b], b_comp[b] = j - i, t0, t0 + d, m, f, c
+        end_of[i:j] = t0 + d
+        t_free, i, b = t0 + d, j, b + 1
+    trace = Trace(batch_size=size[:b], batch_start_s=start[:b], batch_end_s=end[:b], batch_jobs=b_jobs[:b],
+                  batch_fraction=b_frac[:b], batch_compute_s=b_comp[:b], time_to_forget_s=end_of - a)
     return Result(config=config, requests=n, records=records, horizon_s=workload.horizon_s, trace=trace,
                   query_s=query_s(profile, config))

@@ -172,10 +172,12 @@ def cumulative_intensity(rate_per_s: float, pattern: Pattern, horizon_s: float,
 
 
 def request_keys(request_ids: list[str], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    shard = np.array([keyed_hash(seed, "plan-shard", r) for r in request_ids], dtype=np.uint64)
-    slice_ = np.array([keyed_hash(seed, "plan-slice", r) for r in request_ids], dtype=np.uint64)
+    """(shard key, slice key, ERASE fallback uniform) per request. Shard and slice keys
+    are the low and high 32 bits of one keyed hash: independent, uniform modulo any S
+    or R far below 2^32, and half the hashing of a year of requests."""
+    place = np.array([keyed_hash(seed, "plan-place", r) for r in request_ids], dtype=np.uint64)
     fallback = np.array([keyed_uniform(seed, "plan-fallback", r) for r in request_ids], dtype=float)
-    return shard, slice_, fallback
+    return place & np.uint64(0xFFFFFFFF), place >> np.uint64(32), fallback
 
 
 def generate(rate_per_s: float, horizon_s: float, pattern: Pattern = Pattern(), seed: int = 0,
