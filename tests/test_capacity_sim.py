@@ -224,3 +224,16 @@ def test_a_year_of_requests_through_a_grid_takes_seconds(capsys):
     assert rc == 0 and len(json.loads(out)["configs"]) == 20
     print(f"a year at 500/day through 20 configurations: {took:.1f} s")
     assert took < 60  # a few seconds alone; generous for a shared 2-core machine
+
+
+def test_plot_draws_time_to_forget_and_cost_against_rate(capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the 'plot' extra (matplotlib)")
+    png = tmp_path / "plan.png"
+    rc, out, _ = _plan(capsys, "--rate", "100/day", "--records", "1e4", "--horizon", "5d", "--shards", "4,8",
+                       "--plot", str(png), "--plot-rates", "10/day,100/day,1000/day", "--json")
+    assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = json.loads(out)["plot"]
+    assert plot["rates_per_day"] == pytest.approx([10, 100, 1000])
+    assert len(plot["lines"]) == 4 and all(len(line["p99_s"]) == 3 for line in plot["lines"])
+    full = next(line for line in plot["lines"] if line["label"].startswith("full"))
+    assert full["holistic_hours_per_day"][0] < full["holistic_hours_per_day"][-1]  # more deletions cost more

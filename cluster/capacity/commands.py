@@ -211,7 +211,7 @@ def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
 
     profile = load_profile(args.profile)
     if args.fallback is not None:
-        p = float(parse_count_like(args.fallback, "--fallback"))
+        p = float(parse_nonnegative(args.fallback, "--fallback"))
         if not 0 <= p <= 1:
             raise UnlearnError(f"--fallback {args.fallback!r}: must be in [0, 1]")
         profile = replace(profile, erase_fallback_p=p)
@@ -222,12 +222,12 @@ def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
     else:
         raise UnlearnError("--records: required (the profile was not calibrated on a run)")
     sla = parse_duration(args.sla, "--sla") if args.sla is not None else None
-    price = parse_count_like(args.price, "--price") if args.price is not None else None
+    price = parse_nonnegative(args.price, "--price") if args.price is not None else None
     demand = Demand(sla_s=sla, queries_per_day=parse_rate(args.queries, "--queries") * DAY, price_per_hour=price)
     return profile, records, demand, load_accuracy(args.accuracy)
 
 
-def parse_count_like(text: str, option: str) -> float:
+def parse_nonnegative(text: str, option: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -251,9 +251,8 @@ def workload_for(args, profile: Profile, rate: float | None = None) -> Workload:
     return generate(r, horizon, parse_pattern(args.pattern), args.seed, desc)
 
 
-def plan(args) -> dict:
-    profile, records, demand, accuracy = plan_inputs(args)
-    grid = configs(args)
+def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]) -> dict:
+    profile, records, demand, accuracy = inputs
     workload = workload_for(args, profile)
     rows = [row(simulate(workload, c, profile, records), demand, accuracy) for c in grid]
     return {
@@ -266,8 +265,9 @@ def plan(args) -> dict:
     }
 
 
-def sweep(args, profile: Profile, records: int, demand: Demand, accuracy: Accuracy, grid: list[Config]) -> dict:
+def sweep(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]) -> dict:
     """p99 time-to-forget and holistic cost per configuration at each plotted rate."""
+    profile, records, demand, accuracy = inputs
     if args.replay:
         raise UnlearnError("--plot draws against the rate: use it with --rate, not --replay")
     base = parse_rate(args.rate, "--rate")
@@ -329,10 +329,10 @@ def _say(args, message: str) -> None:
 
 
 def run_plan(args) -> int:
-    out = plan(args)
+    inputs, grid = plan_inputs(args), configs(args)
+    out = plan(args, inputs, grid)
     if args.plot:
-        profile, records, demand, accuracy = plan_inputs(args)
-        data = sweep(args, profile, records, demand, accuracy, configs(args))
+        data = sweep(args, inputs, grid)
         title = (f"{out['workload']['records']:,} records, profile {out['profile']['model']} "
                  f"({out['profile']['machine']}, {out['profile']['date']}), pattern {args.pattern}, "
                  f"horizon {args.horizon}, queries {args.queries}")
