@@ -237,3 +237,25 @@ def test_plot_draws_time_to_forget_and_cost_against_rate(capsys, tmp_path):
     assert len(plot["lines"]) == 4 and all(len(line["p99_s"]) == 3 for line in plot["lines"])
     full = next(line for line in plot["lines"] if line["label"].startswith("full"))
     assert full["holistic_hours_per_day"][0] < full["holistic_hours_per_day"][-1]  # more deletions cost more
+
+
+def test_erase_fields_come_from_the_erase_bench_results(tmp_path):
+    from cluster.capacity.commands import erase_accuracy, erase_measurements
+    from cluster.capacity.report import Accuracy
+
+    assert erase_measurements(str(tmp_path)) == {}  # nothing measured: placeholders stay
+    (tmp_path / "erase_deletion.json").write_text(json.dumps({"machine": "m", "rows": [
+        {"N": 1000, "P": 16, "p50_certified_ms": 9.0, "fallback_rate": 0.5, "recluster_s": 1.0},
+        {"N": 100000, "P": 1, "p50_certified_ms": 3.0, "fallback_rate": 0.2, "recluster_s": 50.0},
+        {"N": 100000, "P": 16, "p50_certified_ms": 2.0, "fallback_rate": 0.01, "recluster_s": 40.0}]}))
+    (tmp_path / "holistic.json").write_text(json.dumps({"date": "d", "tasks": [
+        {"task": "rotten_tomatoes", "holistic": {"I_s": {"erase": 0.12, "sisa": 0.03}}}]}))
+    got = {k: v for k, (v, _src) in erase_measurements(str(tmp_path)).items()}
+    assert got == {"erase_certificate_s": 0.002, "erase_fallback_p": 0.01, "erase_recluster_s_per_record": 4e-4,
+                   "erase_query_s": 0.12}
+    (tmp_path / "erase_accuracy.json").write_text(json.dumps({"lm": "x", "shots": 8, "tasks": [
+        {"task": "rotten_tomatoes", "test": 200, "methods": {"erase": {"accuracy": 0.7}}}]}))
+    assert erase_accuracy(str(tmp_path), Accuracy(single=0.75)).erase == 0.7
+    (tmp_path / "holistic.json").write_text("{}")
+    with pytest.raises(UnlearnError, match="holistic.json: not holistic bench output"):
+        erase_measurements(str(tmp_path))

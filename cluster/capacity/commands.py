@@ -167,21 +167,58 @@ def load_accuracy(path: str) -> Accuracy:
 
 
 def erase_measurements(folder: str) -> dict:
-    """ERASE fields measured by the ERASE bench, as {field: (value, source)}: only keys
-    the bench wrote under these names are taken, so nothing is guessed."""
+    """ERASE profile fields measured by the ERASE benches, as {field: (value, source)}.
+
+    bench/results/erase_deletion.json: at its largest N and most partitions, the p50 of
+    certified deletions (the certificate), the fallback rate, and re-clustering seconds
+    per record (from scratch, all N). bench/results/holistic.json: ERASE's seconds per
+    query on rotten_tomatoes (frozen SmolLM2, cached example prefix). A field these files
+    do not give keeps its placeholder."""
+    out: dict = {}
     path = os.path.join(folder, "erase_deletion.json")
-    if not os.path.exists(path):
-        return {}
-    d = _read_json(path, "ERASE results")
-    src = d.get("profile") if isinstance(d, dict) else None
-    if not isinstance(src, dict):
-        return {}
-    out = {}
-    for name in ("erase_certificate_s", "erase_recluster_s_per_record", "erase_fallback_p", "erase_batch_fixed_s",
-                 "erase_query_s"):
-        if isinstance(src.get(name), (int, float)):
-            out[name] = (float(src[name]), f"measured: {os.path.relpath(path, ROOT)}")
+    if os.path.exists(path):
+        d = _read_json(path, "ERASE results")
+        try:
+            rows = d["rows"]
+            big = max(r["N"] for r in rows)
+            row = max((r for r in rows if r["N"] == big), key=lambda r: r["P"])
+            src = f"measured: {os.path.relpath(path, ROOT)} (N={big}, P={row['P']}, {d.get('machine', '')})"
+            if row.get("p50_certified_ms") is not None:
+                out["erase_certificate_s"] = (row["p50_certified_ms"] / 1000, src + ": p50 certified deletion")
+            out["erase_fallback_p"] = (float(row["fallback_rate"]), src + ": fallback rate")
+            out["erase_recluster_s_per_record"] = (row["recluster_s"] / big, src + ": re-cluster from scratch / N")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            raise UnlearnError(f"ERASE results {path}: not erase_deletion_bench output (rows of N, P, "
+                               f"p50_certified_ms, fallback_rate, recluster_s)") from None
+    path = os.path.join(folder, "holistic.json")
+    if os.path.exists(path):
+        d = _read_json(path, "ERASE results")
+        try:
+            task = next(t for t in d["tasks"] if t["task"] == "rotten_tomatoes")
+            out["erase_query_s"] = (float(task["holistic"]["I_s"]["erase"]),
+                                    f"measured: {os.path.relpath(path, ROOT)} (rotten_tomatoes, frozen LM, cached "
+                                    f"prefix, {d.get('date', '')})")
+        except (KeyError, TypeError, ValueError, StopIteration):
+            raise UnlearnError(f"ERASE results {path}: not holistic bench output (tasks with holistic.I_s)") from None
     return out
+
+
+def erase_accuracy(folder: str, sisa: Accuracy) -> Accuracy:
+    """ERASE's rotten_tomatoes accuracy from bench/results/erase_accuracy.json, if there."""
+    from dataclasses import replace
+
+    path = os.path.join(folder, "erase_accuracy.json")
+    if not os.path.exists(path):
+        return sisa
+    d = _read_json(path, "ERASE results")
+    try:
+        task = next(t for t in d["tasks"] if t["task"] == "rotten_tomatoes")
+        acc = float(task["methods"]["erase"]["accuracy"])
+    except (KeyError, TypeError, ValueError, StopIteration):
+        raise UnlearnError(f"ERASE results {path}: not erase_accuracy_bench output") from None
+    source = (sisa.source + "; " if sisa.source else "") + (
+        f"ERASE: {os.path.relpath(path, ROOT)} ({d.get('lm')}, k={d.get('shots')}, {task.get('test')} queries)")
+    return replace(sisa, erase=acc, source=source)
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -224,7 +261,10 @@ def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
     sla = parse_duration(args.sla, "--sla") if args.sla is not None else None
     price = parse_nonnegative(args.price, "--price") if args.price is not None else None
     demand = Demand(sla_s=sla, queries_per_day=parse_rate(args.queries, "--queries") * DAY, price_per_hour=price)
-    return profile, records, demand, load_accuracy(args.accuracy)
+    accuracy = load_accuracy(args.accuracy)
+    if args.accuracy != "none":
+        accuracy = erase_accuracy(os.path.dirname(os.path.abspath(args.accuracy)), accuracy)
+    return profile, records, demand, accuracy
 
 
 def parse_nonnegative(text: str, option: str) -> float:
@@ -349,7 +389,7 @@ def run_plan(args) -> int:
     print(markdown_table(out["configs"]) if args.markdown else text_table(out["configs"]))
     notes = list(w["notes"])
     if out["accuracy_source"]:
-        notes.append(f"accuracy cost: single-model minus SISA vote accuracy, from {out['accuracy_source']}")
+        notes.append(f"acc. cost: single-model accuracy minus the method's, from {out['accuracy_source']}")
     notes.append("retrain/req: retraining work per request, fraction of one full training; "
                  "h/day: worker compute hours a day")
     if args.plot:
