@@ -14,6 +14,13 @@ once per label on top of that (the padding between a short query and its verbali
 masked out and the position ids continue from the query's real length). `use_cache=False`
 runs instruction + examples + query per query, the baseline the cache is measured against;
 both paths feed the model the same token ids, so they give the same probabilities.
+Only the logits that are scored go through the output layer (49k-way for SmolLM2, as
+costly as several transformer layers per token).
+
+`calibrate=True` applies contextual calibration (Zhao et al., ICML 2021): the label
+probabilities are divided by those the same prompt gives to content-free queries ("N/A",
+"", "[MASK]") and renormalised. Tiny LMs lean hard towards one label after k examples;
+this removes a constant bias, at the cost of three extra queries per call.
 
 Token ids are assembled from separately tokenized pieces (instruction, each example,
 query, verbalizer), so the verbalizer scored after a query is exactly the token sequence
@@ -40,6 +47,7 @@ from .prompt import PromptTemplate
 PRESETS = ("smollm2-135m", "tiny-lm")
 TEXT_TOKENS = 96
 MAX_CONTEXT = 2048
+CONTENT_FREE = ("N/A", "", "[MASK]")
 _SLACK = 4  # tokens a rendered query may differ from its pieces (merges at the template's edges)
 
 
@@ -162,7 +170,7 @@ class InContextClassifier:
         return self._ids(self.template.render_query(self._truncate(text, self.text_tokens)))
 
     def predict_proba(self, examples: Sequence[tuple[str, str]], queries: Sequence[str],
-                      use_cache: bool = True, batch_size: int = 8) -> np.ndarray:
+                      use_cache: bool = True, batch_size: int = 8, calibrate: bool = False) -> np.ndarray:
         """[len(queries), len(labels)] label probabilities (float64 rows summing to 1)."""
         import torch
 
@@ -171,7 +179,7 @@ class InContextClassifier:
         if batch_size < 1:
             raise UnlearnError(f"batch_size must be >= 1, got {batch_size}")
         prefix = self.prefix_ids(examples)
-        qids = [self.query_ids(q) for q in queries]
+        qids = [self.query_ids(q) for q in list(queries) + (list(CONTENT_FREE) if calibrate else [])]
         longest = max(len(q) for q in qids) + max(len(v) for v in self.verb_ids)
         if len(prefix) + longest > self.max_length:  # only if a template edge merged unusually
             raise UnlearnError(f"a query does not fit: {len(prefix) + longest} tokens > max_length {self.max_length}")
@@ -181,9 +189,11 @@ class InContextClassifier:
             for start in range(0, len(qids), batch_size):
                 batch = qids[start:start + batch_size]
                 scores[start:start + len(batch)] = self._score(prefix, past, batch)
-        scores -= scores.max(axis=1, keepdims=True)
-        probs = np.exp(scores)
-        return probs / probs.sum(axis=1, keepdims=True)
+        if not calibrate:
+            return _softmax(scores)
+        n = len(queries)
+        bias = _softmax(scores[n:]).mean(axis=0)  # what the prompt alone makes of each label
+        return _softmax(scores[:n] - np.log(np.maximum(bias, 1e-300)))
 
     def _prefix_cache(self, prefix: list[int]) -> list[tuple]:
         """Per layer (keys, values) of the prefix, batch 1; never handed to the model itself."""
@@ -218,9 +228,11 @@ class InContextClassifier:
         else:  # the whole prompt, per query
             ids = torch.cat([torch.tensor([prefix] * B, dtype=torch.long).reshape(B, P), query], dim=1)
             cache, positions = None, torch.arange(P + Q)
+        last = qlen - 1 + (ids.shape[1] - Q)  # each row's last query token in this input
+        keep, column = torch.unique(last, return_inverse=True)  # output layer only where it is scored
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(B, -1),
-                         past_key_values=cache, use_cache=True, logits_to_keep=Q)
-        first = torch.log_softmax(out.logits[torch.arange(B), qlen - 1].float(), dim=-1)  # [B, V]
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        first = torch.log_softmax(out.logits[torch.arange(B), column].float(), dim=-1)  # [B, V]
         scores = torch.stack([first[:, v[0]] for v in self.verb_ids], dim=1).double()  # [B, L]
         M = max(len(v) for v in self.verb_ids) - 1
         if M > 0:  # later verbalizer tokens: one row per (query, label) on top of the query's cache
@@ -240,3 +252,8 @@ class InContextClassifier:
                 for t in range(1, len(v)):
                     scores[:, l] += logp[:, l, t - 1, v[t]].double()
         return scores.numpy()
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    z = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)

@@ -142,3 +142,15 @@ def test_folder_without_a_model(tmp_path):
 def test_bad_template():
     with pytest.raises(UnlearnError, match="must contain {text} exactly once"):
         PromptTemplate(query="Label:")
+
+
+def test_contextual_calibration_divides_out_the_content_free_prediction(clf):
+    from erase.icl import CONTENT_FREE
+
+    raw = clf.predict_proba(EXAMPLES, QUERIES)
+    free = clf.predict_proba(EXAMPLES, list(CONTENT_FREE)).mean(axis=0)
+    expected = raw / free
+    expected /= expected.sum(axis=1, keepdims=True)
+    got = clf.predict_proba(EXAMPLES, QUERIES, calibrate=True, batch_size=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8)
+    assert np.abs(got - raw).max() > 1e-3  # it did change something
