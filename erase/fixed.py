@@ -58,7 +58,10 @@ def sq_norms(X: np.ndarray) -> np.ndarray:
 def sq_dists(X: np.ndarray, xx: np.ndarray, C: np.ndarray) -> np.ndarray:
     """Exact squared distances [n, c] between integer rows and integer centroids."""
     C = np.asarray(C, dtype=np.int64)
-    cross = np.einsum("nd,cd->nc", X, C, dtype=np.int64)
+    if len(C) == 1:  # numpy's matrix-vector path is several times faster than the general one
+        cross = np.einsum("nd,d->n", X, C[0], dtype=np.int64)[:, None]
+    else:
+        cross = np.einsum("nd,cd->nc", X, C, dtype=np.int64)
     return xx[:, None] - 2 * cross + sq_norms(C)[None, :]
 
 

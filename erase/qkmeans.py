@@ -101,10 +101,7 @@ def fit(params: QKParams, ids: list[str], X: np.ndarray, weights: np.ndarray, ke
     for _ in range(params.iters):
         prev = cents[-1]
         assign = np.argmin(sq_dists(X, xx, prev), axis=1)
-        onehot = np.zeros((len(prev), n), np.int64)
-        onehot[assign, np.arange(n)] = weights
-        s = np.einsum("mn,nd->md", onehot, X, dtype=np.int64)
-        c = onehot.sum(axis=1)
+        s, c = _cluster_sums(X, weights, assign, len(prev))
         sums.append(s)
         counts.append(c)
         cents.append(next_centroids(prev, s, c, n_total, params.gamma, offset, params.eps_units))
@@ -159,6 +156,21 @@ def certify_decrement(params: QKParams, state: QKState, point_id: str, x: np.nda
         ):
             return None
     return QKState(state.seeds, state.centroids, sums, counts, n_total)
+
+
+def _cluster_sums(X: np.ndarray, weights: np.ndarray, assign: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted integer sums and weights per cluster (exact: the order of addition is irrelevant)."""
+    sums = np.zeros((m, X.shape[1]), np.int64)
+    counts = np.zeros(m, np.int64)
+    unit = bool((weights == 1).all())
+    for j in range(m):
+        rows = assign == j
+        counts[j] = weights[rows].sum()
+        if unit:
+            sums[j] = X[rows].sum(axis=0, dtype=np.int64)
+        else:
+            sums[j] = np.einsum("n,nd->d", weights[rows], X[rows], dtype=np.int64)
+    return sums, counts
 
 
 def _race(params: QKParams, X: np.ndarray, xx: np.ndarray, weights: np.ndarray, keys: np.ndarray) -> list[int]:
