@@ -64,7 +64,7 @@ class ClusteringConfig:
     @property
     def eps_units(self) -> int:
         """The grid step in fixed-point units: the grid is integer, so distances stay exact."""
-        return int(round(self.eps * self.scale))
+        return round(self.eps * self.scale)
 
     def group_shots(self, label_set: list[str]) -> dict[str, int]:
         """Shots per group: one group "all", or k split over the sorted labels (k // L each,

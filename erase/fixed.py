@@ -44,7 +44,7 @@ def to_fixed(X: object, scale: int) -> np.ndarray:
 
 def check_capacity(d: int, total_weight: int, scale: int, eps_units: int) -> None:
     """Weight times squared distance (the seeding race) must stay inside int64."""
-    bound = int(math.ceil(COORD_LIMIT * scale)) + eps_units
+    bound = math.ceil(COORD_LIMIT * scale) + eps_units
     if total_weight * d * (2 * bound) ** 2 >= _INT64_HEADROOM:
         raise UnlearnError(
             f"{total_weight} records in {d} dimensions at scale {scale} could overflow int64: lower 'scale'"

@@ -188,8 +188,10 @@ class EraseModel:
             raise UnlearnError(f"unknown id {unknown[0]!r}: not in the clustering (already deleted?)")
         by_key: dict[str, list[str]] = {}
         for rid in ids:
-            by_key.setdefault(self._where.pop(rid), []).append(rid)
+            by_key.setdefault(self._where[rid], []).append(rid)
         deltas: dict[str, PartitionDelta] = self.pool.call({key: ("delete", (lst,)) for key, lst in by_key.items()})
+        for rid in ids:
+            del self._where[rid]
         deleted = set(ids)
         reselect, root_refit, root_certified = [], False, 0
         for g in self._groups.values():
@@ -261,9 +263,9 @@ class EraseModel:
                     calls[key] = ("from_tensors", (sub, gm["partitions"][key]))
                     model._where.update((rid, key) for rid in gm["partitions"][key]["ids"])
                 if gm["root"] is not None:
-                    rm, t = gm["root"], {n: tensors[f"root/{name}/{n}"] for n in ("points", "weights", "centroids", "sums", "counts")}
-                    state = QKState(tuple(rm["seeds"]), t["centroids"], t["sums"], t["counts"], int(rm["n_total"]))
-                    g.root = Root(tuple(rm["point_ids"]), t["points"], t["weights"], state)
+                    g.root = _load_root(name, gm["root"], tensors, model.d)
+            if sorted(model._groups) != sorted(config.group_shots(list(model.label_set))):
+                raise UnlearnError("ERASE model groups do not match its configuration and label set")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UnlearnError(f"ERASE model metadata or tensors incomplete: {exc!r}") from None
         outputs = model.pool.call(calls)
@@ -343,6 +345,23 @@ class EraseModel:
         for g in groups:
             merged = merge_candidates([answers[key] for key in g.keys], len(g.centroids()))
             g.selected = greedy_select(merged)
+
+
+def _load_root(name: str, rm: dict, tensors: dict[str, np.ndarray], d: int) -> Root:
+    t = {n: tensors[f"root/{name}/{n}"] for n in ("points", "weights", "centroids", "sums", "counts")}
+    state = QKState(tuple(rm["seeds"]), t["centroids"], t["sums"], t["counts"], int(rm["n_total"]))
+    root = Root(tuple(rm["point_ids"]), t["points"], t["weights"], state)
+    r, m, iters = len(root.point_ids), len(state.seeds), state.sums.shape[0] if state.sums.ndim == 3 else -1
+    consistent = (
+        all(a.dtype == np.int64 for a in t.values())
+        and root.points.shape == (r, d) and root.weights.shape == (r,) and bool((root.weights > 0).all())
+        and state.centroids.shape == (iters + 1, m, d) and state.sums.shape == (iters, m, d)
+        and state.counts.shape == (iters, m) and int(root.weights.sum()) == state.n_total
+        and list(root.point_ids) == sorted(set(root.point_ids)) and set(state.seeds) <= set(root.point_ids)
+    )
+    if not consistent:
+        raise UnlearnError(f"ERASE model root of group {name!r}: stored tensors are inconsistent with their metadata")
+    return root
 
 
 def _check_records(ids: object, labels: object) -> tuple[list[str], list[str]]:

@@ -215,3 +215,19 @@ def test_unknown_id_on_delete_changes_nothing():
     m.delete([data[0][0], data[0][0]])  # a repeated id in one request is one deletion
     with pytest.raises(UnlearnError, match="already deleted"):
         m.delete([data[0][0]])
+
+
+def test_inconsistent_tensors_are_rejected():
+    data = _mixture(90, 4, seed=8)
+    m = EraseModel.fit(*data, ClusteringConfig(shots=3, partitions=2))
+    tensors, meta = m.to_tensors()
+    broken = [
+        ({**tensors, "root/all/weights": tensors["root/all/weights"][:-1]}, meta, "root of group 'all'"),
+        ({k: v for k, v in tensors.items() if k != "part/all/0/x"}, meta, "incomplete"),
+        ({**tensors, "part/all/1/x": tensors["part/all/1/x"].astype(np.int64)}, meta, "partition all/1"),
+        (tensors, {**meta, "format": "other"}, "not an ERASE model"),
+    ]
+    for t, mt, message in broken:
+        with pytest.raises(UnlearnError, match=message) as err:
+            EraseModel.from_tensors(t, mt)
+        assert "\n" not in str(err.value)
