@@ -119,7 +119,7 @@ def test_simulation_is_deterministic_for_a_seed_and_shared_across_configs():
 
 
 def test_patterns_shape_the_arrivals():
-    t, cum = cumulative_intensity(10 / DAY, Pattern(1.0, 14 * 3600.0), 4 * DAY)
+    _t, cum = cumulative_intensity(10 / DAY, Pattern(1.0, 14 * 3600.0), 4 * DAY)
     assert math.isclose(cum[-1], 40, rel_tol=1e-6)  # the cycle keeps the mean
     w = generate(200 / DAY, 20 * DAY, Pattern(0.9, 14 * 3600.0), seed=5)
     hours = (w.arrival_s % DAY) / 3600
@@ -257,5 +257,5 @@ def test_erase_fields_come_from_the_erase_bench_results(tmp_path):
         {"task": "rotten_tomatoes", "test": 200, "methods": {"erase": {"accuracy": 0.7}}}]}))
     assert erase_accuracy(str(tmp_path), Accuracy(single=0.75)).erase == 0.7
     (tmp_path / "holistic.json").write_text("{}")
-    with pytest.raises(UnlearnError, match="holistic.json: not holistic bench output"):
+    with pytest.raises(UnlearnError, match=r"holistic\.json: not holistic bench output"):
         erase_measurements(str(tmp_path))

@@ -86,8 +86,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
     p.add_argument("--k", type=int, default=4, help="ERASE: examples in a prompt, for the per-query cost (default 4)")
     p.add_argument("--repeats", type=int, default=2, help="repeats of each timing; the minimum is kept (default 2)")
-    p.add_argument("--run", default=None, help="calibrate on this existing run instead: its model, configuration, a "
-                                               "sample of its records and its shard/slice sizes (the run is not modified)")
+    p.add_argument("--run", default=None,
+                   help="calibrate on this existing run instead: its model, configuration, a sample of its records "
+                        "and its shard/slice sizes (the run is not modified)")
     p.add_argument("--store", default=None, help="store of --run (default $UNLEARN_STORE or ./unlearn-store)")
     p.add_argument("--erase-results", default=RESULTS, help="folder with ERASE bench results to take ERASE fields "
                                                             "from (default bench/results)")
@@ -108,8 +109,10 @@ def add_parsers(sub) -> None:
                                                   "shape replay the shards and stages the log records")
     g.add_argument("--horizon", default="90d", help="how long requests arrive (default 90d; a replay lasts as long "
                                                     "as its log)")
-    g.add_argument("--records", default=None, help="training records N, e.g. 1e6 (default: the profile's calibrated run)")
-    g.add_argument("--queries", default="0/day", help="rate of inference queries, for the holistic cost (default 0/day)")
+    g.add_argument("--records", default=None,
+                   help="training records N, e.g. 1e6 (default: the profile's calibrated run)")
+    g.add_argument("--queries", default="0/day",
+                   help="rate of inference queries, for the holistic cost (default 0/day)")
     g.add_argument("--seed", type=int, default=0, help="seed of arrivals and placements (default 0)")
     g = p.add_argument_group("configurations (comma lists; every combination is simulated)")
     g.add_argument("--methods", default=",".join(METHODS), help="which of sisa, erase, full (default all)")
@@ -150,7 +153,8 @@ def _read_json(path: str, what: str) -> object:
 def load_profile(spec: str) -> Profile:
     path = spec if os.path.exists(spec) or spec.endswith(".json") else os.path.join(PROFILES, f"{spec}.json")
     if not os.path.exists(path):
-        raise UnlearnError(f"--profile {spec!r}: no such file and not a shipped profile ({', '.join(_profile_names())})")
+        shipped = ", ".join(_profile_names())
+        raise UnlearnError(f"--profile {spec!r}: no such file and not a shipped profile ({shipped})")
     return Profile.from_json(_read_json(path, "--profile"), f"--profile {path}")
 
 
@@ -163,7 +167,8 @@ def load_accuracy(path: str) -> Accuracy:
         source = f"{os.path.relpath(path, ROOT)}: {d.get('model')}, {d.get('records')} records, {d.get('date')}"
         return Accuracy(sisa=sisa, single=float(d["single_model_accuracy"]), source=source)
     except (KeyError, TypeError, ValueError):
-        raise UnlearnError(f"--accuracy {path}: not SISA bench results (rows of shards, slices, accuracy_vote)") from None
+        raise UnlearnError(f"--accuracy {path}: not SISA bench results (rows of shards, slices, "
+                           f"accuracy_vote)") from None
 
 
 def erase_measurements(folder: str) -> dict:
@@ -195,9 +200,9 @@ def erase_measurements(folder: str) -> dict:
         d = _read_json(path, "ERASE results")
         try:
             task = next(t for t in d["tasks"] if t["task"] == "rotten_tomatoes")
-            out["erase_query_s"] = (float(task["holistic"]["I_s"]["erase"]),
-                                    f"measured: {os.path.relpath(path, ROOT)} (rotten_tomatoes, frozen LM, cached "
-                                    f"prefix, {d.get('date', '')})")
+            source = (f"measured: {os.path.relpath(path, ROOT)} (rotten_tomatoes, frozen LM, cached prefix, "
+                      f"{d.get('date', '')})")
+            out["erase_query_s"] = (float(task["holistic"]["I_s"]["erase"]), source)
         except (KeyError, TypeError, ValueError, StopIteration):
             raise UnlearnError(f"ERASE results {path}: not holistic bench output (tasks with holistic.I_s)") from None
     return out
@@ -408,7 +413,10 @@ def run_profile(args) -> int:
     from .profile import calibrate_run, measure
 
     erase = erase_measurements(args.erase_results)
-    progress = (lambda m: _say(args, m))
+
+    def progress(message: str) -> None:
+        _say(args, message)
+
     n = parse_count(args.records, "--records", minimum=16)
     if args.run:
         from sisa.store import open_store

@@ -137,7 +137,8 @@ class ShardJobs:
 def sisa_jobs(profile: Profile, shards: int, slices: int, records: float, layout: list | None = None) -> ShardJobs:
     if layout is not None:
         if (len(layout), len(layout[0])) != (shards, slices):
-            raise UnlearnError(f"layout of {len(layout)}x{len(layout[0])} does not fit {shards} shards x {slices} slices")
+            raise UnlearnError(f"layout of {len(layout)}x{len(layout[0])} does not fit {shards} shards x "
+                               f"{slices} slices")
         stage = np.stack([stage_fractions(s, records) for s in layout])
     else:
         stage = stage_fractions([records / (shards * slices)] * slices, records)[None, :]

@@ -7,8 +7,8 @@ user's run: calibrating on a run (`--run`) reads its configuration, records and
 layout, and measures on a copy of a sample in a temporary store.
 
 Per-example and per-stage costs come from timing one stage at two sizes (a line through
-two points); the fixed cost of a deletion is what a real deletion took beyond its
-predicted training, split into a per-batch and a per-shard part by deleting from one
+two points); the fixed cost of a deletion is what a real deletion took beyond the time
+spent training its stages, split into a per-batch and a per-shard part by deleting from one
 shard and then from two in one batch. Each timing is the minimum of repeats: the
 machine is shared and the minimum is the least disturbed.
 """
@@ -55,7 +55,7 @@ def measure_training(config: SisaConfig, records: Sequence[Record], repeats: int
     """Seconds per example and per stage, checkpoint save/load, and per-query costs."""
     import torch
 
-    from sisa.checkpoint import dump_state, load_state
+    from sisa.checkpoint import dump_state
     from sisa.shard import get_trainer
     from sisa.trainer import deterministic
 
@@ -71,13 +71,11 @@ def measure_training(config: SisaConfig, records: Sequence[Record], repeats: int
     per_example = max((t_big - t_small) / (e_big - e_small), t_big / e_big / 10)
     intercept = max(0.0, t_small - per_example * e_small)
     trained = trainer.train_stage(state, small, 0, 0)
-    blob = dump_state(trained, {"profile": "1"})
     save = _best(lambda: dump_state(trained, {"profile": "1"}), repeats)
-    load = _best(lambda: load_state(blob), repeats)
     texts = [r.text for r in big]
     with deterministic():
         per_query = _best(lambda: trainer.predict_proba(trained, texts), repeats) / len(texts)
-    return {"train_s_per_example": per_example, "stage_intercept_s": intercept, "save_s": save, "load_s": load,
+    return {"train_s_per_example": per_example, "stage_intercept_s": intercept, "save_s": save,
             "query_s_per_shard": per_query, "trainer": trainer, "torch_threads": torch.get_num_threads()}
 
 
@@ -111,28 +109,44 @@ def _victims(manifest, shards: Sequence[int], skip: set[str]) -> list[str]:
     return out
 
 
-def measure_deletion(config: SisaConfig, records: Sequence[Record], per_example: float, stage_fixed: float,
-                     repeats: int = 2) -> dict:
-    """Fixed costs of a deletion from real deletions on a scratch store (S=2, R=2)."""
+def measure_deletion(config: SisaConfig, records: Sequence[Record], save_s: float, repeats: int = 2) -> dict:
+    """Fixed costs of a deletion from real deletions on a scratch store (S=2, R=2): what a
+    deletion took beyond the time spent inside stage training (timed around the trainer
+    itself). Deleting from one shard and then from two in one batch separates the part
+    paid per batch from the part paid per retrained shard."""
     from sisa.run import SisaRun
+    from sisa.shard import LocalExecutor
     from sisa.store import LocalStore
 
     cfg = replace(config, shards=2, slices=2)
     with tempfile.TemporaryDirectory(prefix="unlearn-profile-") as tmp:
         store = LocalStore(tmp)
         run = SisaRun.train(store, "profile", list(records), cfg)
+        executor = LocalExecutor(store, "profile", run.config)
+        trainer = executor.worker.trainer
+        inner, spent = trainer.train_stage, [0.0]
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        trainer.train_stage = timed
+        run.executor = executor
         used: set[str] = set()
         beyond: dict[int, float] = {1: float("inf"), 2: float("inf")}
         for _ in range(repeats):
             for n_shards in (1, 2):
                 victims = _victims(run.manifest, range(n_shards), used)
                 used.update(victims)
-                receipt = run.delete(ids=victims)
-                examples = receipt.retrain_fraction * run.manifest.records * float(Fraction(cfg.epochs))
-                predicted = examples * per_example + n_shards * stage_fixed
-                beyond[n_shards] = min(beyond[n_shards], receipt.seconds - predicted)
-    shard_fixed = max(0.0, beyond[2] - beyond[1])
-    return {"shard_fixed_s": shard_fixed, "batch_fixed_s": max(0.0, beyond[1] - shard_fixed)}
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                run.delete(ids=victims)
+                beyond[n_shards] = min(beyond[n_shards], time.perf_counter() - t0 - spent[0])
+    per_shard = max(0.0, beyond[2] - beyond[1])  # includes saving the one stage redone
+    return {"shard_fixed_s": max(0.0, per_shard - save_s), "batch_fixed_s": max(0.0, beyond[1] - per_shard)}
 
 
 def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: list | None = None,
@@ -143,13 +157,13 @@ def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: 
     t = measure_training(config, records, repeats)
     stage_fixed = t["stage_intercept_s"] + t["save_s"]
     progress("timing real deletions on a scratch store")
-    d = measure_deletion(config, records, t["train_s_per_example"], stage_fixed, repeats)
+    d = measure_deletion(config, records, t["save_s"], repeats)
     progress("timing one prompt of k examples")
     prompt = measure_prompt_query(t["trainer"], config, k)
     how = f"measured here ({len(records)} records, 1 torch thread)"
     sources = {"train_s_per_example": how, "stage_fixed_s": how + ": stage intercept + checkpoint save",
-               "shard_fixed_s": how + ": real deletions on a scratch store",
-               "batch_fixed_s": how + ": real deletions on a scratch store",
+               "shard_fixed_s": how + ": real deletions on a scratch store, beyond stage training",
+               "batch_fixed_s": how + ": real deletions on a scratch store, beyond stage training",
                "query_s_per_shard": how + ": batched predict_proba",
                "erase_query_s": f"measured here: one forward pass of {config.model} over {k + 1} x "
                                 f"{config.max_length} tokens"}
@@ -162,7 +176,7 @@ def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: 
     return Profile(
         model=config.model, machine=f"{platform.machine()}, {_cores()} cores", date=_today(),
         epochs=float(Fraction(config.epochs)), train_s_per_example=t["train_s_per_example"],
-        stage_fixed_s=stage_fixed, shard_fixed_s=d["shard_fixed_s"] + t["load_s"], batch_fixed_s=d["batch_fixed_s"],
+        stage_fixed_s=stage_fixed, shard_fixed_s=d["shard_fixed_s"], batch_fixed_s=d["batch_fixed_s"],
         query_s_per_shard=t["query_s_per_shard"], erase_k=k, sources=sources, layout=layout,
         notes=f"batch size {config.batch_size}, max length {config.max_length}, LoRA r {config.lora_r}",
         **values)

@@ -160,7 +160,7 @@ def cumulative_intensity(rate_per_s: float, pattern: Pattern, horizon_s: float,
                          step_s: float = 60.0) -> tuple[np.ndarray, np.ndarray]:
     """(times, expected arrivals by each time) on a grid, integrating the rate exactly
     for the cosine and by grid cell for spikes (whose edges are rounded to the grid)."""
-    t = np.linspace(0.0, horizon_s, max(2, int(math.ceil(horizon_s / step_s)) + 1))
+    t = np.linspace(0.0, horizon_s, max(2, math.ceil(horizon_s / step_s) + 1))
     w = 2 * math.pi / DAY
     base = t + pattern.daily_amplitude / w * (np.sin(w * (t - pattern.peak_s)) - math.sin(-w * pattern.peak_s))
     rate = np.ones(len(t) - 1)
