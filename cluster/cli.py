@@ -237,7 +237,8 @@ def _requests(args, store) -> int:
 
     log = [r.to_json() for r in Coordinator(store, args.run).log()]
     lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
-             + (f"shards {r['shards']}  {r['records_deleted']} records" if r["status"] == "done"
+             + (f"{'partitions' if r['details'] else 'shards'} {r['shards']}  {r['records_deleted']} records"
+                if r["status"] == "done"
                 else (r["reason"] or "")) for r in log] or [f"run {args.run}: no deletion requests"]
     _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
     return 0
@@ -288,9 +289,9 @@ def erase_command(args, store, progress: bool) -> int:
     from erase.run import EraseRun
     from sisa.records import load_records, load_texts
 
+    # In this process: deletions on Ray go to the coordinator actor (whose partition actors
+    # hold the state), and verify must not disturb those actors with its fresh clustering.
     run = EraseRun.open(store, args.run)
-    if hasattr(args, "runtime"):
-        run.pool = _erase_pool(args, store, run.config) if args.command in ("delete", "verify") else None
     if args.command == "delete":
         receipt = _delete(args, store, run, progress)
         d = receipt["details"]

@@ -201,26 +201,28 @@ def _partition_actor_class():
 
     @ray.remote(max_restarts=-1, max_task_retries=-1)
     class PartitionActor:
-        """One ERASE cluster partition (a divide-and-conquer leaf): its records' fixed-point
-        embeddings and quantized k-means state, in memory. Light: numpy only, no model.
-        After a restart it holds nothing; the next command reloads it from the store."""
+        """One ERASE cluster partition p: the divide-and-conquer leaves "<group>/p" of every
+        group (one group, or one per label): their records' fixed-point embeddings and
+        quantized k-means states, in memory. Light: numpy only, no model. After a restart
+        it holds nothing; the next command reloads it from the store."""
 
         def __init__(self):
-            self.part = None
+            self.parts: dict[str, object] = {}  # partition key "<group>/<p>" -> Partition
 
-        def call(self, method: str, args: tuple):
+        def call(self, key: str, method: str, args: tuple):
             from erase.partition import apply_call
 
-            self.part, result = apply_call(self.part, method, args)
+            self.parts[key], result = apply_call(self.parts.get(key), method, args)
             return result
 
     return PartitionActor
 
 
 class RayPartitionPool:
-    """ERASE's PartitionPool over Ray: partition key -> a named actor, calls in parallel.
+    """ERASE's PartitionPool over Ray: one named actor per partition p (holding that leaf
+    of every group), calls in parallel.
 
-    Actors are named `<run>/erase/<config digest>/<key>`; results are small (outputs,
+    Actors are named `<run>/erase/<config digest>/p<p>`; results are small (outputs,
     candidates, deltas), the points never leave their actor except to be stored."""
 
     def __init__(self, run: str, config_digest: str, actor_cpus: float):
@@ -229,14 +231,15 @@ class RayPartitionPool:
         self._actors: dict[str, object] = {}
 
     def actor(self, key: str):
-        if key not in self._actors:
+        p = key.rsplit("/", 1)[1]
+        if p not in self._actors:
             cls = _partition_actor_class()
-            self._actors[key] = cls.options(name=f"{self.prefix}/{key}", namespace=NAMESPACE, get_if_exists=True,
-                                            num_cpus=self.actor_cpus).remote()
-        return self._actors[key]
+            self._actors[p] = cls.options(name=f"{self.prefix}/p{p}", namespace=NAMESPACE, get_if_exists=True,
+                                          num_cpus=self.actor_cpus).remote()
+        return self._actors[p]
 
     def call(self, calls: dict) -> dict:
-        refs = {key: self.actor(key).call.remote(method, args) for key, (method, args) in calls.items()}
+        refs = {key: self.actor(key).call.remote(key, method, args) for key, (method, args) in calls.items()}
         return {key: ray_get(ref) for key, ref in refs.items()}
 
 
@@ -244,8 +247,8 @@ def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) 
     """The Ray pool for an ERASE run's partitions (Ray must be initialised)."""
     import ray
 
-    if actor_cpus is None:
-        actor_cpus = round(min(1.0, ray.cluster_resources().get("CPU", 1.0) / max(1, config.partitions)), 3)
+    if actor_cpus is None:  # half the cluster at most: the in-context actors take the other half
+        actor_cpus = round(min(1.0, ray.cluster_resources().get("CPU", 1.0) / max(1, config.partitions)) / 2, 3)
     return RayPartitionPool(run, config.digest(), actor_cpus)
 
 
@@ -277,7 +280,8 @@ class InContextServer:
 
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n = actors or max(1, min(4, int(cpus)))
-        self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n), 3)
+        # half the cluster at most, so that partition actors (the other half) can run beside them
+        self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n) / 2, 3)
         cls = _icl_actor_class()
         self.actors = [cls.options(name=f"{run}/icl/{lm.replace('/', '_')}/{i}", namespace=NAMESPACE,
                                    get_if_exists=True, num_cpus=self.actor_cpus).remote(lm, list(labels))
