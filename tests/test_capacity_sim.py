@@ -252,10 +252,29 @@ def test_erase_fields_come_from_the_erase_bench_results(tmp_path):
         {"task": "rotten_tomatoes", "holistic": {"I_s": {"erase": 0.12, "sisa": 0.03}}}]}))
     got = {k: v for k, (v, _src) in erase_measurements(str(tmp_path)).items()}
     assert got == {"erase_certificate_s": 0.002, "erase_fallback_p": 0.01, "erase_recluster_s_per_record": 4e-4,
-                   "erase_query_s": 0.12}
+                   "erase_query_s": 0.12, "erase_fallback_by_leaf": [[62.5, 0.5], [6250.0, 0.01], [100000.0, 0.2]]}
+    from cluster.capacity.commands import refresh_erase
+
+    fresh = refresh_erase(PROFILE, erase_measurements(str(tmp_path)))
+    assert fresh.erase_query_s == 0.12 and fresh.train_s_per_example == PROFILE.train_s_per_example
+    assert fresh.sources["erase_query_s"].startswith("measured: ")
     (tmp_path / "erase_accuracy.json").write_text(json.dumps({"lm": "x", "shots": 8, "tasks": [
         {"task": "rotten_tomatoes", "test": 200, "methods": {"erase": {"accuracy": 0.7}}}]}))
     assert erase_accuracy(str(tmp_path), Accuracy(single=0.75)).erase == 0.7
     (tmp_path / "holistic.json").write_text("{}")
     with pytest.raises(UnlearnError, match=r"holistic\.json: not holistic bench output"):
         erase_measurements(str(tmp_path))
+
+
+def test_erase_fallback_follows_records_per_partition():
+    from cluster.capacity.costs import fallback_probability
+
+    table = Profile(**{**PROFILE.to_json(), "erase_fallback_by_leaf": [[1000, 0.9], [100000, 0.1]]})
+    assert fallback_probability(table, 1e6, 1000) == pytest.approx(0.9)  # held below the smallest measured size
+    assert fallback_probability(table, 1e7, 10) == pytest.approx(0.1)  # and above the largest
+    assert fallback_probability(table, 1e5, 10) == pytest.approx(0.5)  # 10,000: halfway in log(size)
+    assert fallback_probability(PROFILE, 1e5, 10) == PROFILE.erase_fallback_p
+    w = generate(200 / DAY, 30 * DAY, Pattern(), seed=4)
+    small = simulate(w, Config("erase", 0.0, 4, partitions=100), table, 100_000)
+    big = simulate(w, Config("erase", 0.0, 4, partitions=1), table, 100_000)
+    assert (small.trace.batch_jobs > 0).mean() > 5 * (big.trace.batch_jobs > 0).mean()

@@ -92,7 +92,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--store", default=None, help="store of --run (default $UNLEARN_STORE or ./unlearn-store)")
     p.add_argument("--erase-results", default=RESULTS, help="folder with ERASE bench results to take ERASE fields "
                                                             "from (default bench/results)")
-    p.add_argument("--out", default=None, help="write the profile here (default ./unlearn-profile-MODEL.json)")
+    p.add_argument("--refresh-erase", default=None, metavar="PROFILE",
+                   help="measure nothing: rewrite the ERASE fields of this profile from --erase-results")
+    p.add_argument("--out", default=None, help="write the profile here (default ./unlearn-profile-MODEL.json; "
+                                               "with --refresh-erase, the profile itself)")
     p.add_argument("--json", action="store_true", help="also print the profile JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -121,7 +124,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--partitions", default="8", help="ERASE partitions P of divide-and-conquer k-means (default 8)")
     g.add_argument("--window", default="0", help="batching window of the coordinator (default 0: apply at once)")
     g.add_argument("--workers", default="4", help="shard or partition retrainings that run at once (default 4)")
-    g.add_argument("--fallback", default=None, help="ERASE fallback probability per deletion (default: the profile's)")
+    g.add_argument("--fallback", default=None,
+                   help="ERASE fallback probability per deletion (default: the profile's, by records per partition "
+                        "where the ERASE bench measured it)")
     g = p.add_argument_group("costs and limits")
     g.add_argument("--profile", default="minilm",
                    help=f"a profile JSON from `unlearn profile`, or a shipped one ({', '.join(_profile_names())}; "
@@ -191,6 +196,12 @@ def erase_measurements(folder: str) -> dict:
             if row.get("p50_certified_ms") is not None:
                 out["erase_certificate_s"] = (row["p50_certified_ms"] / 1000, src + ": p50 certified deletion")
             out["erase_fallback_p"] = (float(row["fallback_rate"]), src + ": fallback rate")
+            by_leaf: dict[float, list[float]] = {}
+            for r in rows:
+                by_leaf.setdefault(r["N"] / r["P"], []).append(float(r["fallback_rate"]))
+            table = [[size, sum(p) / len(p)] for size, p in sorted(by_leaf.items())]
+            out["erase_fallback_by_leaf"] = (table, f"measured: {os.path.relpath(path, ROOT)}: fallback rate "
+                                                    f"by records per partition (N/P)")
             out["erase_recluster_s_per_record"] = (row["recluster_s"] / big, src + ": re-cluster from scratch / N")
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             raise UnlearnError(f"ERASE results {path}: not erase_deletion_bench output (rows of N, P, "
@@ -256,7 +267,7 @@ def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
         p = float(parse_nonnegative(args.fallback, "--fallback"))
         if not 0 <= p <= 1:
             raise UnlearnError(f"--fallback {args.fallback!r}: must be in [0, 1]")
-        profile = replace(profile, erase_fallback_p=p)
+        profile = replace(profile, erase_fallback_p=p, erase_fallback_by_leaf=None)
     if args.records is not None:
         records = parse_count(args.records, "--records")
     elif profile.layout:
@@ -403,6 +414,16 @@ def run_plan(args) -> int:
     return 0
 
 
+def refresh_erase(profile: Profile, erase: dict) -> Profile:
+    """The profile with its ERASE fields (and their sources) taken from `erase`."""
+    from dataclasses import replace
+
+    if not erase:
+        raise UnlearnError("--refresh-erase: no ERASE results in --erase-results (erase_deletion.json, holistic.json)")
+    return replace(profile, **{k: v for k, (v, _src) in erase.items()},
+                   sources={**profile.sources, **{k: src for k, (_v, src) in erase.items()}})
+
+
 def run_profile(args) -> int:
     from dataclasses import replace
 
@@ -418,7 +439,10 @@ def run_profile(args) -> int:
         _say(args, message)
 
     n = parse_count(args.records, "--records", minimum=16)
-    if args.run:
+    if args.refresh_erase:
+        profile = refresh_erase(load_profile(args.refresh_erase), erase)
+        args.out = args.out or args.refresh_erase
+    elif args.run:
         from sisa.store import open_store
 
         profile = calibrate_run(open_store(args.store), args.run, erase, sample=n, repeats=args.repeats,

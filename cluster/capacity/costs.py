@@ -49,6 +49,7 @@ class Profile:
     erase_batch_fixed_s: float
     erase_query_s: float
     erase_k: int = 4  # examples in an ERASE prompt
+    erase_fallback_by_leaf: list | None = None  # [[records per partition, fallback probability], ...] measured
     sources: dict = field(default_factory=dict)  # field -> how it was obtained ("measured ...", "placeholder ...")
     layout: list | None = None  # slice sizes per shard of the run this profile was calibrated on
     notes: str = ""
@@ -62,6 +63,10 @@ class Profile:
             raise UnlearnError(f"profile field 'epochs': must be > 0, got {self.epochs!r}")
         if not 0 <= self.erase_fallback_p <= 1:
             raise UnlearnError(f"profile field 'erase_fallback_p': must be in [0, 1], got {self.erase_fallback_p!r}")
+        table = self.erase_fallback_by_leaf
+        if table is not None and not (isinstance(table, list) and table and all(
+                isinstance(r, list) and len(r) == 2 and r[0] > 0 and 0 <= r[1] <= 1 for r in table)):
+            raise UnlearnError("profile field 'erase_fallback_by_leaf': must be [[records > 0, p in [0, 1]], ...]")
         if self.layout is not None:
             ok = (isinstance(self.layout, list) and self.layout
                   and all(isinstance(s, list) and s and len(s) == len(self.layout[0]) for s in self.layout)
@@ -152,6 +157,18 @@ def full_training_s(profile: Profile, records: float) -> float:
     """One full retraining (one model, one stage), fixed costs included."""
     return (profile.batch_fixed_s + profile.shard_fixed_s + profile.stage_fixed_s
             + records * profile.epochs * profile.train_s_per_example)
+
+
+def fallback_probability(profile: Profile, records: float, partitions: int) -> float:
+    """ERASE's chance that a deletion fails its certificate. It depends on how many
+    records a partition holds (small clusters move when a point leaves), so where the
+    ERASE bench measured it at several partition sizes, interpolate in log(size) and
+    hold the end values beyond them; otherwise the profile's single value."""
+    table = profile.erase_fallback_by_leaf
+    if not table:
+        return profile.erase_fallback_p
+    sizes, probs = zip(*sorted(table))
+    return float(np.interp(math.log(max(records / partitions, 1.0)), np.log(sizes), probs))
 
 
 def query_s(profile: Profile, config: Config) -> float:

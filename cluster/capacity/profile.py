@@ -167,7 +167,7 @@ def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: 
                "query_s_per_shard": how + ": batched predict_proba",
                "erase_query_s": f"measured here: one forward pass of {config.model} over {k + 1} x "
                                 f"{config.max_length} tokens"}
-    values = {**ERASE_PLACEHOLDERS, "erase_query_s": prompt}
+    values = {**ERASE_PLACEHOLDERS, "erase_query_s": prompt, "erase_fallback_by_leaf": None}
     for name in ERASE_PLACEHOLDERS:
         sources[name] = "placeholder (no ERASE measurement available)"
     for name, (value, source) in erase.items():  # measured ERASE values replace both

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .costs import Config, Profile, full_training_s, makespan, query_s, sisa_jobs
+from .costs import Config, Profile, fallback_probability, full_training_s, makespan, query_s, sisa_jobs
 from .workload import DAY, Workload
 
 BUSY_LIMIT = 0.99  # a pipeline busier than this in the second half never catches up
@@ -150,7 +150,7 @@ class _Sisa(_Model):
 class _Erase(_Model):
     def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
         P = config.partitions
-        self.fallback = (workload.fallback_u < profile.erase_fallback_p).tolist()
+        self.fallback = (workload.fallback_u < fallback_probability(profile, records, P)).tolist()
         self.partition = (workload.shard_key % np.uint64(P)).astype(np.int64).tolist()
         self.bounds = _hits_by_request(workload.hit_request, workload.requests)
         self.hit_request = workload.hit_request.tolist()
