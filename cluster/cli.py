@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, ray=True)
     p.add_argument("--data", required=True, help="labelled records, same formats as train")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
+
+    from cluster.capacity.commands import add_parsers as add_capacity_parsers
+
+    add_capacity_parsers(sub)  # profile, plan
     return parser
 
 
@@ -343,6 +347,10 @@ def erase_command(args, store, progress: bool) -> int:
 
 
 def run_command(args) -> int:
+    if args.command in ("profile", "plan"):
+        from cluster.capacity.commands import run
+
+        return run(args)
     from sisa.records import load_records, load_texts, quote
     from cluster.runtime import make_executor
     from sisa.run import SisaRun, with_labels

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded defaults (a local store, in-process shards):
+# The main job on the embedded defaults (a local Ray, a local store):
 # train SISA on Rotten Tomatoes with MiniLM, evaluate, forget a few data owners,
 # verify the result is bit-identical to retraining without them, evaluate again.
+# Then the same with ERASE (in-context examples): delete a prompt example, verify.
 set -euo pipefail
 STORE="${UNLEARN_STORE:-./unlearn-store}"
 RUN="${DEMO_RUN:-demo}"
@@ -41,3 +42,21 @@ run unlearn eval --run "$RUN" --store "$STORE" --data "$TEST" --quiet
 
 say "status"
 run unlearn status --run "$RUN" --store "$STORE"
+
+# ERASE: the same records, learned in context by a frozen SmolLM2 instead of fine-tuned.
+ERUN="${RUN}-erase"
+say "ERASE: drop an earlier run, then embed the records (MiniLM) and choose 8 prompt examples by quantized k-means"
+run unlearn drop --run "$ERUN" --store "$STORE" --missing-ok
+run unlearn train --method erase --run "$ERUN" --store "$STORE" --data "$TRAIN" --shots 8 --partitions 2
+
+say "ERASE accuracy (8-shot SmolLM2-135M) on ${DEMO_ERASE_TEST:-100} held-out reviews"
+ETEST="dataset:rotten_tomatoes?split=test&limit=${DEMO_ERASE_TEST:-100}"
+run unlearn eval --run "$ERUN" --store "$STORE" --data "$ETEST" --quiet
+
+say "the author of a prompt example withdraws consent: delete that record"
+EXAMPLE=$(unlearn status --run "$ERUN" --store "$STORE" --json | python -c "import json,sys; print(json.load(sys.stdin)['selected_ids'][0])")
+run unlearn delete --run "$ERUN" --store "$STORE" --ids "$EXAMPLE"
+
+say "verify: embed and cluster the retained records from scratch; same state, same examples"
+run unlearn verify --run "$ERUN" --store "$STORE"
+run unlearn status --run "$ERUN" --store "$STORE"
