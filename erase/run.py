@@ -169,7 +169,8 @@ class EraseRun(StoredRun):
         records = sorted(records, key=lambda r: r.id)
         embedder = embedder or Embedder(config.embedder, config.embed_max_length)
         X = embedder.embed([r.text for r in records], progress=progress)
-        return EraseModel.fit([r.id for r in records], [r.label for r in records], X, config.clustering(), pool=pool)
+        return EraseModel.fit([r.id for r in records], [r.label for r in records], X, config.clustering(), pool=pool,
+                              label_set=list(config.labels))
 
     @classmethod
     def train(cls, store: Store, run: str, records: Sequence[Record], config: EraseConfig,
