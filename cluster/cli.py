@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--embedder", default="minilm", help="encoder for the embeddings: minilm (default), tiny, or a folder")
     e.add_argument("--lm", default="smollm2-135m",
                    help="frozen causal language model for predictions: smollm2-135m (default) or a folder")
+    e.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="raw label probabilities (default: contextual calibration, which removes the small "
+                        "model's bias towards one label; see bench/results/erase_accuracy.md)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where shard models train and answer (default cpu). Part of the run's configuration: "
                         "GPU and CPU kernels round differently, so a deletion is exact against the same device")
@@ -255,7 +258,7 @@ def train_erase(args, store, progress: bool) -> int:
 
     config = EraseConfig(shots=args.shots, partitions=args.partitions, eps=args.eps, gamma=args.gamma,
                          iters=args.iters, seed=args.seed, per_label=args.per_label, embedder=args.embedder,
-                         lm=args.lm, labels=tuple(_split(args.labels, "labels")) if args.labels else ())
+                         lm=args.lm, calibrate=args.calibrate, labels=tuple(_split(args.labels, "labels")) if args.labels else ())
     store.check()
     if EraseRun.exists(store, args.run):
         raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")

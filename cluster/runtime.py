@@ -265,8 +265,8 @@ def _icl_actor_class():
 
             self.clf = InContextClassifier(lm=lm, labels=labels)
 
-        def predict(self, examples: list, texts: list) -> np.ndarray:
-            return self.clf.predict_proba([tuple(e) for e in examples], texts)
+        def predict(self, examples: list, texts: list, calibrate: bool) -> np.ndarray:
+            return self.clf.predict_proba([tuple(e) for e in examples], texts, calibrate=calibrate)
 
     return InContextActor
 
@@ -287,14 +287,16 @@ class InContextServer:
                                    get_if_exists=True, num_cpus=self.actor_cpus).remote(lm, list(labels))
                        for i in range(n)]
 
-    def predict_proba(self, examples: Sequence[tuple[str, str]], texts: Sequence[str]) -> np.ndarray:
+    def predict_proba(self, examples: Sequence[tuple[str, str]], texts: Sequence[str],
+                      calibrate: bool = True) -> np.ndarray:
         import ray
 
         if not texts:
             return np.zeros((0, 0))
         examples_ref = ray.put([list(e) for e in examples])
         chunks = np.array_split(np.arange(len(texts)), min(len(self.actors), len(texts)))
-        refs = [a.predict.remote(examples_ref, [texts[i] for i in idx]) for a, idx in zip(self.actors, chunks)]
+        refs = [a.predict.remote(examples_ref, [texts[i] for i in idx], calibrate)
+                for a, idx in zip(self.actors, chunks)]
         return np.concatenate([ray_get(r) for r in refs], axis=0)
 
 
@@ -373,7 +375,7 @@ def _coordinator_actor_class():
             if key not in self._examples:  # reading texts costs a store round trip: once per prompt
                 self._examples = {key: EraseRun(self.run.store, manifest).examples(exclude)}
             examples = self._examples[key]
-            probs = self.server.predict_proba(examples, texts)
+            probs = self.server.predict_proba(examples, texts, manifest.config.calibrate)
             return format_predictions(manifest.config.labels, texts, probs, manifest.selected_ids, exclude)
 
     return CoordinatorActor

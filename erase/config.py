@@ -29,6 +29,7 @@ class EraseConfig:
     embedder: str = "minilm"
     embed_max_length: int = 128
     lm: str = "smollm2-135m"
+    calibrate: bool = True  # contextual calibration of the label probabilities (predictions only)
     labels: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)  # reserved for future fields; part of the digest
 

@@ -332,7 +332,7 @@ class EraseRun(StoredRun):
 
     def predict(self, texts: Sequence[str], lm: str | None = None, exclude: Iterable[str] = ()) -> dict:
         examples = self.examples(exclude)
-        probs = self.classifier(lm).predict_proba(examples, list(texts))
+        probs = self.classifier(lm).predict_proba(examples, list(texts), calibrate=self.config.calibrate)
         return format_predictions(self.config.labels, texts, probs, self.manifest.selected_ids, exclude)
 
     def evaluate(self, records: Sequence[Record], lm: str | None = None) -> dict:
@@ -342,7 +342,8 @@ class EraseRun(StoredRun):
                 raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(self.config.labels)}")
         truth = np.array([index[r.label] for r in records])
         t0 = time.perf_counter()
-        probs = self.classifier(lm).predict_proba(self.examples(), [r.text for r in records])
+        probs = self.classifier(lm).predict_proba(self.examples(), [r.text for r in records],
+                                                  calibrate=self.config.calibrate)
         seconds = time.perf_counter() - t0
         return {"method": "erase", "records": len(records), "shots": len(self.manifest.selected_ids),
                 "accuracy": round(float((probs.argmax(axis=1) == truth).mean()), 6) if len(records) else None,
