@@ -220,7 +220,8 @@ def erase_measurements(folder: str) -> dict:
 
 
 def erase_accuracy(folder: str, sisa: Accuracy) -> Accuracy:
-    """ERASE's rotten_tomatoes accuracy from bench/results/erase_accuracy.json, if there."""
+    """ERASE's rotten_tomatoes accuracy from bench/results/erase_accuracy.json, if there
+    (with contextual calibration where the bench reports it: what a deployment would use)."""
     from dataclasses import replace
 
     path = os.path.join(folder, "erase_accuracy.json")
@@ -229,11 +230,14 @@ def erase_accuracy(folder: str, sisa: Accuracy) -> Accuracy:
     d = _read_json(path, "ERASE results")
     try:
         task = next(t for t in d["tasks"] if t["task"] == "rotten_tomatoes")
-        acc = float(task["methods"]["erase"]["accuracy"])
+        erase = task["methods"]["erase"]
+        calibrated = erase.get("accuracy_calibrated") is not None
+        acc = float(erase["accuracy_calibrated"] if calibrated else erase["accuracy"])
     except (KeyError, TypeError, ValueError, StopIteration):
         raise UnlearnError(f"ERASE results {path}: not erase_accuracy_bench output") from None
     source = (sisa.source + "; " if sisa.source else "") + (
-        f"ERASE: {os.path.relpath(path, ROOT)} ({d.get('lm')}, k={d.get('shots')}, {task.get('test')} queries)")
+        f"ERASE: {os.path.relpath(path, ROOT)} ({d.get('lm')}, k={d.get('shots')}, {task.get('test')} queries"
+        f"{', contextual calibration' if calibrated else ''})")
     return replace(sisa, erase=acc, source=source)
 
 
