@@ -214,6 +214,10 @@ def erase_measurements(folder: str) -> dict:
             source = (f"measured: {os.path.relpath(path, ROOT)} (rotten_tomatoes, frozen LM, cached prefix, "
                       f"{d.get('date', '')})")
             out["erase_query_s"] = (float(task["holistic"]["I_s"]["erase"]), source)
+            acc_path = os.path.join(folder, "erase_accuracy.json")
+            shots = _read_json(acc_path, "ERASE results").get("shots") if os.path.exists(acc_path) else None
+            if isinstance(shots, int):
+                out["erase_k"] = (shots, f"measured: {os.path.relpath(acc_path, ROOT)}: shots of that query cost")
         except (KeyError, TypeError, ValueError, StopIteration):
             raise UnlearnError(f"ERASE results {path}: not holistic bench output (tasks with holistic.I_s)") from None
     return out
