@@ -371,7 +371,7 @@ def _coordinator_actor_class():
 
             if self.server is None:
                 self.server = InContextServer(manifest.run, manifest.config.lm, manifest.config.labels)
-            key = (manifest.state, tuple(exclude))
+            key = (manifest.digest, tuple(exclude))
             if key not in self._examples:  # reading texts costs a store round trip: once per prompt
                 self._examples = {key: EraseRun(self.run.store, manifest).examples(exclude)}
             examples = self._examples[key]

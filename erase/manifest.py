@@ -21,6 +21,7 @@ FORMAT = 1
 class PartitionRecords:
     partition: int
     data: str  # storage key of the partition's records (JSONL, sorted by id)
+    state: str  # storage key of its leaves' clustering state (safetensors), embeddings included
     ids: list[str]
     owners: list[str]
     label_counts: dict[str, int]
@@ -31,7 +32,7 @@ class EraseManifest:
     run: str
     config: EraseConfig
     partitions: list[PartitionRecords]
-    state: str  # storage key of the clustering state (safetensors)
+    state: str  # storage key of the clustering head: roots, selection (safetensors)
     selected_ids: list[str]  # the in-context examples, in prompt order
     digest: str  # of the clustering state: equal digests, equal selections, bit for bit
     salt: str
@@ -54,7 +55,7 @@ class EraseManifest:
         return {label for p in self.partitions for label, n in p.label_counts.items() if n}
 
     def referenced_keys(self) -> set[str]:
-        return {p.data for p in self.partitions} | {self.state}
+        return {p.data for p in self.partitions} | {p.state for p in self.partitions} | {self.state}
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -220,8 +220,13 @@ class EraseModel:
         )
 
     # -- persistence --------------------------------------------------------------------
-    def to_tensors(self) -> tuple[dict[str, np.ndarray], dict]:
-        parts = self.pool.call({key: ("to_tensors", ()) for g in self._groups.values() for key in g.keys})
+    @property
+    def partition_keys(self) -> list[str]:
+        return [key for g in self._groups.values() for key in g.keys]
+
+    def head_tensors(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything but the leaves: configuration, groups, roots, selection. Small (P * k
+        points), so a store can rewrite it on every deletion and keep the leaves apart."""
         tensors: dict[str, np.ndarray] = {}
         meta: dict = {
             "format": FORMAT,
@@ -232,11 +237,6 @@ class EraseModel:
         }
         for name, g in sorted(self._groups.items()):
             gm = {"k": g.k, "keys": g.keys, "selected": g.selected, "partitions": {}, "root": None}
-            for key in g.keys:
-                part_tensors, part_meta = parts[key]
-                gm["partitions"][key] = part_meta
-                for tname, arr in part_tensors.items():
-                    tensors[f"part/{key}/{tname}"] = arr
             if g.root is not None:
                 r = g.root
                 gm["root"] = {"point_ids": list(r.point_ids), "seeds": list(r.state.seeds), "n_total": r.state.n_total}
@@ -244,6 +244,21 @@ class EraseModel:
                                    ("sums", r.state.sums), ("counts", r.state.counts)):
                     tensors[f"root/{name}/{tname}"] = np.ascontiguousarray(arr)
             meta["groups"][name] = gm
+        return tensors, meta
+
+    def partition_tensors(self, keys: list[str]) -> dict[str, tuple[dict[str, np.ndarray], dict]]:
+        """The named leaves' (tensors, meta), fetched through the pool."""
+        return self.pool.call({key: ("to_tensors", ()) for key in keys})
+
+    def to_tensors(self) -> tuple[dict[str, np.ndarray], dict]:
+        tensors, meta = self.head_tensors()
+        parts = self.partition_tensors(self.partition_keys)
+        for gm in meta["groups"].values():
+            for key in gm["keys"]:
+                part_tensors, part_meta = parts[key]
+                gm["partitions"][key] = part_meta
+                for tname, arr in part_tensors.items():
+                    tensors[f"part/{key}/{tname}"] = arr
         return tensors, meta
 
     @classmethod

@@ -10,7 +10,8 @@ every superseded object: the deleted texts and their embeddings included.
 Besides HEAD and manifests (`sisa/stored_run.py`) the run stores:
 
     RUN/data/<sha256>.jsonl               records of one partition, content-addressed
-    RUN/state/<sha256>.safetensors        the clustering state with every record's embedding
+    RUN/state/<sha256>.safetensors        one partition's clustering state with its records'
+                                          fixed-point embeddings; and the head (roots, selection)
 
 The partitions' clustering work goes through a pool (`model.PartitionPool`): in this
 process by default, or one Ray actor per partition (`cluster/`).
@@ -65,27 +66,28 @@ def partition_of(config: EraseConfig, rid: str) -> int:
     return keyed_hash(config.seed, "erase-partition", rid) % config.partitions
 
 
-def dump_model(model) -> bytes:
+def dump_tensors(tensors: dict, meta: dict) -> bytes:
+    """safetensors with the JSON metadata in its header (never pickle)."""
     from safetensors.numpy import save
 
-    tensors, meta = model.to_tensors()
     return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                 metadata={"erase": json.dumps(meta, sort_keys=True, separators=(",", ":"))})
 
 
-def load_model(data: bytes, where: str, pool=None):
+def load_tensors(data: bytes, where: str) -> tuple[dict, dict]:
     from safetensors.numpy import load
 
     from sisa.checkpoint import read_metadata
 
-    from .model import EraseModel
-
     try:
-        meta = json.loads(read_metadata(data)["erase"])
-        tensors = load(data)
+        return load(data), json.loads(read_metadata(data)["erase"])
     except Exception as exc:  # safetensors raises its own error type on corrupt data
         raise UnlearnError(f"{where}: unreadable clustering state ({str(exc).splitlines()[0] if str(exc) else exc})") from None
-    return EraseModel.from_tensors(tensors, meta, pool=pool)
+
+
+def leaf_partition(key: str) -> int:
+    """Partition index of a leaf key "<group>/<p>"."""
+    return int(key.rsplit("/", 1)[1])
 
 
 class EraseRun(StoredRun):
@@ -94,7 +96,7 @@ class EraseRun(StoredRun):
     def __init__(self, store: Store, manifest: EraseManifest, pool=None):
         super().__init__(store, manifest)
         self.pool = pool
-        self._model = None  # the loaded clustering state of manifest.state
+        self._model = None  # the loaded clustering state of the manifest (keyed by its digest)
         self._model_key: str | None = None
         self._classifiers: dict[str, object] = {}
 
@@ -113,7 +115,7 @@ class EraseRun(StoredRun):
         return cls(store, cls.read_head(store, run), pool)
 
     # -- objects ---------------------------------------------------------------------
-    def _write_partition(self, index: int, records: Sequence[Record]) -> PartitionRecords:
+    def _write_partition(self, index: int, records: Sequence[Record], state: str) -> PartitionRecords:
         records = sorted(records, key=lambda r: r.id)
         data = encode_slice(records)
         key = f"{self.name}/data/{sha256_hex(data)}.jsonl"
@@ -121,14 +123,33 @@ class EraseRun(StoredRun):
         counts: dict[str, int] = defaultdict(int)
         for r in records:
             counts[r.label] += 1
-        return PartitionRecords(index, key, [r.id for r in records], [r.owner for r in records],
+        return PartitionRecords(index, key, state, [r.id for r in records], [r.owner for r in records],
                                 dict(sorted(counts.items())))
 
-    def _write_state(self, model) -> str:
-        data = dump_model(model)
+    def _put_state(self, tensors: dict, meta: dict) -> str:
+        data = dump_tensors(tensors, meta)
         key = f"{self.name}/state/{sha256_hex(data)}.safetensors"
         self.store.put(key, data)
         return key
+
+    def _write_head(self, model) -> str:
+        return self._put_state(*model.head_tensors())
+
+    def _write_leaves(self, model, partition: int) -> str:
+        """One object per partition p with the leaves "<group>/p" of every group (their
+        records' fixed-point embeddings and clustering state): a deletion rewrites only
+        the partitions it touched, plus the small head."""
+        keys = [k for k in model.partition_keys if leaf_partition(k) == partition]
+        parts = model.partition_tensors(keys)
+        tensors = {f"part/{key}/{name}": arr for key in keys for name, arr in parts[key][0].items()}
+        return self._put_state(tensors, {key: parts[key][1] for key in keys})
+
+    def _read_state(self, key: str) -> tuple[dict, dict]:
+        try:
+            data = self.store.get(key)
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.name)}: clustering state {key} is missing") from None
+        return load_tensors(data, f"{self.store.uri}/{key}")
 
     def load_partition(self, entry: PartitionRecords) -> list[Record]:
         try:
@@ -150,13 +171,17 @@ class EraseRun(StoredRun):
 
     def model(self):
         """The clustering state of the committed manifest, loaded once per process."""
-        if self._model is None or self._model_key != self.manifest.state:
-            try:
-                data = self.store.get(self.manifest.state)
-            except KeyError:
-                raise UnlearnError(f"run {quote(self.name)}: clustering state {self.manifest.state} is missing") from None
-            self._model = load_model(data, f"{self.store.uri}/{self.manifest.state}", self.pool)
-            self._model_key = self.manifest.state
+        from .model import EraseModel
+
+        if self._model is None or self._model_key != self.manifest.digest:
+            tensors, meta = self._read_state(self.manifest.state)
+            for entry in self.manifest.partitions:
+                leaf_tensors, leaf_metas = self._read_state(entry.state)
+                tensors.update(leaf_tensors)
+                for key, leaf_meta in leaf_metas.items():
+                    meta["groups"][key.rsplit("/", 1)[0]]["partitions"][key] = leaf_meta
+            self._model = EraseModel.from_tensors(tensors, meta, pool=self.pool)
+            self._model_key = self.manifest.digest
         return self._model
 
     # -- training ------------------------------------------------------------------------
@@ -197,8 +222,9 @@ class EraseRun(StoredRun):
                 raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
             self._purge_uncommitted()
             try:
-                manifest.partitions = [self._write_partition(p, by_partition[p]) for p in range(config.partitions)]
-                manifest.state = self._write_state(model)
+                manifest.partitions = [self._write_partition(p, by_partition[p], self._write_leaves(model, p))
+                                       for p in range(config.partitions)]
+                manifest.state = self._write_head(model)
                 manifest.selected_ids = prompt_order(config.seed, model.selected_ids)
                 manifest.digest = model.digest()
                 self._commit(manifest)
@@ -209,7 +235,7 @@ class EraseRun(StoredRun):
                     print(f"unlearn: warning: could not remove the partial run {quote(run)}: {cleanup}",
                           file=sys.stderr)
                 raise
-        self._model, self._model_key = model, manifest.state
+        self._model, self._model_key = model, manifest.digest
         return self
 
     # -- deletion --------------------------------------------------------------------------
@@ -252,8 +278,8 @@ class EraseRun(StoredRun):
             partitions = list(old.partitions)
             for p in touched:
                 kept = [r for r in self.load_partition(old.partitions[p]) if r.id not in targets]
-                partitions[p] = self._write_partition(p, kept)
-            state = self._write_state(model)
+                partitions[p] = self._write_partition(p, kept, self._write_leaves(model, p))
+            state = self._write_head(model)
             stats = dict(old.stats)
             stats["deletions"] = stats.get("deletions", 0) + len(targets)
             stats["certified"] = stats.get("certified", 0) + report.certified
@@ -270,7 +296,7 @@ class EraseRun(StoredRun):
             self._model = None  # the in-memory state may be ahead of the store: reload it next time
             self._collect_garbage()
             raise
-        self._model_key = new.state
+        self._model_key = new.digest
         receipt.shards = touched
         receipt.digests = {"state": {"before": old.digest, "after": new.digest}}
         receipt.version = new.version
