@@ -125,3 +125,24 @@ def test_ray_partition_actors_coordinator_and_quarantine(tmp_path, capsys, ray_l
     assert (got["digest"], got["selected_ids"]) == (want["digest"], want["selected_ids"])
     assert got["selected_ids"] == out["examples"]
     assert os.environ["UNLEARN_RUNTIME"] == "local"
+
+
+def test_a_deletion_rewrites_only_its_partition(tmp_path, capsys):
+    """Each partition's records and clustering state (with the embeddings) are separate
+    objects: a deletion writes new ones for its own partition and keeps the others'."""
+    from erase.run import EraseRun, partition_of
+    from sisa.store import open_store
+
+    records = synthetic_records(45)
+    store = str(tmp_path / "s")
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    assert main(["train", "--method", "erase", "--data", data, "--run", "e", "--store", store,
+                 "--shots", "2", "--partitions", "3", *TINY]) == 0
+    before = EraseRun.open(open_store(store), "e").manifest
+    victim = next(r.id for r in records if r.id not in before.selected_ids)
+    assert main(["delete", "--run", "e", "--store", store, "--ids", victim, "--quiet"]) == 0
+    after = EraseRun.open(open_store(store), "e").manifest
+    hit = partition_of(before.config, victim)
+    for b, a in zip(before.partitions, after.partitions):
+        changed = (b.data != a.data, b.state != a.state)
+        assert changed == ((True, True) if b.partition == hit else (False, False))
