@@ -319,9 +319,14 @@ def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]
     profile, records, demand, accuracy = inputs
     workload = workload_for(args, profile)
     rows = [row(simulate(workload, c, profile, records), demand, accuracy) for c in grid]
+    notes = list(workload.notes)
+    deleted = int(workload.records.sum())
+    if deleted > 0.1 * records:
+        notes.append(f"the requests delete {deleted:,} records, {deleted / records:.0%} of {records:,}; the plan "
+                     f"holds N constant (new data replacing deleted data)")
     return {
         "workload": {"description": workload.description, "requests": workload.requests,
-                     "horizon_s": workload.horizon_s, "records": records, "notes": list(workload.notes),
+                     "horizon_s": workload.horizon_s, "records": records, "notes": notes,
                      "queries_per_day": demand.queries_per_day},
         "profile": {"model": profile.model, "machine": profile.machine, "date": profile.date, "path": args.profile},
         "accuracy_source": accuracy.source or None,
@@ -344,9 +349,23 @@ def sweep(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config
         for c in grid:
             results[c].append(row(simulate(w, c, profile, records), demand, accuracy))
     for c, rows in results.items():
-        out["lines"].append({"label": label(c), "p99_s": [x["time_to_forget_p99_s"] for x in rows],
+        out["lines"].append({"label": label(c), **line_style(c, grid),
+                             "p99_s": [x["time_to_forget_p99_s"] for x in rows],
                              "holistic_hours_per_day": [x["holistic_hours_per_day"] for x in rows]})
     return out
+
+
+def line_style(c: Config, grid: list[Config]) -> dict:
+    """Colour by method and size (S or P), line by window, marker by slices and workers,
+    so that 20 lines stay readable."""
+    sizes = sorted({(g.method, g.shards, g.partitions) for g in grid})
+    windows = sorted({g.window_s for g in grid})
+    shapes = sorted({(g.slices, g.workers) for g in grid})
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:cyan"]
+    color = ("black" if c.method == "full"
+             else palette[sizes.index((c.method, c.shards, c.partitions)) % len(palette)])
+    return {"color": color, "linestyle": ["-", "--", ":", "-."][windows.index(c.window_s) % 4],
+            "marker": "osv^Dxp*"[shapes.index((c.slices, c.workers)) % 8]}
 
 
 def label(c: Config) -> str:
@@ -366,12 +385,12 @@ def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.4))
     x = data["rates_per_day"]
     for line in data["lines"]:
-        style = "--" if line["label"].startswith("full") else ":" if line["label"].startswith("ERASE") else "-"
-        ax1.plot(x, [max(v, 1e-3) / 3600 for v in line["p99_s"]], style, marker="o", ms=3, label=line["label"])
-        ax2.plot(x, [max(v, 1e-6) for v in line["holistic_hours_per_day"]], style, marker="o", ms=3)
+        style = dict(color=line["color"], linestyle=line["linestyle"], marker=line["marker"], ms=4)
+        ax1.plot(x, [max(v, 1e-3) / 3600 for v in line["p99_s"]], label=line["label"], **style)
+        ax2.plot(x, [max(v, 1e-6) for v in line["holistic_hours_per_day"]], **style)
     if sla_s:
         ax1.axhline(sla_s / 3600, color="red", lw=0.8, label="SLA")
     for ax, ylabel in ((ax1, "p99 time-to-forget (hours)"), (ax2, "compute hours a day (deletions + queries)")):
@@ -380,9 +399,9 @@ def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
         ax.set_xlabel("deletion requests a day")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", lw=0.3)
-    ax1.legend(fontsize=6, ncol=2)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -6,7 +6,8 @@ pending request has waited `window_s` and the previous batch is done, and takes 
 request pending at that moment. Inside a batch, SISA retrains each touched shard once,
 from the earliest slice any of its requests hit, on `workers` parallel workers; ERASE
 certifies every request and re-clusters each partition whose certificate failed; full
-retraining trains one model on all records.
+retraining trains one model on all records. The number of records is held constant:
+planning looks at a steady state in which new data replaces what is deleted.
 
 The events are batches, not requests: runs of requests that arrive to an idle pipeline
 and finish before the next one arrives are settled in one vectorised step, so a year of
@@ -84,14 +85,17 @@ class Result:
 
 
 class _Model:
-    """Cost of a batch of requests lo..hi-1 when the data has shrunk by `factor`:
-    (duration s, worker-seconds, retrain fraction, jobs)."""
+    """Cost of a batch of requests lo..hi-1: (duration s, worker-seconds, retrain
+    fraction, jobs); `single` gives it for every request on its own, as arrays."""
 
-    def batch(self, lo: int, hi: int, factor: float) -> tuple[float, float, float, int]:
+    def __init__(self, n: int):
+        self.n = n
+
+    def batch(self, lo: int, hi: int) -> tuple[float, float, float, int]:
         raise NotImplementedError
 
-    def single(self, factor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        out = np.array([self.batch(i, i + 1, f) for i, f in enumerate(factor)], dtype=float).reshape(-1, 4)
+    def single(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        out = np.array([self.batch(i, i + 1) for i in range(self.n)], dtype=float).reshape(-1, 4)
         return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
 
 
@@ -101,6 +105,7 @@ def _hits_by_request(hit_request: np.ndarray, n: int) -> np.ndarray:
 
 class _Sisa(_Model):
     def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
+        super().__init__(workload.requests)
         S, R = config.shards, config.slices
         rec = workload.recorded
         # a calibrated run's real shard sizes, when replaying that very run
@@ -122,18 +127,15 @@ class _Sisa(_Model):
         self.rows, self.frac_l = self.jobs.train_s.tolist(), self.jobs.fraction.tolist()
         self.fixed_l = self.jobs.fixed_s.tolist()
 
-    def _job(self, shard, stage, factor):
-        row = shard if self.per_shard else 0 * shard
-        j = self.jobs
-        return j.fixed_s[stage] + j.train_s[row, stage] * factor, j.fraction[row, stage]
-
-    def single(self, factor):
+    def single(self):
         if not self.one_hit:
-            return super().single(factor)
-        secs, frac = self._job(self.shard, self.stage, factor)
-        return self.batch_fixed + secs, self.batch_fixed + secs, frac, np.ones(len(factor))
+            return super().single()
+        row = self.shard if self.per_shard else 0 * self.shard
+        j = self.jobs
+        secs = self.batch_fixed + j.fixed_s[self.stage] + j.train_s[row, self.stage]
+        return secs, secs, j.fraction[row, self.stage], np.ones(self.n)
 
-    def batch(self, lo, hi, factor):
+    def batch(self, lo, hi):
         first: dict[int, int] = {}
         for h in range(self.bounds[lo], self.bounds[hi]):
             k, r = self.shard_l[h], self.stage_l[h]
@@ -142,13 +144,14 @@ class _Sisa(_Model):
         if not first:
             return self.batch_fixed, self.batch_fixed, 0.0, 0
         rows = self.rows
-        secs = [self.fixed_l[r] + rows[k if self.per_shard else 0][r] * factor for k, r in first.items()]
+        secs = [self.fixed_l[r] + rows[k if self.per_shard else 0][r] for k, r in first.items()]
         frac = sum(self.frac_l[k if self.per_shard else 0][r] for k, r in first.items())
         return (self.batch_fixed + makespan(secs, self.workers), self.batch_fixed + sum(secs), frac, len(first))
 
 
 class _Erase(_Model):
     def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
+        super().__init__(workload.requests)
         P = config.partitions
         self.fallback = (workload.fallback_u < fallback_probability(profile, records, P)).tolist()
         self.partition = (workload.shard_key % np.uint64(P)).astype(np.int64).tolist()
@@ -159,35 +162,28 @@ class _Erase(_Model):
         self.recluster_s = profile.erase_recluster_s_per_record * records / P
         self.partitions, self.workers = P, config.workers
 
-    def batch(self, lo, hi, factor):
+    def batch(self, lo, hi):
         parts = {self.partition[h] for h in range(self.bounds[lo], self.bounds[hi])
                  if self.fallback[self.hit_request[h]]}
-        secs = [self.recluster_s * factor] * len(parts)
+        secs = [self.recluster_s] * len(parts)
         base = self.fixed + (hi - lo) * self.cert
         return base + makespan(secs, self.workers), base + sum(secs), len(parts) / self.partitions, len(parts)
 
 
 class _Full(_Model):
     def __init__(self, workload: Workload, config: Config, profile: Profile, records: int):
-        self.profile, self.records = profile, records
+        super().__init__(workload.requests)
+        self.seconds = full_training_s(profile, records)
 
-    def batch(self, lo, hi, factor):
-        s = full_training_s(self.profile, self.records * factor)
-        return s, s, 1.0, 1
+    def batch(self, lo, hi):
+        return self.seconds, self.seconds, 1.0, 1
 
-    def single(self, factor):
-        s = np.array([full_training_s(self.profile, self.records * f) for f in factor])
-        return s, s, np.ones(len(factor)), np.ones(len(factor))
+    def single(self):
+        s = np.full(self.n, self.seconds)
+        return s, s, np.ones(self.n), np.ones(self.n)
 
 
 MODELS = {"sisa": _Sisa, "erase": _Erase, "full": _Full}
-
-
-def shrink_factors(workload: Workload, records: int) -> np.ndarray:
-    """Records left when each request's batch could start, relative to the start: work
-    scales with the data that is still there."""
-    before = np.concatenate([[0], np.cumsum(workload.records)[:-1]])
-    return np.maximum(records - before, 1) / records
 
 
 def simulate(workload: Workload, config: Config, profile: Profile, records: int) -> Result:
@@ -195,8 +191,7 @@ def simulate(workload: Workload, config: Config, profile: Profile, records: int)
     n = len(a)
     W = config.window_s
     model = MODELS[config.method](workload, config, profile, records)
-    factor = shrink_factors(workload, records)
-    dur, comp, frac, jobs = model.single(factor) if n else (np.zeros(0),) * 4
+    dur, comp, frac, jobs = model.single() if n else (np.zeros(0),) * 4
     # a request is settled alone when it finds the pipeline idle and finishes before the next arrives
     alone = np.ones(n, dtype=bool)
     alone[:-1] = a[1:] > a[:-1] + W + dur[:-1]
@@ -218,7 +213,7 @@ def simulate(workload: Workload, config: Config, profile: Profile, records: int)
             continue
         t0 = max(t_free, arrivals[i] + W)
         j = bisect.bisect_right(arrivals, t0, i)
-        d, c, f, m = (dur[i], comp[i], frac[i], jobs[i]) if j == i + 1 else model.batch(i, j, float(factor[i]))
+        d, c, f, m = (dur[i], comp[i], frac[i], jobs[i]) if j == i + 1 else model.batch(i, j)
         size[b], start[b], end[b], b_jobs[b], b_frac[b], b_comp[b] = j - i, t0, t0 + d, m, f, c
         end_of[i:j] = t0 + d
         t_free, i, b = t0 + d, j, b + 1
