@@ -120,3 +120,20 @@ def test_plan_replays_the_log_from_the_command_line(recorded, capsys):
     assert abs(work / sum(b["examples"] for b in measured) - 1) <= 0.15
     full = next(r for r in out["configs"] if r["method"] == "full")
     assert full["mean_retrain_fraction"] == pytest.approx(4 / 7)  # four batches, each a full retraining
+
+
+def test_profile_measures_a_model_on_given_records(tmp_path, capsys):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic_records(48, owners_every=1))
+    out = tmp_path / "tiny.json"
+    assert main(["profile", "--model", "tiny", "--data", data, "--records", "32", "--repeats", "1",
+                 "--batch-size", "4", "--max-length", "32", "--erase-results", str(tmp_path), "--out", str(out),
+                 "--quiet"]) == 0
+    p = Profile.from_json(json.loads(out.read_text()))
+    assert p.model == "tiny" and p.layout is None and p.train_s_per_example > 0 and p.query_s_per_shard > 0
+    assert p.sources["train_s_per_example"].startswith("measured here (32 records")
+    assert p.sources["erase_fallback_p"].startswith("placeholder")  # no ERASE results in that folder
+    assert main(["plan", "--profile", str(out), "--rate", "10/day", "--records", "1e4", "--horizon", "3d",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"]["model"] == "tiny"

@@ -6,10 +6,11 @@ store, with one torch thread (one core per shard actor, as on Ray). Nothing touc
 user's run: calibrating on a run (`--run`) reads its configuration, records and
 layout, and measures on a copy of a sample in a temporary store.
 
-Per-example and per-stage costs come from timing one stage at two sizes (a line through
-two points); the fixed cost of a deletion is what a real deletion took beyond the time
-spent training its stages, split into a per-batch and a per-shard part by deleting from one
-shard and then from two in one batch. Each timing is the minimum of repeats: the
+Per-example and per-stage costs come from timing one stage over the same records at two
+epoch counts (a line through two points; the same texts, so their lengths cancel). The
+fixed cost of a deletion is what a real deletion took beyond the time spent training its
+stages, split into a per-batch and a per-shard part by deleting from one shard and then
+from two in one batch. Each timing is the minimum of repeats: the
 machine is shared and the minimum is the least disturbed.
 """
 from __future__ import annotations
@@ -52,31 +53,32 @@ def _examples(config: SisaConfig, n: int) -> int:
 
 
 def measure_training(config: SisaConfig, records: Sequence[Record], repeats: int = 2) -> dict:
-    """Seconds per example and per stage, checkpoint save/load, and per-query costs."""
-    import torch
-
+    """Seconds per example and per stage, checkpoint save, and per-query costs."""
     from sisa.checkpoint import dump_state
     from sisa.shard import get_trainer
     from sisa.trainer import deterministic
 
     if len(records) < 16:
         raise UnlearnError(f"--records {len(records)}: profiling needs at least 16 records")
-    trainer = get_trainer(config)
+    # the same records at two epoch counts: text lengths cancel, only the passes differ
+    short = replace(config, epochs=str(Fraction(config.epochs) / 4))
+    trainer, quick = get_trainer(config), get_trainer(short)  # one loaded model, two epoch counts
     state = trainer.initial_state(0)
-    big, small = list(records), list(records[: max(4, len(records) // 4)])
-    trainer.train_stage(state, big, 0, 0)  # warm-up: tokenizes every record once
-    t_big = _best(lambda: trainer.train_stage(state, big, 0, 0), repeats)
-    t_small = _best(lambda: trainer.train_stage(state, small, 0, 0), repeats)
-    e_big, e_small = _examples(config, len(big)), _examples(config, len(small))
+    batch = list(records)
+    for t in (trainer, quick):
+        t.train_stage(state, batch, 0, 0)  # warm-up: tokenizes every record once
+    t_big = _best(lambda: trainer.train_stage(state, batch, 0, 0), repeats)
+    t_small = _best(lambda: quick.train_stage(state, batch, 0, 0), repeats)
+    e_big, e_small = _examples(config, len(batch)), _examples(short, len(batch))
     per_example = max((t_big - t_small) / (e_big - e_small), t_big / e_big / 10)
     intercept = max(0.0, t_small - per_example * e_small)
-    trained = trainer.train_stage(state, small, 0, 0)
+    trained = trainer.train_stage(state, batch[: max(4, len(batch) // 4)], 0, 0)
     save = _best(lambda: dump_state(trained, {"profile": "1"}), repeats)
-    texts = [r.text for r in big]
+    texts = [r.text for r in batch]
     with deterministic():
         per_query = _best(lambda: trainer.predict_proba(trained, texts), repeats) / len(texts)
     return {"train_s_per_example": per_example, "stage_intercept_s": intercept, "save_s": save,
-            "query_s_per_shard": per_query, "trainer": trainer, "torch_threads": torch.get_num_threads()}
+            "query_s_per_shard": per_query, "trainer": trainer}
 
 
 def measure_prompt_query(trainer, config: SisaConfig, k: int, repeats: int = 3) -> float:
@@ -167,7 +169,7 @@ def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: 
                "query_s_per_shard": how + ": batched predict_proba",
                "erase_query_s": f"measured here: one forward pass of {config.model} over {k + 1} x "
                                 f"{config.max_length} tokens"}
-    values = {**ERASE_PLACEHOLDERS, "erase_query_s": prompt, "erase_fallback_by_leaf": None}
+    values = {**ERASE_PLACEHOLDERS, "erase_query_s": prompt, "erase_k": k, "erase_fallback_by_leaf": None}
     for name in ERASE_PLACEHOLDERS:
         sources[name] = "placeholder (no ERASE measurement available)"
     for name, (value, source) in erase.items():  # measured ERASE values replace both
@@ -177,7 +179,7 @@ def measure(config: SisaConfig, records: Sequence[Record], erase: dict, layout: 
         model=config.model, machine=f"{platform.machine()}, {_cores()} cores", date=_today(),
         epochs=float(Fraction(config.epochs)), train_s_per_example=t["train_s_per_example"],
         stage_fixed_s=stage_fixed, shard_fixed_s=d["shard_fixed_s"], batch_fixed_s=d["batch_fixed_s"],
-        query_s_per_shard=t["query_s_per_shard"], erase_k=k, sources=sources, layout=layout,
+        query_s_per_shard=t["query_s_per_shard"], sources=sources, layout=layout,
         notes=f"batch size {config.batch_size}, max length {config.max_length}, LoRA r {config.lora_r}",
         **values)
 
