@@ -156,7 +156,7 @@ class RayExecutor:
         from tqdm import tqdm
 
         pending = list(refs)
-        with tqdm(total=len(refs), desc=desc, unit="shard", file=sys.stderr, disable=not self.progress,
+        with tqdm(total=len(refs), desc=desc, unit="shard", file=sys.stderr, disable=None if self.progress else True,
                   leave=False) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

@@ -62,7 +62,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with deterministic(), torch.inference_mode():
             for i, text in enumerate(tqdm(texts, desc="embed", unit="rec", file=sys.stderr,
-                                          disable=not progress, leave=False)):
+                                          disable=None if progress else True, leave=False)):
                 enc = self.tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
                 hidden = self.model(**enc).last_hidden_state[0]  # [tokens, d]
                 vec = hidden.mean(dim=0)

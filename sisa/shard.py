@@ -239,7 +239,9 @@ class LocalExecutor:
     def _bar(self, total: int, desc: str):
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=not self.progress, leave=False)
+        # disable=None: bars on a terminal only, not in logs
+        return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=None if self.progress else True,
+                    leave=False)
 
     def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]:
         w = self.worker
