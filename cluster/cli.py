@@ -259,6 +259,11 @@ def train_erase(args, store, progress: bool) -> int:
     config = EraseConfig(shots=args.shots, partitions=args.partitions, eps=args.eps, gamma=args.gamma,
                          iters=args.iters, seed=args.seed, per_label=args.per_label, embedder=args.embedder,
                          lm=args.lm, calibrate=args.calibrate, labels=tuple(_split(args.labels, "labels")) if args.labels else ())
+    from erase.icl import PRESETS as LM_PRESETS
+    from sisa.models import resolve_model
+
+    if args.lm not in LM_PRESETS:  # fail now, not at the first predict
+        resolve_model(args.lm, "--lm", LM_PRESETS)
     store.check()
     if EraseRun.exists(store, args.run):
         raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
@@ -301,6 +306,7 @@ def erase_command(args, store, progress: bool) -> int:
     run = EraseRun.open(store, args.run)
     if args.command == "delete":
         receipt = _delete(args, store, run, progress)
+        receipt["selected_ids"] = EraseRun.open(store, args.run).manifest.selected_ids  # not kept in the log
         d = receipt["details"]
         text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.3f} s "
                 f"(clustering {d.get('cluster_seconds', 0):.4f} s): partitions {receipt['shards'] or 'none'}; "
@@ -308,7 +314,7 @@ def erase_command(args, store, progress: bool) -> int:
                 f"{', root re-fit' if d.get('root_refit') else ''}; selection "
                 f"{'CHANGED' if d.get('selection_changed') else 'unchanged'}; purged {receipt['purged_objects']} objects")
         if d.get("selection_changed"):
-            text += "\nprompt examples now: " + " ".join(d.get("selected_ids", []))
+            text += "\nprompt examples now: " + " ".join(receipt["selected_ids"])
         if receipt["already_deleted"]:
             text += f"; already deleted before: {receipt['already_deleted']}"
         _emit(args, receipt, text)

@@ -79,20 +79,27 @@ class Coordinator:
     """Owns one run's request log; `apply_due` does the work. Thread-safe."""
 
     def __init__(self, store: Store, run: str, run_factory: Callable[[], object] | None = None,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, lock_holder: str | None = None):
         """`run_factory()` returns the run object to apply deletions with (a SisaRun with
-        its executor, an EraseRun with its partition pool); default: in this process."""
+        its executor, an EraseRun with its partition pool); default: in this process.
+        `lock_holder`: a name that survives restarts of this coordinator (the Ray actor's
+        id), so a restarted incarnation takes over its predecessor's run lock; None (the
+        default) locks like any command, so two coordinators never apply at once."""
         self.store = store
         self.run = run
         self.window_s = window_s
+        self.lock_holder = lock_holder
         self.run_factory = run_factory or (lambda: open_run(store, run))
         self._lock = threading.RLock()  # guards the pending set
         self._apply_lock = threading.Lock()  # one batch at a time
         self._accepted_at: dict[str, float] = {}
-        # what may not answer predictions (SISA: shards; ERASE: prompt examples) -> requests not yet applied
+        # what may not answer predictions (SISA: shards; ERASE: record ids) -> requests not yet applied
         self._quarantine: dict[object, set[str]] = {}
+        self._accepted_targets: list[tuple[int, frozenset]] = []  # (sequence number, record ids), recent
+        self._sequence = 0
         self.fault: str | None = None  # tests: exit the process at "after-commit"
-        self.manifest = open_run(store, run).manifest  # the committed state; this is its only writer
+        self.manifest = open_run(store, run).manifest  # the committed state
+        self._head = self._read_head_pointer()
         for req in self.log():  # replay: anything not finished is pending again
             if req.status in ("pending", "applying"):
                 self._accepted_at[req.request_id] = 0.0
@@ -144,6 +151,24 @@ class Coordinator:
             self._quarantine_request(req)
         return req.request_id
 
+    # -- the committed state -------------------------------------------------------------
+    def _read_head_pointer(self) -> bytes | None:
+        try:
+            return self.store.get(f"{self.run}/HEAD")
+        except KeyError:
+            return None
+
+    def refresh(self) -> None:
+        """Follow commits made outside this coordinator (another process deleting with
+        `--runtime local`): one small read of HEAD, a reload only when it moved."""
+        head = self._read_head_pointer()
+        if head == self._head:
+            return
+        with self._apply_lock:  # not while a batch of ours is committing
+            manifest = open_run(self.store, self.run).manifest
+            with self._lock:
+                self.manifest, self._head = manifest, self._read_head_pointer()
+
     # -- quarantine --------------------------------------------------------------------
     def _quarantine_request(self, req: DeletionRequest) -> None:
         """From acknowledgement until its batch commits, no shard holding one of the
@@ -152,6 +177,8 @@ class Coordinator:
         targets, _already, _unknown = run.resolve(req.ids, req.owners)
         for unit in run.quarantine_of(targets):
             self._quarantine.setdefault(unit, set()).add(req.request_id)
+        self._sequence += 1
+        self._accepted_targets = self._accepted_targets[-10_000:] + [(self._sequence, frozenset(targets))]
 
     def _view(self):
         """A read-only run object over the committed manifest (no store reads)."""
@@ -188,6 +215,7 @@ class Coordinator:
             return self._predict_in_context(texts, serve, wait, timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
+            self.refresh()
             quarantined, entries = self.serving_view()
             if not (wait and quarantined):
                 asked = [e for e in entries if e.records > 0 and e.shard not in quarantined]
@@ -209,19 +237,23 @@ class Coordinator:
 
     def _predict_in_context(self, texts: list[str], serve, wait: bool, timeout_s: float) -> dict:
         """ERASE: `serve(manifest, texts, exclude)` answers with the committed prompt minus
-        the quarantined examples. If an example the answer used is quarantined meanwhile,
-        the answer is dropped and asked again; with wait=True, waits until no example
-        is quarantined."""
+        the examples whose deletion is acknowledged (quarantine holds every record id a
+        pending request targets, so an example selected later by an earlier batch is
+        covered too). If a request accepted while the answer was computed names an example
+        it used, the answer is dropped and asked again: that request may have been
+        applied and released within the call. With wait=True, waits until nothing is
+        quarantined."""
         deadline = time.monotonic() + timeout_s
         while True:
+            self.refresh()
             with self._lock:
-                quarantined, manifest = set(self._quarantine), self.manifest
+                quarantined, manifest, seen = set(self._quarantine), self.manifest, self._sequence
             if not (wait and quarantined):
-                out = serve(manifest, texts, sorted(quarantined))
+                out = serve(manifest, texts, sorted(quarantined & set(manifest.selected_ids)))
                 with self._lock:
-                    newly = set(self._quarantine) - quarantined
-                if not newly & set(out["examples"]):
-                    out["quarantined"] = sorted(quarantined)
+                    later = set().union(*(t for n, t in self._accepted_targets if n > seen))
+                if not later & set(out["examples"]):
+                    out["quarantined"] = sorted(quarantined & set(manifest.selected_ids))
                     return out
             if time.monotonic() > deadline:
                 raise UnlearnError(f"run {quote(self.run)}: examples still being deleted after {timeout_s:.0f} s")
@@ -249,8 +281,9 @@ class Coordinator:
                 done = self._apply(batch, progress)
             except Exception as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                for req in batch:  # ids stay: nothing was deleted, the request can be resubmitted
+                for req in batch:  # nothing was deleted; the log keeps counts, not what was asked
                     req.status, req.reason, req.completed = "failed", reason, _iso(time.time())
+                    req.ids, req.owners = [], []
                     self._write(req)
                 self._forget(batch)
                 raise
@@ -274,9 +307,10 @@ class Coordinator:
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress,
-                             lock_holder=f"coordinator:{self.run}")
+                             lock_holder=self.lock_holder)
         with self._lock:
             self.manifest = run.manifest  # committed: serve the new shard versions from now on
+            self._head = self._read_head_pointer()
         if self.fault == "after-commit":  # committed, receipts not yet written
             os._exit(17)
         finished = _iso(time.time())

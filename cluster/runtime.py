@@ -320,6 +320,8 @@ def _coordinator_actor_class():
         restart its constructor replays the pending requests from the log."""
 
         def __init__(self, store_uri: str, run: str, window_s: float, actor_cpus: float | None):
+            import ray
+
             from cluster.coordinator import Coordinator, CoordinatorLoop
             from sisa.stored_run import run_method
 
@@ -339,7 +341,10 @@ def _coordinator_actor_class():
                 config = SisaRun.read_head(store, run).config
                 self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
                 factory = lambda: SisaRun.open(store, run, self.executor)  # noqa: E731
-            self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s)
+            # the actor id stays the same across Ray restarts: a restarted incarnation (and
+            # only it) may take over the run lock its predecessor died holding
+            holder = f"coordinator:{run}:{ray.get_runtime_context().get_actor_id()}"
+            self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s, lock_holder=holder)
             self.loop = CoordinatorLoop(self.coordinator)
 
         def pid(self) -> int:

@@ -33,7 +33,7 @@ class Embedder:
             raise UnlearnError(f"embedder max_length must be >= 8, got {max_length}")
         self.spec, self.max_length = spec, max_length
         _quiet_transformers()
-        path = resolve_model(spec)
+        path = resolve_model(spec, "--embedder", PRESETS)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             if spec == "tiny":

@@ -81,7 +81,7 @@ def load_causal_lm(spec: str):
     from sisa.models import _quiet_transformers, resolve_model, smollm2_dir
 
     _quiet_transformers()
-    path = smollm2_dir() if spec == "tiny-lm" else resolve_model(spec)
+    path = smollm2_dir() if spec == "tiny-lm" else resolve_model(spec, "--lm", PRESETS)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if spec == "tiny-lm":

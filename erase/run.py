@@ -247,9 +247,10 @@ class EraseRun(StoredRun):
         return sorted({partition_of(self.config, t) for t in targets})
 
     def quarantine_of(self, targets: Iterable[str]) -> set[str]:
-        """The prompt examples among `targets`: no answer may use them once their deletion
-        is acknowledged."""
-        return set(targets) & set(self.manifest.selected_ids)
+        """Every targeted record: none may be a prompt example of an answer once its
+        deletion is acknowledged, including one that an earlier batch, still applying,
+        is about to select."""
+        return set(targets)
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
                progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
@@ -273,7 +274,14 @@ class EraseRun(StoredRun):
             return receipt
         model = self.model()
         try:
-            report = model.delete(sorted(targets))
+            try:
+                report = model.delete(sorted(targets))
+            except UnlearnError:
+                # partition actors restarted empty, or were changed by another driver: reload
+                # the committed state into them and try once more
+                self._model = None
+                model = self.model()
+                report = model.delete(sorted(targets))
             touched = self.units_of(targets)
             partitions = list(old.partitions)
             for p in touched:
@@ -301,15 +309,21 @@ class EraseRun(StoredRun):
         receipt.digests = {"state": {"before": old.digest, "after": new.digest}}
         receipt.version = new.version
         # work redone, as a fraction of clustering everything again: the re-clustered partitions' records
-        refit = sum(len(new.partitions[p].ids) for p in touched) if report.reclustered_partitions else 0
+        refit = 0
+        for key in report.reclustered_partitions:  # leaf "<group>/<p>": its records in partition p
+            group, p = key.rsplit("/", 1)
+            part = new.partitions[int(p)]
+            refit += part.label_counts.get(group, 0) if self.config.per_label else len(part.ids)
         receipt.retrain_fraction = round(refit / max(1, new.records), 6)
         receipt.details = {
             "certified": report.certified, "reclustered_partitions": list(report.reclustered_partitions),
             "root_refit": bool(report.root_refit), "selection_changed": bool(report.selection_changed),
-            "selected_ids": list(new.selected_ids), "cluster_seconds": round(report.seconds, 6)}
+            "cluster_seconds": round(report.seconds, 6)}  # no ids: receipts outlive later deletions
         remaining = new.labels_held()
-        receipt.warnings = [f"label {quote(label)} has no records left; the prompt no longer shows it"
-                            for label in self.config.labels if label not in remaining]
+        receipt.warnings = [
+            f"label {quote(label)} has no records left; the prompt no longer shows it, and a from-scratch "
+            f"run must pass --labels {','.join(self.config.labels)} to reproduce this state"
+            for label in self.config.labels if label not in remaining]
         receipt.seconds = round(time.perf_counter() - t0, 3)
         return receipt
 
@@ -317,15 +331,21 @@ class EraseRun(StoredRun):
     def verify(self, progress: bool = False) -> dict:
         """Re-embed the retained records from their stored texts, cluster from scratch and
         compare with the committed state: digest and selected examples."""
+        from .model import EraseModel
+
         records = self.records()
-        fresh = self.fit(records, self.config, progress) if records else None
+        if records:
+            fresh = self.fit(records, self.config, progress)
+        else:  # every record deleted: compare with the clustering of nothing
+            fresh = EraseModel.fit([], [], np.zeros((0, self.model().d), np.float32), self.config.clustering(),
+                                   label_set=list(self.config.labels))
         stored = self.model()
         problems = []
-        checks = {"stored state": stored.digest(), "fresh clustering": fresh.digest() if fresh else None}
+        checks = {"stored state": stored.digest(), "fresh clustering": fresh.digest()}
         for what, digest in checks.items():
             if digest != self.manifest.digest:
                 problems.append(f"{what} digest {str(digest)[:16]} != manifest {self.manifest.digest[:16]}")
-        if fresh is not None and prompt_order(self.config.seed, fresh.selected_ids) != self.manifest.selected_ids:
+        if prompt_order(self.config.seed, fresh.selected_ids) != self.manifest.selected_ids:
             problems.append("the selected examples differ from a fresh clustering")
         return {"run": self.name, "exact": not problems, "records": len(records), "digest": self.manifest.digest,
                 "selected_ids": list(self.manifest.selected_ids), "problems": problems}

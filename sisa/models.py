@@ -76,8 +76,9 @@ def smollm2_dir() -> str:
     return out
 
 
-def resolve_model(spec: str) -> str:
-    """Where the weights of `spec` live: a folder path, or a hub id left as is."""
+def resolve_model(spec: str, option: str = "--model", presets: tuple[str, ...] = PRESETS) -> str:
+    """Where the weights of `spec` live: a folder path, or a hub id left as is. `option`
+    and `presets` are what messages name."""
     if spec == "minilm":
         return minilm_dir()
     if spec == "smollm2-135m":
@@ -87,10 +88,10 @@ def resolve_model(spec: str) -> str:
     if os.path.isdir(spec):
         return spec
     if os.path.exists(spec):
-        raise UnlearnError(f"--model {spec!r}: not a folder; give a Hugging Face model folder, a hub id or a preset ({', '.join(PRESETS)})")
+        raise UnlearnError(f"{option} {spec!r}: not a folder; give a Hugging Face model folder, a hub id or a preset ({', '.join(presets)})")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return spec  # a hub id; from_pretrained reports if it cannot be fetched
-    raise UnlearnError(f"--model {spec!r}: no such folder and not a preset ({', '.join(PRESETS)})")
+    raise UnlearnError(f"{option} {spec!r}: no such folder and not a preset ({', '.join(presets)})")
 
 
 def _tiny_base(tokenizer, num_labels: int):

@@ -45,7 +45,7 @@ def test_deletions_equal_a_fresh_run_on_the_retained_records(tmp_path, capsys, o
         assert main(["delete", "--run", "e", "--store", store, "--json", *step, "--quiet"]) == 0
         receipt = json.loads(capsys.readouterr().out)
         deleted |= set(receipt["ids"])
-        assert receipt["details"]["selected_ids"] == _status(capsys, store, "e")["selected_ids"]
+        assert receipt["selected_ids"] == _status(capsys, store, "e")["selected_ids"]
     assert deleted >= {"r0007", selected[0]} | {r.id for r in records if r.owner == owner}
     got = _status(capsys, store, "e")
     want = _fresh(tmp_path, capsys, [r for r in records if r.id not in deleted], options, "retained")
@@ -146,3 +146,124 @@ def test_a_deletion_rewrites_only_its_partition(tmp_path, capsys):
     for b, a in zip(before.partitions, after.partitions):
         changed = (b.data != a.data, b.state != a.state)
         assert changed == ((True, True) if b.partition == hit else (False, False))
+
+
+def _trained(tmp_path, n=40, shots="4", extra=()):
+    from sisa.store import open_store
+
+    records = synthetic_records(n)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    store = str(tmp_path / "s")
+    assert main(["train", "--method", "erase", "--data", data, "--run", "e", "--store", store, "--shots", shots,
+                 *extra, *TINY]) == 0
+    return records, open_store(store)
+
+
+def _serve(manifest, texts, exclude):
+    """A stand-in for the language model: answers with the examples it was given."""
+    return {"examples": [i for i in manifest.selected_ids if i not in exclude], "predictions": []}
+
+
+def test_quarantine_covers_an_example_that_an_applying_batch_selects(tmp_path):
+    """A deletion acknowledged while an earlier batch applies may target the record that
+    batch is about to select: it must not answer either."""
+    import shutil
+
+    from cluster.coordinator import Coordinator
+    from erase.run import EraseRun
+    from sisa.store import open_store
+
+    _records, store = _trained(tmp_path)
+    old = EraseRun.open(store, "e").manifest.selected_ids
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")  # which record replaces old[0]?
+    scratch = EraseRun.open(open_store(str(tmp_path / "copy")), "e")
+    scratch.delete(ids=[old[0]])
+    successor = sorted(set(scratch.manifest.selected_ids) - set(old))[0]
+    later = []
+
+    class Run(EraseRun):
+        def delete(self, *args, **kwargs):
+            later.append(coordinator.submit(ids=[successor]))  # acknowledged mid-batch
+            return super().delete(*args, **kwargs)
+
+    coordinator = Coordinator(store, "e", run_factory=lambda: Run.open(store, "e"))
+    coordinator.submit(ids=[old[0]])
+    assert len(coordinator.apply_due()) == 1 and coordinator.pending() == later
+    out = coordinator.predict(["x"], _serve)
+    assert successor in coordinator.manifest.selected_ids and successor not in out["examples"]
+    assert out["quarantined"] == [successor]
+
+
+def test_an_answer_is_asked_again_when_its_example_is_deleted_meanwhile(tmp_path):
+    """An ERASE batch applies in milliseconds, within one forward pass of the language
+    model: a request accepted, applied and released during the answer still voids it."""
+    from cluster.coordinator import Coordinator
+
+    _records, store = _trained(tmp_path)
+    coordinator = Coordinator(store, "e")
+    example = coordinator.manifest.selected_ids[0]
+    calls = []
+
+    def serve(manifest, texts, exclude):
+        calls.append(manifest.version)
+        if len(calls) == 1:
+            coordinator.submit(ids=[example])
+            coordinator.apply_due()
+        return _serve(manifest, texts, exclude)
+
+    out = coordinator.predict(["x"], serve)
+    assert calls == [1, 2] and example not in out["examples"]
+
+
+def test_coordinators_lock_like_any_command_and_failed_entries_forget_ids(tmp_path):
+    from cluster.coordinator import Coordinator
+    from sisa.lock import RunLock
+
+    _records, store = _trained(tmp_path)
+    coordinator = Coordinator(store, "e")
+    with RunLock(store, "e", "delete"):  # another process (or coordinator) is applying
+        rid = coordinator.submit(ids=["r0003"])
+        with pytest.raises(Exception, match="is busy"):
+            coordinator.apply_due()
+    failed = coordinator.get(rid)
+    assert failed.status == "failed" and "is busy" in failed.reason
+    assert failed.ids == [] and failed.owners == [] and failed.requested == {"ids": 1, "owners": 0}
+    rid = coordinator.submit(ids=["r0003"])  # resubmitted once the other writer is done
+    coordinator.apply_due()
+    assert coordinator.get(rid).status == "done"
+
+
+def test_a_coordinator_follows_commits_made_outside_it(tmp_path):
+    from cluster.coordinator import Coordinator
+    from erase.run import EraseRun
+
+    _records, store = _trained(tmp_path)
+    coordinator = Coordinator(store, "e")  # e.g. behind `unlearn serve`
+    example = coordinator.manifest.selected_ids[0]
+    EraseRun.open(store, "e").delete(ids=[example])  # another process, --runtime local
+    out = coordinator.predict(["x"], _serve)
+    assert example not in out["examples"] and coordinator.manifest.version == 2
+
+
+def test_no_object_or_log_entry_keeps_a_deleted_id(tmp_path, capsys):
+    """Receipts of earlier requests must not name records a later request deletes."""
+    records, _store = _trained(tmp_path, n=30, shots="2")
+    store = str(tmp_path / "s")
+    first = _status(capsys, store, "e")["selected_ids"]
+    assert main(["delete", "--run", "e", "--store", store, "--ids", "r0004", "--quiet"]) == 0
+    for victim in first:  # prompt examples named by earlier states
+        assert main(["delete", "--run", "e", "--store", store, "--ids", victim, "--quiet"]) == 0
+    for victim in first + ["r0004"]:
+        text = next(r.text for r in records if r.id == victim)
+        for p in (tmp_path / "s").rglob("*"):
+            if p.is_file():
+                assert f'"{victim}"'.encode() not in p.read_bytes() and text.encode() not in p.read_bytes(), p
+
+
+def test_deleting_every_record_verifies_against_the_clustering_of_nothing(tmp_path, capsys):
+    records, _store = _trained(tmp_path, n=12, shots="2")
+    store = str(tmp_path / "s")
+    ids = ",".join(r.id for r in records)
+    assert main(["delete", "--run", "e", "--store", store, "--ids", ids, "--quiet"]) == 0
+    assert _status(capsys, store, "e")["selected_ids"] == []
+    assert main(["verify", "--run", "e", "--store", store, "--quiet"]) == 0
