@@ -278,3 +278,18 @@ def test_erase_fallback_follows_records_per_partition():
     small = simulate(w, Config("erase", 0.0, 4, partitions=100), table, 100_000)
     big = simulate(w, Config("erase", 0.0, 4, partitions=1), table, 100_000)
     assert (small.trace.batch_jobs > 0).mean() > 5 * (big.trace.batch_jobs > 0).mean()
+
+
+def test_replay_rejects_malformed_logs_in_one_line():
+    ok = {"request_id": "a", "accepted": "2026-01-01T00:00:00+00:00", "status": "done", "records_deleted": 1,
+          "shards": [1], "stages_redone": {"1": [0, 1]}}
+    assert from_log({"requests": [ok]}, shape=(2, 2)).recorded.stage.tolist() == [0]
+    for entry, msg in [({"request_id": "a"}, "lacks 'request_id' or 'accepted'"),
+                       ({**ok, "accepted": "yesterday"}, "'accepted' is not an ISO time"),
+                       ({**ok, "records_deleted": "many"}, "is not a count"),
+                       ({**ok, "shards": [5], "stages_redone": {"5": [1]}}, "outside 2 shards x 2 slices"),
+                       ({**ok, "stages_redone": {}}, "without stages redone")]:
+        with pytest.raises(UnlearnError, match=msg):
+            from_log({"requests": [entry]}, shape=(2, 2))
+    with pytest.raises(UnlearnError, match="expected"):
+        from_log({"runs": []})

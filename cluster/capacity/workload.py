@@ -236,8 +236,7 @@ def from_log(log: dict, seed: int = 0, shape: tuple[int, int] | None = None, whe
     rows.sort(key=lambda e: (times[e["request_id"]], e["request_id"]))
     t0 = times[rows[0]["request_id"]]
     arrival = np.array([times[e["request_id"]] - t0 for e in rows])
-    records = np.array([max(1, int(e.get("records_deleted") or 0) or sum((e.get("requested") or {}).values()))
-                        for e in rows], dtype=np.int64)
+    records = np.array([_records(e, where) for e in rows], dtype=np.int64)
     recorded = None
     if shape is not None:
         if all(e.get("status") == "done" for e in rows):
@@ -252,14 +251,25 @@ def from_log(log: dict, seed: int = 0, shape: tuple[int, int] | None = None, whe
                     description=f"replay of {len(rows)} requests ({where})", recorded=recorded, notes=tuple(notes))
 
 
+def _records(e: dict, where: str) -> int:
+    """Records a request deleted (its receipt), or asked for while still pending; at least 1."""
+    try:
+        done = int(e.get("records_deleted") or 0)
+        asked = sum(int(v) for v in (e.get("requested") or {}).values())
+    except (TypeError, ValueError, AttributeError):
+        raise UnlearnError(f"{where}: request {e['request_id']!r}: 'records_deleted' or 'requested' is not a "
+                           f"count") from None
+    return max(1, done or asked)
+
+
 def _recorded(rows: list[dict], shape: tuple[int, int], where: str) -> Recorded:
     hit_request, shard, stage = [], [], []
     for i, e in enumerate(rows):
         redone = e.get("stages_redone") or {}
         for k in e.get("shards") or []:
-            stages = redone.get(str(k)) or []
-            if not stages:
-                raise UnlearnError(f"{where}: request {e['request_id']!r} names shard {k} but no stages redone")
+            stages = redone.get(str(k)) or [] if isinstance(redone, dict) else []
+            if not isinstance(k, int) or not stages or not all(isinstance(j, int) for j in stages):
+                raise UnlearnError(f"{where}: request {e['request_id']!r}: shard {k!r} without stages redone")
             if not (0 <= k < shape[0] and 0 <= min(stages) < shape[1]):
                 raise UnlearnError(f"{where}: request {e['request_id']!r} retrained shard {k} from stage "
                                    f"{min(stages)}, outside {shape[0]} shards x {shape[1]} slices")
