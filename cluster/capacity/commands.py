@@ -402,8 +402,12 @@ def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
     fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise UnlearnError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
 
 
 def _say(args, message: str) -> None:
@@ -482,9 +486,12 @@ def run_profile(args) -> int:
         profile = measure(config, records, erase, repeats=args.repeats, k=args.k, progress=progress)
         profile = replace(profile, notes=profile.notes + f"; data {args.data or 'dataset:rotten_tomatoes'}")
     out = args.out or f"unlearn-profile-{os.path.basename(profile.model.rstrip('/'))}.json"
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(profile.to_json(), f, indent=1)
-        f.write("\n")
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(profile.to_json(), f, indent=1)
+            f.write("\n")
+    except OSError as exc:
+        raise UnlearnError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     _say(args, f"profile of {profile.model} written to {out}")
     if args.json:
         print(json.dumps(profile.to_json(), indent=1))
