@@ -59,4 +59,7 @@ run unlearn delete --run "$ERUN" --store "$STORE" --ids "$EXAMPLE"
 
 say "verify: embed and cluster the retained records from scratch; same state, same examples"
 run unlearn verify --run "$ERUN" --store "$STORE"
+
+say "ERASE accuracy with the new prompt (a 135M model is sensitive to which examples it sees)"
+run unlearn eval --run "$ERUN" --store "$STORE" --data "$ETEST" --quiet
 run unlearn status --run "$ERUN" --store "$STORE"
