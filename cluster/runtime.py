@@ -46,6 +46,29 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
 
 
+def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0) -> None:
+    """Check, before creating the named actors that do not exist yet, that the cluster has
+    the CPUs and GPUs free for them: Ray would leave an actor that does not fit pending
+    forever, and the command would hang without a word."""
+    import ray
+
+    missing = []
+    for name in names:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            missing.append(name)
+    if not missing:
+        return
+    free = ray.available_resources()
+    free_cpu, free_gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
+    if cpus * len(missing) > free_cpu + 1e-6 or gpus * len(missing) > free_gpu + 1e-6:
+        want = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+        raise UnlearnError(f"{len(missing)} new actors x {want} do not fit in the Ray cluster's free {free_cpu:g} CPUs"
+                           + (f" and {free_gpu:g} GPUs" if gpus else "")
+                           + " (actors of other runs hold the rest): pass a smaller --actor-cpus, or stop them")
+
+
 def _shard_actor_class():
     import ray
 
@@ -136,11 +159,17 @@ class RayExecutor:
             self._shared_ref = ray.put(base_weights(self.config.model, len(self.config.labels)))
         return [self._shared_ref]
 
+    def _name(self, shard: int) -> str:
+        return f"{self.run}/{self.config.digest()[:12]}/shard-{shard}"
+
+    def _ensure(self, shards: Sequence[int]) -> None:
+        ensure_fits([self._name(k) for k in shards if k not in self._actors], self.actor_cpus, self.actor_gpus)
+
     def actor(self, shard: int):
         import ray
 
         if shard not in self._actors:
-            name = f"{self.run}/{self.config.digest()[:12]}/shard-{shard}"
+            name = self._name(shard)
             try:  # a live actor of this run keeps its model: no need to load and share weights again
                 self._actors[shard] = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
@@ -164,17 +193,21 @@ class RayExecutor:
         return [ray_get(ref) for ref in refs]
 
     def train(self, jobs: Sequence[TrainJob]) -> list[ShardEntry]:
+        self._ensure([j.shard for j in jobs])
         return self._gather([self.actor(j.shard).train.remote(j) for j in jobs], f"train {self.run}")
 
     def retrain(self, jobs: Sequence[RetrainJob]) -> list[ShardEntry]:
+        self._ensure([j.entry.shard for j in jobs])
         return self._gather([self.actor(j.entry.shard).retrain.remote(j) for j in jobs], f"delete from {self.run}")
 
     def verify(self, entries: Sequence[ShardEntry]) -> list[dict]:
+        self._ensure([e.shard for e in entries])
         return self._gather([self.actor(e.shard).verify.remote(e) for e in entries], f"verify {self.run}")
 
     def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         import ray
 
+        self._ensure([e.shard for e in entries])
         texts_ref = ray.put(list(texts))
         return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
 
@@ -239,6 +272,8 @@ class RayPartitionPool:
         return self._actors[p]
 
     def call(self, calls: dict) -> dict:
+        new = sorted({key.rsplit("/", 1)[1] for key in calls} - set(self._actors))
+        ensure_fits([f"{self.prefix}/p{p}" for p in new], self.actor_cpus)
         refs = {key: self.actor(key).call.remote(key, method, args) for key, (method, args) in calls.items()}
         return {key: ray_get(ref) for key, ref in refs.items()}
 
@@ -283,9 +318,10 @@ class InContextServer:
         # half the cluster at most, so that partition actors (the other half) can run beside them
         self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n) / 2, 3)
         cls = _icl_actor_class()
-        self.actors = [cls.options(name=f"{run}/icl/{lm.replace('/', '_')}/{i}", namespace=NAMESPACE,
-                                   get_if_exists=True, num_cpus=self.actor_cpus).remote(lm, list(labels))
-                       for i in range(n)]
+        names = [f"{run}/icl/{lm.replace('/', '_')}/{i}" for i in range(n)]
+        ensure_fits(names, self.actor_cpus)
+        self.actors = [cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                   num_cpus=self.actor_cpus).remote(lm, list(labels)) for name in names]
 
     def predict_proba(self, examples: Sequence[tuple[str, str]], texts: Sequence[str],
                       calibrate: bool = True) -> np.ndarray:
