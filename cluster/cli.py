@@ -22,6 +22,17 @@ s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), like every other error, instead of a usage dump."""
+
+    def error(self, message: str):
+        hint = ""
+        if "expected one argument" in message:
+            hint = " (a value that starts with '-' goes after '=': --rate=-1/day)"
+        where = self.prog.removeprefix("unlearn").strip()
+        self.exit(2, f"unlearn: error: {where + ': ' if where else ''}{message}{hint}; see {self.prog} --help\n")
+
+
 def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout", ray: bool = False) -> None:
     p.add_argument("--run", required=True, help="name of the run (a safe storage key: no '/', '..' or control characters)")
     p.add_argument("--store", default=None, help="directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
@@ -44,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sisa.aggregate import METHODS
     from sisa.models import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unlearn", description="Exact machine unlearning of fine-tuning data: SISA (LoRA shard models) "
                                     "or ERASE (in-context examples chosen by quantized k-means).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -293,3 +293,23 @@ def test_replay_rejects_malformed_logs_in_one_line():
             from_log({"requests": [entry]}, shape=(2, 2))
     with pytest.raises(UnlearnError, match="expected"):
         from_log({"runs": []})
+
+
+def test_edge_workloads_found_in_review(tmp_path, capsys):
+    """No requests with an SLA; a day never holds more than workers x 24 hours; an explicit
+    --accuracy file must exist; a replayed log shorter than a day counts as one day."""
+    assert main(["plan", "--rate", "1/day", "--records", "1e4", "--sla", "1d", "--horizon", "1h", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["configs"]
+    assert all(r["sla_violations"] == 0 and r["sla_violation_fraction"] == 0.0 for r in rows)
+    assert main(["plan", "--rate", "500/day", "--records", "1e6", "--shards", "8", "--workers", "4",
+                 "--horizon", "20d", "--json"]) == 0
+    for r in json.loads(capsys.readouterr().out)["configs"]:
+        assert r["compute_hours_per_day"] <= r["workers"] * 24 + 1e-6, r
+    with pytest.raises(UnlearnError, match="--accuracy .*nope.json: no such file"):
+        from cluster.capacity.commands import load_accuracy
+
+        load_accuracy(str(tmp_path / "nope.json"))
+    log = {"requests": [{"request_id": "0001", "accepted": "2026-11-23T10:00:00+00:00", "status": "pending",
+                         "requested": {"ids": 1, "owners": 0}, "records_deleted": 0}]}
+    workload = from_log(log)
+    assert workload.horizon_s == DAY and any("read as one day" in n for n in workload.notes)

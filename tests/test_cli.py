@@ -128,3 +128,15 @@ def test_gpu_options_without_a_gpu_are_one_line_errors(tmp_path, capsys):
             actor_gpus_for(config, gpus, req)
     with pytest.raises(UnlearnError, match="config field 'extra.device'"):
         SisaConfig(extra={"device": "tpu"})
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for argv, message in ((["plan", "--rate", "-1/day"], "plan: argument --rate: expected one argument "
+                                                          "(a value that starts with '-' goes after '='"),
+                          (["train", "--run", "x", "--data", "y", "--shards", "q"],
+                           "train: argument --shards: invalid int value: 'q'"),
+                          ([], "the following arguments are required: COMMAND")):
+        proc = subprocess.run([UNLEARN, *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("unlearn: error: ") and message in lines[0], lines

@@ -164,8 +164,12 @@ def load_profile(spec: str) -> Profile:
 
 
 def load_accuracy(path: str) -> Accuracy:
-    if path == "none" or not os.path.exists(path):
+    if path == "none":
         return Accuracy()
+    if not os.path.exists(path):
+        if os.path.abspath(path) == os.path.abspath(os.path.join(RESULTS, "sisa.json")):
+            return Accuracy()  # the default, where no bench has run: no accuracy column
+        raise UnlearnError(f"--accuracy {path}: no such file (give SISA bench results, or none)")
     d = _read_json(path, "--accuracy")
     try:
         sisa = {(int(r["shards"]), int(r["slices"])): float(r["accuracy_vote"]) for r in d["rows"]}

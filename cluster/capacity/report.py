@@ -61,7 +61,8 @@ def row(result: Result, demand: Demand, accuracy: Accuracy) -> dict:
         "stable": result.stable,
         "sla_s": demand.sla_s,
         "sla_violations": late,
-        "sla_violation_fraction": round(late / result.requests, 6) if late is not None and result.requests else None,
+        "sla_violation_fraction": (None if late is None else round(late / result.requests, 6) if result.requests
+                                   else 0.0),
         "accuracy": acc,
         "accuracy_cost": (round(accuracy.single - acc, 4) if acc is not None and accuracy.single is not None
                           else None),

@@ -64,7 +64,10 @@ class Result:
 
     @property
     def compute_hours_per_day(self) -> float:
-        return float(self.trace.batch_compute_s.sum() / 3600.0 / (self.horizon_s / DAY))
+        """Worker hours a day, over the horizon or, when the last batch ends after it, until
+        then (so a day never holds more than workers x 24 hours)."""
+        end = float(self.trace.batch_end_s.max()) if len(self.trace.batch_end_s) else 0.0
+        return float(self.trace.batch_compute_s.sum() / 3600.0 / (max(self.horizon_s, end) / DAY))
 
     def percentile_s(self, q: float) -> float:
         return float(np.percentile(self.trace.time_to_forget_s, q)) if self.requests else 0.0

@@ -245,7 +245,10 @@ def from_log(log: dict, seed: int = 0, shape: tuple[int, int] | None = None, whe
             notes.append("some requests have no receipt yet: every request is placed by keyed hash")
     ids = [e["request_id"] for e in rows]
     shard, slice_, fallback = request_keys(ids, seed)
-    span = float(arrival[-1]) if arrival[-1] > 0 else 1.0
+    span = float(arrival[-1])
+    if span < DAY:  # rates a day (hours a day, stability) need at least a day to mean anything
+        notes.append(f"the log spans {span:.0f} s: it is read as one day of requests")
+        span = DAY
     return Workload(arrival_s=arrival, records=records, hit_request=np.arange(len(rows)), shard_key=shard,
                     slice_key=slice_, fallback_u=fallback, horizon_s=span,
                     description=f"replay of {len(rows)} requests ({where})", recorded=recorded, notes=tuple(notes))
