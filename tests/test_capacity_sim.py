@@ -192,12 +192,12 @@ def test_plan_json_has_every_combination(capsys):
 def test_plan_table_and_bad_values(capsys):
     rc, out, _ = _plan(capsys, "--rate", "50/day", "--records", "1e4", "--horizon", "5d")
     assert rc == 0 and "p99 forget" in out and "sisa" in out and "full" in out
-    for argv, msg in [(["--rate", "fast", "--records", "10"], "--rate 'fast': not a rate"),
+    for argv, msg in [(["--rate", "fast", "--records", "1000"], "--rate 'fast': not a rate"),
                       (["--rate", "1/day", "--records", "1e6", "--window", "0,soon"], "--window 'soon'"),
                       (["--rate", "1/day", "--records", "1e6", "--shards", "8,,16"], "--shards '8,,16': empty item"),
                       (["--rate", "1/day", "--records", "-3"], "--records '-3'"),
                       (["--rate", "1/day"], "--records: required"),
-                      (["--rate", "1/day", "--records", "10", "--methods", "sisa,magic"], "--methods 'magic'")]:
+                      (["--rate", "1/day", "--records", "1000", "--methods", "sisa,magic"], "--methods 'magic'")]:
         rc, _, err = _plan(capsys, *argv)
         assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1
 
@@ -313,3 +313,10 @@ def test_edge_workloads_found_in_review(tmp_path, capsys):
                          "requested": {"ids": 1, "owners": 0}, "records_deleted": 0}]}
     workload = from_log(log)
     assert workload.horizon_s == DAY and any("read as one day" in n for n in workload.notes)
+
+
+def test_plans_too_large_to_simulate_are_refused(capsys):
+    for argv, msg in ((["--rate=1e9/s", "--records", "1e4", "--horizon", "5d"], "simulate at most 1e+07"),
+                      (["--rate", "1/day", "--records", "1e4", "--slices", "1e8"], "more slices than the 10000 records")):
+        rc, _out, err = _plan(capsys, *argv)
+        assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1

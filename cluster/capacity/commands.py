@@ -292,6 +292,10 @@ def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
     accuracy = load_accuracy(args.accuracy)
     if args.accuracy != "none":
         accuracy = erase_accuracy(os.path.dirname(os.path.abspath(args.accuracy)), accuracy)
+    for config in configs(args):  # more slices than records would plan empty slices (and huge tables)
+        if config.shards * config.slices > records:
+            raise UnlearnError(f"--shards {config.shards} x --slices {config.slices}: more slices than the "
+                               f"{records} records")
     return profile, records, demand, accuracy
 
 

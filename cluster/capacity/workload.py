@@ -19,6 +19,7 @@ from sisa.errors import UnlearnError
 from sisa.keys import keyed_hash, keyed_uniform
 
 DAY = 86400.0
+MAX_REQUESTS = 1e7  # arrivals are generated one by one: keep a plan to seconds, not hours
 UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "d": DAY, "day": DAY,
          "w": 7 * DAY, "week": 7 * DAY}
 
@@ -189,6 +190,9 @@ def generate(rate_per_s: float, horizon_s: float, pattern: Pattern = Pattern(), 
         raise UnlearnError(f"--horizon {horizon_s:g} s: must be > 0")
     t, cum = cumulative_intensity(rate_per_s, pattern, horizon_s)
     total = cum[-1]
+    if total > MAX_REQUESTS:
+        raise UnlearnError(f"--rate x --horizon: about {total:.3g} requests; simulate at most {MAX_REQUESTS:.0e} "
+                           f"(a shorter --horizon gives the same rates a day)")
     points: list[float] = []
     s, i = 0.0, 0
     while True:
