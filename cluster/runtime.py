@@ -46,10 +46,13 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
 
 
-def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0) -> None:
+def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
     """Check, before creating the named actors that do not exist yet, that the cluster has
     the CPUs and GPUs free for them: Ray would leave an actor that does not fit pending
-    forever, and the command would hang without a word."""
+    forever, and the command would hang without a word. Resources of actors that just
+    ended take a moment to show as free, so this waits up to `wait_s` before failing."""
+    import time
+
     import ray
 
     missing = []
@@ -60,9 +63,15 @@ def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0) -> None:
             missing.append(name)
     if not missing:
         return
-    free = ray.available_resources()
-    free_cpu, free_gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
-    if cpus * len(missing) > free_cpu + 1e-6 or gpus * len(missing) > free_gpu + 1e-6:
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources()
+        free_cpu, free_gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
+        fits = cpus * len(missing) <= free_cpu + 1e-6 and gpus * len(missing) <= free_gpu + 1e-6
+        if fits or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not fits:
         want = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
         raise UnlearnError(f"{len(missing)} new actors x {want} do not fit in the Ray cluster's free {free_cpu:g} CPUs"
                            + (f" and {free_gpu:g} GPUs" if gpus else "")

@@ -37,7 +37,7 @@ def test_ray_delete_retrains_one_shard_and_equals_from_scratch(ray_local, tmp_pa
     assert out["shards"] == [k for k in range(4) if run.manifest.shards[k].records]
 
 
-def test_actors_that_cannot_fit_fail_with_one_line_instead_of_hanging(ray_local, tmp_path):
+def test_actors_that_cannot_fit_fail_with_one_line_instead_of_hanging(ray_local, tmp_path, monkeypatch):
     """Ray leaves an actor that does not fit pending forever; the runtime checks first."""
     from cluster.runtime import RayExecutor, RayPartitionPool
     from sisa.errors import UnlearnError
@@ -46,6 +46,7 @@ def test_actors_that_cannot_fit_fail_with_one_line_instead_of_hanging(ray_local,
     store = LocalStore(str(tmp_path))
     config = SisaConfig.from_json({**CFG.to_json(), "labels": ["neg", "pos"], "shards": 2})
     executor = RayExecutor(store, "huge", config, actor_cpus=64)
+    monkeypatch.setattr("cluster.runtime.ensure_fits.__defaults__", (0.0, 1.0))  # wait 1 s, not 60
     with pytest.raises(UnlearnError, match=r"2 new actors x 64 CPUs do not fit in the Ray cluster's free"):
         SisaRun.train(store, "huge", records, config, executor=executor)
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
