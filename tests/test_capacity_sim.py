@@ -320,3 +320,15 @@ def test_plans_too_large_to_simulate_are_refused(capsys):
                       (["--rate", "1/day", "--records", "1e4", "--slices", "1e8"], "more slices than the 10000 records")):
         rc, _out, err = _plan(capsys, *argv)
         assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_malformed_replay_logs_are_one_line_errors():
+    base = {"request_id": "a", "accepted": "2026-11-23T10:00:00+00:00", "status": "pending",
+            "requested": {"ids": 1, "owners": 0}}
+    for change, msg in (({"request_id": ["x"]}, "'request_id' is not a string"),
+                        ({"shards": 3}, "'shards' is not a list"),
+                        ({"records_deleted": -5}, "is not a count")):
+        with pytest.raises(UnlearnError, match=msg):
+            from_log({"requests": [{**base, **change}]})
+    with pytest.raises(UnlearnError, match="'a' appears twice"):
+        from_log({"requests": [base, dict(base)]})

@@ -155,12 +155,18 @@ def _read_json(path: str, what: str) -> object:
         raise UnlearnError(f"{what} {path}: unreadable ({str(exc).splitlines()[0]})") from None
 
 
-def load_profile(spec: str) -> Profile:
+def profile_path(spec: str, option: str = "--profile") -> str:
+    """A profile file, or a shipped profile's name."""
     path = spec if os.path.exists(spec) or spec.endswith(".json") else os.path.join(PROFILES, f"{spec}.json")
     if not os.path.exists(path):
         shipped = ", ".join(_profile_names())
-        raise UnlearnError(f"--profile {spec!r}: no such file and not a shipped profile ({shipped})")
-    return Profile.from_json(_read_json(path, "--profile"), f"--profile {path}")
+        raise UnlearnError(f"{option} {spec!r}: no such file and not a shipped profile ({shipped})")
+    return path
+
+
+def load_profile(spec: str, option: str = "--profile") -> Profile:
+    path = profile_path(spec, option)
+    return Profile.from_json(_read_json(path, option), f"{option} {path}")
 
 
 def load_accuracy(path: str) -> Accuracy:
@@ -479,8 +485,8 @@ def run_profile(args) -> int:
 
     n = parse_count(args.records, "--records", minimum=16)
     if args.refresh_erase:
-        profile = refresh_erase(load_profile(args.refresh_erase), erase)
-        args.out = args.out or args.refresh_erase
+        profile = refresh_erase(load_profile(args.refresh_erase, "--refresh-erase"), erase)
+        args.out = args.out or profile_path(args.refresh_erase, "--refresh-erase")  # in place, shipped or not
     elif args.run:
         from sisa.store import open_store
 

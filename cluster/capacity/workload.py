@@ -230,8 +230,16 @@ def from_log(log: dict, seed: int = 0, shape: tuple[int, int] | None = None, whe
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or "request_id" not in e or "accepted" not in e:
             raise UnlearnError(f"{where}: request {n} lacks 'request_id' or 'accepted'")
+        if not isinstance(e["request_id"], str) or not e["request_id"]:
+            raise UnlearnError(f"{where}: request {n}: 'request_id' is not a string")
+        if not isinstance(e.get("shards") or [], list):
+            raise UnlearnError(f"{where}: request {e['request_id']!r}: 'shards' is not a list")
         if e.get("status") != "failed":
             rows.append(e)
+    seen = [e["request_id"] for e in entries]
+    if len(set(seen)) != len(seen):
+        dup = next(r for r in seen if seen.count(r) > 1)
+        raise UnlearnError(f"{where}: request {dup!r} appears twice")
     if not rows:
         raise UnlearnError(f"{where}: no requests to replay")
     if len(rows) < len(entries):
@@ -263,6 +271,8 @@ def _records(e: dict, where: str) -> int:
     try:
         done = int(e.get("records_deleted") or 0)
         asked = sum(int(v) for v in (e.get("requested") or {}).values())
+        if done < 0 or asked < 0:
+            raise ValueError
     except (TypeError, ValueError, AttributeError):
         raise UnlearnError(f"{where}: request {e['request_id']!r}: 'records_deleted' or 'requested' is not a "
                            f"count") from None
@@ -275,7 +285,8 @@ def _recorded(rows: list[dict], shape: tuple[int, int], where: str) -> Recorded:
         redone = e.get("stages_redone") or {}
         for k in e.get("shards") or []:
             stages = redone.get(str(k)) or [] if isinstance(redone, dict) else []
-            if not isinstance(k, int) or not stages or not all(isinstance(j, int) for j in stages):
+            if (not isinstance(k, int) or isinstance(k, bool) or not stages
+                    or not all(isinstance(j, int) and not isinstance(j, bool) for j in stages)):
                 raise UnlearnError(f"{where}: request {e['request_id']!r}: shard {k!r} without stages redone")
             if not (0 <= k < shape[0] and 0 <= min(stages) < shape[1]):
                 raise UnlearnError(f"{where}: request {e['request_id']!r} retrained shard {k} from stage "
