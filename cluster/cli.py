@@ -262,10 +262,30 @@ def _requests(args, store) -> int:
     return 0
 
 
+def _predict(args, store, local, aggregate: str) -> int:
+    """With Ray, through the run's coordinator, so nothing whose deletion is acknowledged
+    answers (SISA: quarantined shards; ERASE: those prompt examples); else `local(texts)`."""
+    from sisa.records import load_texts
+
+    texts = load_texts(args.input)
+    if args.runtime == "ray":
+        from cluster.runtime import coordinator_actor, ray_get
+
+        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
+        out = ray_get(handle.predict.remote(texts, aggregate, args.wait))
+    else:
+        out = local(texts)
+    lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
+             for p in out["predictions"]]
+    _emit(args, out, "\n".join(lines))
+    return 0
+
+
 def train_erase(args, store, progress: bool) -> int:
     from erase.config import EraseConfig
-    from erase.run import EraseRun, with_labels
+    from erase.run import EraseRun
     from sisa.records import load_records, quote
+    from sisa.run import with_labels
 
     config = EraseConfig(shots=args.shots, partitions=args.partitions, eps=args.eps, gamma=args.gamma,
                          iters=args.iters, seed=args.seed, per_label=args.per_label, embedder=args.embedder,
@@ -310,7 +330,7 @@ def _erase_status_text(st: dict) -> str:
 
 def erase_command(args, store, progress: bool) -> int:
     from erase.run import EraseRun
-    from sisa.records import load_records, load_texts
+    from sisa.records import load_records
 
     # In this process: deletions on Ray go to the coordinator actor (whose partition actors
     # hold the state), and verify must not disturb those actors with its fresh clustering.
@@ -342,18 +362,7 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, st, _erase_status_text(st))
         return 0
     if args.command == "predict":
-        texts = load_texts(args.input)
-        if args.runtime == "ray":  # through the coordinator: examples being deleted never answer
-            from cluster.runtime import coordinator_actor, ray_get
-
-            handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
-            out = ray_get(handle.predict.remote(texts, "vote", args.wait))
-        else:
-            out = run.predict(texts)
-        lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
-                 for p in out["predictions"]]
-        _emit(args, out, "\n".join(lines))
-        return 0
+        return _predict(args, store, lambda texts: run.predict(texts), "vote")
     if args.command == "eval":
         out = run.evaluate(load_records(args.data))
         _emit(args, out, f"accuracy (erase, {out['shots']}-shot, {out['records']} records): {out['accuracy']:.4f}; "
@@ -371,7 +380,7 @@ def run_command(args) -> int:
         from cluster.capacity.commands import run
 
         return run(args)
-    from sisa.records import load_records, load_texts, quote
+    from sisa.records import load_records, quote
     from cluster.runtime import make_executor
     from sisa.run import SisaRun, with_labels
     from sisa.store import open_store
@@ -451,18 +460,7 @@ def run_command(args) -> int:
         _emit(args, st, _status_text(st))
         return 0
     if args.command == "predict":
-        texts = load_texts(args.input)
-        if args.runtime == "ray":  # through the coordinator, so quarantined shards never answer
-            from cluster.runtime import coordinator_actor, ray_get
-
-            handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
-            out = ray_get(handle.predict.remote(texts, args.aggregate, args.wait))
-        else:
-            out = run.predict(texts, args.aggregate)
-        lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
-                 for p in out["predictions"]]
-        _emit(args, out, "\n".join(lines))
-        return 0
+        return _predict(args, store, lambda texts: run.predict(texts, args.aggregate), args.aggregate)
     if args.command == "eval":
         out = run.evaluate(load_records(args.data), args.aggregate)
         lines = [f"accuracy ({out['aggregate']} over {len(out['shards'])} shards, {out['records']} records): {out['accuracy']:.4f}"]

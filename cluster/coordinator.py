@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -95,7 +96,7 @@ class Coordinator:
         self._accepted_at: dict[str, float] = {}
         # what may not answer predictions (SISA: shards; ERASE: record ids) -> requests not yet applied
         self._quarantine: dict[object, set[str]] = {}
-        self._accepted_targets: list[tuple[int, frozenset]] = []  # (sequence number, record ids), recent
+        self._accepted_targets: deque[tuple[int, frozenset]] = deque(maxlen=10_000)  # (sequence, record ids)
         self._sequence = 0
         self.fault: str | None = None  # tests: exit the process at "after-commit"
         self.manifest = open_run(store, run).manifest  # the committed state
@@ -178,7 +179,7 @@ class Coordinator:
         for unit in run.quarantine_of(targets):
             self._quarantine.setdefault(unit, set()).add(req.request_id)
         self._sequence += 1
-        self._accepted_targets = self._accepted_targets[-10_000:] + [(self._sequence, frozenset(targets))]
+        self._accepted_targets.append((self._sequence, frozenset(targets)))
 
     def _view(self):
         """A read-only run object over the committed manifest (no store reads)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from typing import Iterable, Sequence
@@ -32,6 +31,7 @@ from sisa.keys import keyed_hash, sha256_hex
 from sisa.lock import RunLock
 from sisa.manifest import DeletionReceipt
 from sisa.records import Record, quote
+from sisa.run import with_labels
 from sisa.shard import decode_slice, encode_slice
 from sisa.store import Store
 from sisa.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
@@ -39,20 +39,6 @@ from sisa.tombstones import after_deletion, resolve
 
 from .config import EraseConfig
 from .manifest import EraseManifest, PartitionRecords
-
-
-def with_labels(config: EraseConfig, records: Sequence[Record]) -> EraseConfig:
-    """Fix the label set (the sorted labels of the data unless given) and check every record."""
-    if not config.labels:
-        labels = sorted({r.label for r in records})
-        if len(labels) < 2:
-            raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
-        config = EraseConfig.from_json({**config.to_json(), "labels": labels})
-    known = set(config.labels)
-    for r in records:
-        if r.label not in known:
-            raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
-    return config
 
 
 def prompt_order(seed: int, ids: Iterable[str]) -> list[str]:
@@ -217,24 +203,16 @@ class EraseRun(StoredRun):
         by_partition: dict[int, list[Record]] = defaultdict(list)
         for r in records:
             by_partition[partition_of(config, r.id)].append(r)
-        with RunLock(store, run, "train"):
-            if store.exists(cls._head(run)):
-                raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
-            self._purge_uncommitted()
-            try:
-                manifest.partitions = [self._write_partition(p, by_partition[p], self._write_leaves(model, p))
-                                       for p in range(config.partitions)]
-                manifest.state = self._write_head(model)
-                manifest.selected_ids = prompt_order(config.seed, model.selected_ids)
-                manifest.digest = model.digest()
-                self._commit(manifest)
-            except BaseException:
-                try:
-                    self._purge_uncommitted()
-                except Exception as cleanup:
-                    print(f"unlearn: warning: could not remove the partial run {quote(run)}: {cleanup}",
-                          file=sys.stderr)
-                raise
+
+        def write() -> None:
+            manifest.partitions = [self._write_partition(p, by_partition[p], self._write_leaves(model, p))
+                                   for p in range(config.partitions)]
+            manifest.state = self._write_head(model)
+            manifest.selected_ids = prompt_order(config.seed, model.selected_ids)
+            manifest.digest = model.digest()
+            self._commit(manifest)
+
+        self._create(write)
         self._model, self._model_key = model, manifest.digest
         return self
 

@@ -11,7 +11,6 @@ notebook), or in Ray shard actors (`cluster/`). Besides HEAD and manifests (see
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Iterable, Sequence
 
@@ -30,13 +29,14 @@ from .stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  
 from .tombstones import after_deletion, resolve
 
 
-def with_labels(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
-    """Fix the label set (the sorted labels of the data unless given) and check every record."""
+def with_labels(config, records: Sequence[Record]):
+    """Fix the label set (the sorted labels of the data unless given) and check every record.
+    For any method's config with `labels`, `to_json` and `from_json` (SISA, ERASE)."""
     if not config.labels:
         labels = sorted({r.label for r in records})
         if len(labels) < 2:
             raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
-        config = SisaConfig.from_json({**config.to_json(), "labels": labels})
+        config = type(config).from_json({**config.to_json(), "labels": labels})
     known = set(config.labels)
     for r in records:
         if r.label not in known:
@@ -101,20 +101,12 @@ class SisaRun(StoredRun):
         manifest = Manifest(run=run, config=config, shards=[], salt=os.urandom(16).hex(), created=now, updated=now)
         self = cls(store, manifest, executor)
         jobs = [TrainJob(k, [[by_id[i] for i in ids] for ids in shard]) for k, shard in enumerate(layout)]
-        with RunLock(store, run, "train"):
-            if store.exists(cls._head(run)):
-                raise UnlearnError(f"run {quote(run)} already exists in {store.uri}; choose another --run")
-            self._purge_uncommitted()  # leftovers of an earlier train that died
-            try:
-                manifest.shards = self._executor(progress).train(jobs)
-                self._commit(manifest)
-            except BaseException:
-                try:  # nothing was committed: leave the store as it was
-                    self._purge_uncommitted()
-                except Exception as cleanup:  # keep the original error; say what is left
-                    print(f"unlearn: warning: could not remove the partial run {quote(run)}: {cleanup}",
-                          file=sys.stderr)
-                raise
+
+        def write() -> None:
+            manifest.shards = self._executor(progress).train(jobs)
+            self._commit(manifest)
+
+        self._create(write)
         return self
 
     # -- deletion ------------------------------------------------------------------

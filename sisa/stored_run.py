@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timezone
+from typing import Callable
 
 from .errors import UnlearnError
 from .keys import sha256_hex
@@ -130,6 +131,24 @@ class StoredRun:
                     self.store.delete(key)
                     purged += 1
         return purged
+
+    def _create(self, write: Callable[[], None]) -> None:
+        """Under the run lock: refuse an existing run, purge the leftovers of an earlier
+        create that died, then `write()` (objects, manifest, commit). If it fails nothing
+        was committed, so everything it wrote is removed: the store is left as it was."""
+        with RunLock(self.store, self.name, "train"):
+            if self.store.exists(head_key(self.name)):
+                raise UnlearnError(f"run {quote(self.name)} already exists in {self.store.uri}; choose another --run")
+            self._purge_uncommitted()
+            try:
+                write()
+            except BaseException:
+                try:
+                    self._purge_uncommitted()
+                except Exception as cleanup:  # keep the original error; say what is left
+                    print(f"unlearn: warning: could not remove the partial run {quote(self.name)}: {cleanup}",
+                          file=sys.stderr)
+                raise
 
     def _purge_uncommitted(self) -> None:
         for key in self.store.list_all(f"{self.name}/"):
