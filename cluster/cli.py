@@ -132,8 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("requests", help="the run's deletion requests with their status and receipts")
     _common(p)
 
-    p = sub.add_parser("unlock", help="remove the lock a dead command left on a run (check it is dead first)")
+    p = sub.add_parser("resume", help="apply every deletion request still queued (after a crash or a failed attempt)",
+                       description="Apply the requests that were accepted but not applied yet: after a crash, a lost "
+                                   "node, or a transient error. Nothing needs it in normal operation: any delete or "
+                                   "serve on the run applies the queue too.")
+    _common(p, "print the finished requests as JSON on stdout", ray=True)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also queue again the requests that failed for a permanent cause (a corrupted object), "
+                        "once the store is repaired")
+
+    p = sub.add_parser("unlock", help="remove a run's lock by hand (a holder on another machine that will not come back)",
+                       description="A lock whose holder is provably gone (its process on this machine is dead, or "
+                                   "its heartbeat stopped for a whole lease) is taken over automatically by the "
+                                   "next command; unlock is only for not waiting out the lease.")
     _common(p)
+    p.add_argument("--force", action="store_true", help="remove it even if its holder is alive on this machine")
 
     p = sub.add_parser("status", help="shards, record counts and state digests of a run")
     _common(p)
@@ -200,30 +213,102 @@ def _status_text(st: dict) -> str:
 
 def _delete(args, store, run, progress: bool) -> dict:
     """Through the run's coordinator (a named Ray actor, or in this process): logged
-    durably, acknowledged, applied, receipted. Returns the receipt."""
+    durably, acknowledged, applied (by this process, or by the live one that holds the
+    run lock), receipted. Returns the receipt."""
     ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
     owners = (_split(args.owners, "owners") if args.owners
               else _read_lines_file(args.owners_file) if args.owners_file else [])
     targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
+
+    def waiting(who: str) -> None:
+        print(f"unlearn: another process applies this run's deletions ({who.split(': ', 1)[-1].split(';')[0]}); "
+              f"request {request_id} is queued and applied with them", file=sys.stderr, flush=True)
+
     if args.runtime == "ray":
         from cluster.runtime import coordinator_actor, ray_get, wait_request
 
         handle = coordinator_actor(store, args.run, args.window, args.actor_cpus)
         request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
-        print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr)
-        req = wait_request(handle, request_id)
+        print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
+        req = wait_request(handle, request_id, on_busy=waiting)
     else:
         from cluster.coordinator import Coordinator
 
         coordinator = Coordinator(store, args.run, run_factory=lambda: run)
         request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
-        coordinator.apply_due(progress=progress)
-        req = coordinator.get(request_id).to_json()
+        print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
+        req = _apply_until(coordinator, lambda: coordinator.get(request_id).status in ("done", "failed"),
+                           progress, waiting).get(request_id).to_json()
     if req["status"] != "done":
         raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
     for warning in req["warnings"]:
         print(f"unlearn: warning: {warning}", file=sys.stderr)
     return {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
+
+
+def _apply_until(coordinator, finished, progress: bool, waiting, attempts: int = 3):
+    """Apply the queue in this process until `finished()`; while another live process
+    holds the run lock, wait for it (it applies the queue). A transient failure is tried
+    again (`attempts` in all); after that the request stays queued, and the error says so."""
+    import time
+
+    from cluster.coordinator import is_permanent
+    from sisa.errors import one_line
+
+    told, failures = False, 0
+    while not finished():
+        try:
+            coordinator.apply_due(progress=progress)
+        except Exception as exc:
+            if is_permanent(exc):
+                continue  # the entries say failed, with the reason
+            failures += 1
+            if failures >= attempts:
+                raise UnlearnError(f"accepted but not applied yet ({one_line(exc)}); the request stays queued and its "
+                                   f"records out of every answer: `unlearn resume --run {coordinator.run}` applies it") from None
+            time.sleep(2 ** failures)
+            continue
+        if coordinator.busy:
+            if not told:
+                waiting(coordinator.busy)
+                told = True
+            time.sleep(0.5)
+    return coordinator
+
+
+def _resume(args, store, run, progress: bool) -> int:
+    """Apply what is queued: requeue failed ones first if asked; wait for a live holder."""
+    from cluster.coordinator import Coordinator
+
+    def waiting(who: str) -> None:
+        print(f"unlearn: another process applies this run's deletions ({who.split(': ', 1)[-1].split(';')[0]}); "
+              f"waiting for it", file=sys.stderr, flush=True)
+
+    coordinator = Coordinator(store, args.run, run_factory=lambda: run)
+    before = {r.request_id for r in coordinator.log() if r.status != "done"}
+    if args.retry_failed:
+        coordinator.requeue_failed(on_wait=waiting)
+    if args.runtime == "ray":
+        import time
+
+        from cluster.runtime import coordinator_actor, ray_get
+
+        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
+        told = False
+        while ray_get(handle.pending.remote()):
+            who = ray_get(handle.busy.remote())
+            if who and not told:
+                waiting(who)
+                told = True
+            time.sleep(0.2)
+    else:
+        _apply_until(coordinator, lambda: not coordinator.pending(), progress, waiting)
+    log = [r.to_json() for r in coordinator.log() if r.request_id in before]
+    lines = [f"{r['request_id']}  {r['status']:<8}  " + (f"{r['records_deleted']} records" if r["status"] == "done"
+                                                          else (r["reason"] or r["last_error"] or ""))
+             for r in log] or [f"run {args.run}: nothing queued"]
+    _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
+    return 0 if all(r["status"] == "done" for r in log) else 1
 
 
 def _serve(args, store) -> int:
@@ -251,34 +336,100 @@ def _serve(args, store) -> int:
 
 
 def _requests(args, store) -> int:
-    from cluster.coordinator import Coordinator
+    """The log, read-only: queued requests (with the ids they name) and receipts."""
+    from cluster.requestlog import RequestLog
 
-    log = [r.to_json() for r in Coordinator(store, args.run).log()]
+    entries, problems = RequestLog(store, args.run).entries()
+    for line in problems:
+        print(f"unlearn: warning: {line}", file=sys.stderr)
+    log = [r.to_json() for r in entries]
     lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
              + (f"{'partitions' if r['details'] else 'shards'} {r['shards']}  {r['records_deleted']} records"
                 if r["status"] == "done"
-                else (r["reason"] or "")) for r in log] or [f"run {args.run}: no deletion requests"]
-    _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
+                else (r["reason"] or (f"attempt {r['attempts']}: {r['last_error']}" if r["last_error"] else "")))
+             for r in log] or [f"run {args.run}: no deletion requests"]
+    _emit(args, {"run": args.run, "requests": log, "unreadable": problems}, "\n".join(lines))
     return 0
 
 
-def _predict(args, store, local, aggregate: str) -> int:
-    """With Ray, through the run's coordinator, so nothing whose deletion is acknowledged
-    answers (SISA: quarantined shards; ERASE: those prompt examples); else `local(texts)`."""
+def _serving(args, store, run):
+    """(Serving, serve) for predict and eval: the shard models (SISA) or the in-context
+    answers (ERASE), in this process or on Ray, behind the quarantine of every deletion
+    request queued in the store, whichever process accepted it. Never locks, never applies."""
+    from cluster.quarantine import Serving
+
+    if run.manifest.method != "erase":
+        return Serving(store, args.run), run._executor(False).predict
+    from erase.run import format_predictions
+
+    if args.runtime == "ray":
+        from cluster.runtime import InContextAnswers, init_ray
+
+        init_ray(args.address)
+        probabilities = InContextAnswers(store).probabilities
+    else:
+        def probabilities(manifest, texts, exclude):
+            run.manifest = manifest
+            probs = run.classifier().predict_proba(run.examples(exclude), list(texts), calibrate=manifest.config.calibrate)
+            return probs, [i for i in manifest.selected_ids if i not in set(exclude)]
+
+    def serve(manifest, texts, exclude):
+        probs, _used = probabilities(manifest, texts, exclude)
+        out = format_predictions(manifest.config.labels, texts, probs, manifest.selected_ids, exclude)
+        out["probs"] = probs  # for eval; not printed
+        return out
+
+    return Serving(store, args.run), serve
+
+
+def _warn_problems(serving) -> None:
+    for line in serving.quarantine.problems:
+        print(f"unlearn: warning: {line}", file=sys.stderr)
+
+
+def _predict(args, store, run) -> int:
     from sisa.records import load_texts
 
     texts = load_texts(args.input)
-    if args.runtime == "ray":
-        from cluster.runtime import coordinator_actor, ray_get
-
-        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
-        out = ray_get(handle.predict.remote(texts, aggregate, args.wait))
-    else:
-        out = local(texts)
+    serving, serve = _serving(args, store, run)
+    out = serving.predict(texts, serve, getattr(args, "aggregate", "vote"), args.wait)
+    out.pop("probs", None)
+    _warn_problems(serving)
     lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
              for p in out["predictions"]]
     _emit(args, out, "\n".join(lines))
     return 0
+
+
+def _evaluate(args, store, run) -> dict:
+    """Accuracy on labelled records from what may answer now (quarantined shards or
+    examples left out, and named)."""
+    import time
+
+    from sisa.records import load_records
+    from sisa.run import check_labels, evaluation
+
+    records = load_records(args.data)
+    check_labels(run.config, records)
+    texts = [r.text for r in records]
+    serving, serve = _serving(args, store, run)
+    if run.manifest.method == "erase":
+        import numpy as np
+
+        t0 = time.perf_counter()
+        answer = serving.predict(texts, serve)
+        seconds = time.perf_counter() - t0
+        index = {label: i for i, label in enumerate(run.config.labels)}
+        truth = np.array([index[r.label] for r in records])
+        out = {"method": "erase", "records": len(records), "shots": len(answer["examples"]),
+               "accuracy": round(float((answer["probs"].argmax(axis=1) == truth).mean()), 6) if records else None,
+               "seconds_per_query": round(seconds / max(1, len(records)), 6),
+               "withheld_examples": answer["withheld_examples"]}
+    else:
+        manifest, shards, probs, quarantined = serving.shards(serve, texts)
+        out = {**evaluation(manifest, records, shards, probs, args.aggregate), "quarantined": quarantined}
+    _warn_problems(serving)
+    return out
 
 
 def train_erase(args, store, progress: bool) -> int:
@@ -330,7 +481,6 @@ def _erase_status_text(st: dict) -> str:
 
 def erase_command(args, store, progress: bool) -> int:
     from erase.run import EraseRun
-    from sisa.records import load_records
 
     # In this process: deletions on Ray go to the coordinator actor (whose partition actors
     # hold the state), and verify must not disturb those actors with its fresh clustering.
@@ -362,9 +512,9 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, st, _erase_status_text(st))
         return 0
     if args.command == "predict":
-        return _predict(args, store, lambda texts: run.predict(texts), "vote")
+        return _predict(args, store, run)
     if args.command == "eval":
-        out = run.evaluate(load_records(args.data))
+        out = _evaluate(args, store, run)
         _emit(args, out, f"accuracy (erase, {out['shots']}-shot, {out['records']} records): {out['accuracy']:.4f}; "
                          f"{out['seconds_per_query'] * 1000:.1f} ms per query")
         return 0
@@ -372,6 +522,8 @@ def erase_command(args, store, progress: bool) -> int:
         return _serve(args, store)
     if args.command == "requests":
         return _requests(args, store)
+    if args.command == "resume":
+        return _resume(args, store, run, progress)
     raise AssertionError(args.command)
 
 
@@ -409,7 +561,10 @@ def run_command(args) -> int:
         _emit(args, st, _status_text(st))
         return 0
     if args.command == "drop":
-        if not SisaRun.exists(store, args.run):
+        from sisa.stored_run import StoredRun, check_run_name
+
+        check_run_name(args.run)
+        if not StoredRun.leftovers(store, args.run):  # a HEAD, or what a killed train left
             if args.missing_ok:
                 _emit(args, {"run": args.run, "dropped_objects": 0}, f"run {args.run} does not exist; nothing to drop")
                 return 0
@@ -420,7 +575,7 @@ def run_command(args) -> int:
     if args.command == "unlock":
         from sisa.lock import force_unlock
 
-        removed = force_unlock(store, args.run)
+        removed = force_unlock(store, args.run, args.force)
         _emit(args, {"run": args.run, "unlocked": removed},
               f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
         return 0
@@ -455,14 +610,16 @@ def run_command(args) -> int:
         return _serve(args, store)
     if args.command == "requests":
         return _requests(args, store)
+    if args.command == "resume":
+        return _resume(args, store, run, progress)
     if args.command == "status":
         st = run.status()
         _emit(args, st, _status_text(st))
         return 0
     if args.command == "predict":
-        return _predict(args, store, lambda texts: run.predict(texts, args.aggregate), args.aggregate)
+        return _predict(args, store, run)
     if args.command == "eval":
-        out = run.evaluate(load_records(args.data), args.aggregate)
+        out = _evaluate(args, store, run)
         lines = [f"accuracy ({out['aggregate']} over {len(out['shards'])} shards, {out['records']} records): {out['accuracy']:.4f}"]
         lines += [f"  shard {s['shard']:>3}: {s['accuracy']:.4f}" for s in out["shards"]]
         _emit(args, out, "\n".join(lines))

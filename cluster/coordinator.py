@@ -1,135 +1,112 @@
-"""The deletion coordinator: a durable request log, batching, routing, receipts.
+"""The deletion coordinator: durable intake, one applier at a time, receipts.
 
-A request (ids and/or owners) is validated against the committed manifest and
-written to the run's log in the store (`RUN/requests/<request id>.json`) BEFORE it is
-acknowledged. Pending requests are then applied in batches: every request accepted
-within `window_s` of the oldest pending one goes into one deletion, which retrains
-only the affected shards (through whichever executor the run has: shard actors on
-Ray, or in-process). Each request gets a receipt: accepted and completed times,
-the shards its records lived in, the stages redone there, digests before and after.
+A request (ids and/or owners) is validated against the committed state and appended to
+the run's queue in the store (`requestlog.py`) BEFORE it is acknowledged. From then on
+it belongs to the log, not to the process that accepted it: whichever coordinator holds
+the run lock applies every queued request (its own and those other processes accepted),
+in batches: every request accepted within `window_s` of the oldest queued one goes
+into one deletion, which retrains only the affected shards (through the run's executor:
+shard actors on Ray, or in-process). A coordinator that finds the lock held by a live
+process leaves the queue alone; that holder, or the next one, applies it.
 
-Once a request is done its log entry keeps counts and receipts only: the ids and
-owners it named are dropped (and every older version of the entry purged), so the
-log does not retain what was deleted. A coordinator that restarts replays every
-entry still pending or applying; re-applying is harmless because deleting the
-same thing twice is a no-op.
+An accepted request is never failed for a transient cause (lock held, actor or node
+lost, store timeout, crash): it stays queued and is applied by the next attempt. Only a
+permanent cause (a stored object that fails its integrity check) marks it `failed`, and
+then it keeps its ids and its quarantine so that `unlearn resume --retry-failed` can
+apply it once the store is repaired. Once done, the receipt keeps counts only: the ids
+and owners it named are purged with every version of the queue entry.
+
+Serving reads the same queue (`quarantine.py`), so nothing whose deletion is
+acknowledged answers, whichever process acknowledged it.
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from sisa.errors import UnlearnError
+from sisa.errors import IntegrityError, UnlearnError, one_line
+from sisa.lock import LockLost, RunBusy, RunLock, describe
 from sisa.records import quote
 from sisa.store import Store
 
 from .methods import open_run
-
-STATUSES = ("pending", "applying", "done", "failed")
+from .quarantine import Serving
+from .requestlog import STATUSES, DeletionRequest, RequestLog  # noqa: F401 (re-export)
 
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-@dataclass
-class DeletionRequest:
-    request_id: str
-    accepted: str
-    status: str = "pending"
-    ids: list[str] = field(default_factory=list)  # cleared once done
-    owners: list[str] = field(default_factory=list)  # cleared once done
-    requested: dict = field(default_factory=dict)  # {"ids": n, "owners": n}
-    ignore_missing: bool = False
-    batch: list[str] = field(default_factory=list)  # request ids applied together
-    records_deleted: int = 0
-    already_deleted: int = 0
-    shards: list[int] = field(default_factory=list)  # SISA shards, or ERASE partitions, holding its records
-    stages_redone: dict = field(default_factory=dict)
-    digests: dict = field(default_factory=dict)
-    version: int | None = None
-    retrain_fraction: float = 0.0  # of the whole batch
-    purged_objects: int = 0  # of the whole batch
-    warnings: list[str] = field(default_factory=list)
-    completed: str | None = None
-    seconds: float | None = None
-    reason: str | None = None
-    details: dict = field(default_factory=dict)  # method-specific receipt (ERASE: certificate, new selection)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "DeletionRequest":
-        return cls(**d)
+def _epoch(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (TypeError, ValueError):
+        return 0.0  # unparseable: due at once
 
 
 def batch_due(accepted_times: list[float], now: float, window_s: float) -> bool:
-    """A batch is applied once its oldest pending request has waited `window_s`."""
+    """A batch is applied once its oldest queued request has waited `window_s`."""
     return bool(accepted_times) and now >= min(accepted_times) + window_s
 
 
+def is_permanent(exc: BaseException) -> bool:
+    """Only a failed integrity check is permanent: retrying reads the same bad bytes.
+    Everything else (lock held or lost, actor or node lost, store timeout) is retried."""
+    return isinstance(exc, IntegrityError)
+
+
 class Coordinator:
-    """Owns one run's request log; `apply_due` does the work. Thread-safe."""
+    """Intake and application of one run's deletions. Thread-safe."""
 
     def __init__(self, store: Store, run: str, run_factory: Callable[[], object] | None = None,
-                 window_s: float = 0.0, lock_holder: str | None = None):
+                 window_s: float = 0.0):
         """`run_factory()` returns the run object to apply deletions with (a SisaRun with
-        its executor, an EraseRun with its partition pool); default: in this process.
-        `lock_holder`: a name that survives restarts of this coordinator (the Ray actor's
-        id), so a restarted incarnation takes over its predecessor's run lock; None (the
-        default) locks like any command, so two coordinators never apply at once."""
+        its executor, an EraseRun with its partition pool); default: in this process."""
         self.store = store
         self.run = run
         self.window_s = window_s
-        self.lock_holder = lock_holder
         self.run_factory = run_factory or (lambda: open_run(store, run))
-        self._lock = threading.RLock()  # guards the pending set
-        self._apply_lock = threading.Lock()  # one batch at a time
-        self._accepted_at: dict[str, float] = {}
-        # what may not answer predictions (SISA: shards; ERASE: record ids) -> requests not yet applied
-        self._quarantine: dict[object, set[str]] = {}
-        self._accepted_targets: deque[tuple[int, frozenset]] = deque(maxlen=10_000)  # (sequence, record ids)
-        self._sequence = 0
+        self.requests = RequestLog(store, run)
+        self.serving = Serving(store, run)
+        self.committed, self.quarantine = self.serving.committed, self.serving.quarantine
+        self._apply_lock = threading.Lock()  # one batch at a time in this process
+        self.busy: str | None = None  # who held the run lock at our last try
+        self.problems: list[str] = []  # unreadable log entries seen (reported once each)
         self.fault: str | None = None  # tests: exit the process at "after-commit"
-        self.manifest = open_run(store, run).manifest  # the committed state
-        self._head = self._read_head_pointer()
-        for req in self.log():  # replay: anything not finished is pending again
-            if req.status in ("pending", "applying"):
-                self._accepted_at[req.request_id] = 0.0
-                self._quarantine_request(req)
+        self.committed.read()
+        # what was queued before this coordinator started is a replay (after a crash, or
+        # accepted by another process): due at once, whatever the window
+        self._replay = set(self.pending())
+
+    @property
+    def manifest(self):
+        return self.committed.read()
+
+    def _report(self, problems: list[str]) -> None:
+        for line in problems:
+            if line not in self.problems:
+                self.problems.append(line)
+                print(f"unlearn: warning: {line}", file=sys.stderr, flush=True)
 
     # -- the log -----------------------------------------------------------------------
-    def _key(self, request_id: str) -> str:
-        return f"{self.run}/requests/{request_id}.json"
-
-    def _write(self, req: DeletionRequest) -> None:
-        self.store.put(self._key(req.request_id), json.dumps(req.to_json(), sort_keys=True).encode())
-        self.store.prune_versions(self._key(req.request_id))
-
     def log(self) -> list[DeletionRequest]:
-        out = []
-        for key in self.store.list(f"{self.run}/requests/"):
-            try:
-                out.append(DeletionRequest.from_json(json.loads(self.store.get(key))))
-            except KeyError:
-                continue
-            except (ValueError, TypeError) as exc:
-                raise UnlearnError(f"{self.store.uri}/{key}: unreadable request log entry ({exc})") from None
-        return sorted(out, key=lambda r: r.request_id)
+        entries, problems = self.requests.entries()
+        self._report(problems)
+        return entries
 
     def get(self, request_id: str) -> DeletionRequest:
-        try:
-            return DeletionRequest.from_json(json.loads(self.store.get(self._key(request_id))))
-        except KeyError:
-            raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}") from None
+        return self.requests.get(request_id)
+
+    def pending(self) -> list[str]:
+        queued, problems = self.requests.queued()
+        self._report(problems)
+        return [r.request_id for r in queued if r.status != "failed"]
 
     # -- intake --------------------------------------------------------------------------
     def submit(self, ids: list[str] = (), owners: list[str] = (), ignore_missing: bool = False) -> str:
@@ -138,166 +115,108 @@ class Coordinator:
         if not ids and not owners:
             raise UnlearnError("a deletion request needs ids or owners")
         run = open_run(self.store, self.run)
-        _targets, _already, unknown = run.resolve(ids, owners)
+        targets, _already, unknown = run.resolve(ids, owners)
         if unknown and not ignore_missing:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise UnlearnError(f"run {quote(self.run)}: unknown {unknown[0]}{more}; request not accepted, nothing was deleted")
         now = time.time()
+        units = run.quarantine_of(targets)
         req = DeletionRequest(request_id=f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}", accepted=_iso(now),
-                              ids=ids, owners=owners, requested={"ids": len(ids), "owners": len(owners)},
-                              ignore_missing=ignore_missing)
-        with self._lock:
-            self._write(req)  # durable before acknowledged
-            self._accepted_at[req.request_id] = now
-            self._quarantine_request(req)
+                              ids=ids, owners=owners, units=sorted(units), ignore_missing=ignore_missing,
+                              requested={"ids": len(ids), "owners": len(owners)})
+        self.requests.append(req)  # durable before acknowledged; from now on serving leaves `units` out
         return req.request_id
 
-    # -- the committed state -------------------------------------------------------------
-    def _read_head_pointer(self) -> bytes | None:
-        try:
-            return self.store.get(f"{self.run}/HEAD")
-        except KeyError:
-            return None
-
-    def refresh(self) -> None:
-        """Follow commits made outside this coordinator (another process deleting with
-        `--runtime local`): one small read of HEAD, a reload only when it moved."""
-        head = self._read_head_pointer()
-        if head == self._head:
-            return
-        with self._apply_lock:  # not while a batch of ours is committing
-            manifest = open_run(self.store, self.run).manifest
-            with self._lock:
-                self.manifest, self._head = manifest, self._read_head_pointer()
-
-    # -- quarantine --------------------------------------------------------------------
-    def _quarantine_request(self, req: DeletionRequest) -> None:
-        """From acknowledgement until its batch commits, no shard holding one of the
-        request's records (SISA), no prompt example among them (ERASE), may answer."""
-        run = self._view()
-        targets, _already, _unknown = run.resolve(req.ids, req.owners)
-        for unit in run.quarantine_of(targets):
-            self._quarantine.setdefault(unit, set()).add(req.request_id)
-        self._sequence += 1
-        self._accepted_targets.append((self._sequence, frozenset(targets)))
-
-    def _view(self):
-        """A read-only run object over the committed manifest (no store reads)."""
-        if self.manifest.method == "erase":
-            from erase.run import EraseRun
-
-            return EraseRun(self.store, self.manifest)
-        from sisa.run import SisaRun
-
-        return SisaRun(self.store, self.manifest)
-
-    def _release(self, batch: list[DeletionRequest]) -> None:
-        ids = {r.request_id for r in batch}
-        for shard in list(self._quarantine):
-            self._quarantine[shard] -= ids
-            if not self._quarantine[shard]:
-                del self._quarantine[shard]
-
-    def serving_view(self) -> tuple[set[int], list]:
-        """(quarantined shards, committed shard entries), read together."""
-        with self._lock:
-            return set(self._quarantine), list(self.manifest.shards)
-
+    # -- serving ---------------------------------------------------------------------------
     def predict(self, texts: list[str], serve, method: str = "vote", wait: bool = False,
                 timeout_s: float = 3600.0) -> dict:
-        """Ensemble prediction that honours quarantine. `serve(entries, texts)` returns
-        (checkpoint key, probabilities) per entry. An answer is used only if, after it
-        came back, its shard is not quarantined and the key is the committed one: a
-        deletion acknowledged meanwhile drops it. With wait=True, waits until no shard
-        is quarantined and answers from all of them."""
-        from sisa.run import format_predictions, stack_probabilities
+        """Ensemble prediction that honours every queued deletion in the store (see
+        quarantine.Serving for `serve`)."""
+        out = self.serving.predict(texts, serve, method, wait, timeout_s)
+        self._report(self.quarantine.problems)
+        return out
 
-        if self.manifest.method == "erase":
-            return self._predict_in_context(texts, serve, wait, timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.refresh()
-            quarantined, entries = self.serving_view()
-            if not (wait and quarantined):
-                asked = [e for e in entries if e.records > 0 and e.shard not in quarantined]
-                answers = serve(asked, texts) if asked else []
-                quarantined_after, entries_after = self.serving_view()
-                kept = [(e.shard, probs) for e, (key, probs) in zip(asked, answers)
-                        if e.shard not in quarantined_after and entries_after[e.shard].checkpoints[-1] == key]
-                if not wait or len(kept) == len(asked):
-                    with self._lock:
-                        manifest = self.manifest
-                    probs = stack_probabilities([p for _, p in kept], len(texts), manifest.config)
-                    out = format_predictions(manifest, texts, [k for k, _ in kept], probs, method)
-                    out["quarantined"] = sorted(quarantined | quarantined_after)
-                    return out
-            if time.monotonic() > deadline:
-                raise UnlearnError(f"run {quote(self.run)}: shards {sorted(quarantined)} still retraining "
-                                   f"after {timeout_s:.0f} s")
-            time.sleep(0.05)
-
-    def _predict_in_context(self, texts: list[str], serve, wait: bool, timeout_s: float) -> dict:
-        """ERASE: `serve(manifest, texts, exclude)` answers with the committed prompt minus
-        the examples whose deletion is acknowledged (quarantine holds every record id a
-        pending request targets, so an example selected later by an earlier batch is
-        covered too). If a request accepted while the answer was computed names an example
-        it used, the answer is dropped and asked again: that request may have been
-        applied and released within the call. With wait=True, waits until nothing is
-        quarantined."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.refresh()
-            with self._lock:
-                quarantined, manifest, seen = set(self._quarantine), self.manifest, self._sequence
-            if not (wait and quarantined):
-                out = serve(manifest, texts, sorted(quarantined & set(manifest.selected_ids)))
-                with self._lock:
-                    later = set().union(*(t for n, t in self._accepted_targets if n > seen))
-                if not later & set(out["examples"]):
-                    out["quarantined"] = sorted(quarantined & set(manifest.selected_ids))
-                    return out
-            if time.monotonic() > deadline:
-                raise UnlearnError(f"run {quote(self.run)}: examples still being deleted after {timeout_s:.0f} s")
-            time.sleep(0.05)
-
-    def pending(self) -> list[str]:
-        with self._lock:
-            return sorted(self._accepted_at)
+    def quarantined(self) -> list:
+        return sorted(self.quarantine.read())
 
     # -- work --------------------------------------------------------------------------------
     def apply_due(self, now: float | None = None, progress: bool = False) -> list[DeletionRequest]:
-        """Apply one batch if it is due; returns the finished requests (empty if none).
-        Requests submitted while a batch is applied are acknowledged at once and wait
-        for the next batch."""
+        """Apply one batch if one is due and the run lock is free (or its holder is gone);
+        returns the requests finished (empty if none). When another live process holds the
+        lock, `busy` says who, and the queue is left to it."""
         with self._apply_lock:
-            with self._lock:
-                now = time.time() if now is None else now
-                if not batch_due(list(self._accepted_at.values()), now, self.window_s):
-                    return []
-                batch = [self.get(rid) for rid in sorted(self._accepted_at)]
-            for req in batch:
-                req.status = "applying"
-                self._write(req)
+            queued, problems = self.requests.queued()
+            self._report(problems)
+            todo = [r for r in queued if r.status != "failed"]
+            now = time.time() if now is None else now
+            accepted = [0.0 if r.request_id in self._replay else _epoch(r.accepted) for r in todo]
+            if not batch_due(accepted, now, self.window_s):
+                return []
             try:
-                done = self._apply(batch, progress)
-            except Exception as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                for req in batch:  # nothing was deleted; the log keeps counts, not what was asked
-                    req.status, req.reason, req.completed = "failed", reason, _iso(time.time())
-                    req.ids, req.owners = [], []
-                    self._write(req)
-                self._forget(batch)
-                raise
-            self._forget(done)
-            return done
+                lock = RunLock(self.store, self.run, "delete").acquire()
+            except RunBusy as exc:
+                self.busy = one_line(exc)
+                return []
+            self.busy = None
+            try:
+                return self._apply_locked(lock, progress)
+            finally:
+                lock.release()
 
-    def _forget(self, batch: list[DeletionRequest]) -> None:
-        with self._lock:
-            for req in batch:
-                self._accepted_at.pop(req.request_id, None)
-            self._release(batch)
+    def _apply_locked(self, lock: RunLock, progress: bool) -> list[DeletionRequest]:
+        queued, _problems = self.requests.queued()  # again, now that we own the log
+        batch = []
+        for req in queued:
+            if self.requests.receipt(req.request_id) is not None:
+                self.requests.drop_queued(req.request_id)  # done before a crash took its cleanup
+            elif req.status != "failed":
+                batch.append(req)
+        if not batch:
+            return []
+        took_over = (f"took over the run lock: {describe(lock.took_over)} ({lock.took_over['why']})"
+                     if lock.took_over else None)
+        for req in batch:
+            req.status, req.attempts, req.reason = "applying", req.attempts + 1, None
+            if took_over:  # kept with the request until its receipt: the audit trail of a crash
+                req.warnings = [*req.warnings, took_over]
+            self.requests.update(req)
+        try:
+            done = self._apply(batch, progress, lock)
+        except BaseException as exc:
+            if isinstance(exc, LockLost):
+                raise  # the new holder owns these entries now: not ours to rewrite
+            permanent = is_permanent(exc)
+            line = one_line(exc) if str(exc) else type(exc).__name__
+            try:
+                lock.check()
+                for req in batch:  # ids and quarantine kept: it is still to be applied
+                    if permanent:
+                        req.status, req.reason = "failed", line + "; kept for retry: `unlearn resume --run " \
+                                                              f"{self.run} --retry-failed` once repaired"
+                    else:
+                        req.status = "pending"
+                    req.last_error = line
+                    self.requests.update(req)
+            except Exception:  # the lock is gone or the store is down: the entries stay as they are
+                pass
+            raise
+        return done
 
-    def _apply(self, batch: list[DeletionRequest], progress: bool) -> list[DeletionRequest]:
+    def requeue_failed(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
+        """Queue the failed requests again (once the store is repaired): they keep their
+        ids, so the next batch applies them. Rewriting the log needs the run lock."""
+        with RunLock(self.store, self.run, "resume", wait=True, on_wait=on_wait):
+            queued, problems = self.requests.queued()
+            self._report(problems)
+            again = []
+            for req in queued:
+                if req.status == "failed":
+                    req.status, req.reason = "pending", None
+                    self.requests.update(req)
+                    again.append(req.request_id)
+        return again
+
+    def _apply(self, batch: list[DeletionRequest], progress: bool, lock: RunLock) -> list[DeletionRequest]:
         t0 = time.perf_counter()
         run = self.run_factory()
         run.manifest = run.read_head(self.store, self.run)
@@ -307,18 +226,14 @@ class Coordinator:
             per_request[req.request_id] = (run.units_of(targets), len(targets), len(already))
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
-        receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress,
-                             lock_holder=self.lock_holder)
-        with self._lock:
-            self.manifest = run.manifest  # committed: serve the new shard versions from now on
-            self._head = self._read_head_pointer()
+        receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress, lock=lock)
         if self.fault == "after-commit":  # committed, receipts not yet written
             os._exit(17)
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
         for req in batch:
             units, n_targets, n_already = per_request[req.request_id]
-            req.status, req.completed, req.seconds = "done", finished, seconds
+            req.status, req.completed, req.seconds, req.last_error = "done", finished, seconds, None
             req.batch = [r.request_id for r in batch]
             req.records_deleted, req.already_deleted = n_targets, n_already
             req.shards = units
@@ -330,14 +245,15 @@ class Coordinator:
             req.details = receipt.details
             req.version = receipt.version
             req.retrain_fraction, req.purged_objects = receipt.retrain_fraction, receipt.purged_objects
-            req.warnings = receipt.warnings
-            req.ids, req.owners = [], []  # the log keeps no trace of what was deleted
-            self._write(req)
+            req.warnings = [*req.warnings, *receipt.warnings]
+            self.requests.finish(req)  # the receipt keeps no trace of what was deleted
         return batch
 
 
 class CoordinatorLoop:
-    """Applies due batches in a background thread (for long-lived coordinators)."""
+    """Applies due batches in a background thread (for long-lived coordinators). A
+    transient failure is retried with a growing pause (up to 30 s); the request stays
+    queued and quarantined meanwhile."""
 
     def __init__(self, coordinator: Coordinator, poll_s: float = 0.05):
         self.coordinator = coordinator
@@ -348,12 +264,20 @@ class CoordinatorLoop:
         self._thread.start()
 
     def _run(self) -> None:
+        pause = 0.0
         while not self._stop.is_set():
             try:
-                if not self.coordinator.apply_due():
-                    self._stop.wait(self.poll_s)
-            except Exception as exc:  # recorded in the failed requests' entries
-                self.errors.append(str(exc))
+                if self.coordinator.apply_due():
+                    pause = 0.0
+                    continue
+                # nothing due, or another live process holds the lock and applies the queue
+                self._stop.wait(self.poll_s if self.coordinator.busy is None else max(self.poll_s, 0.5))
+            except Exception as exc:
+                self.errors.append(one_line(exc) if str(exc) else type(exc).__name__)
+                pause = min(30.0, max(0.5, pause * 2))
+                print(f"unlearn: warning: run {self.coordinator.run}: deletion not applied yet ({self.errors[-1]}); "
+                      f"retrying in {pause:.1f} s", file=sys.stderr, flush=True)
+                self._stop.wait(pause)
 
     def stop(self) -> None:
         self._stop.set()
@@ -367,5 +291,3 @@ def wait_for(coordinator: Coordinator, request_id: str, timeout_s: float = 3600.
         if req.status in ("done", "failed") or time.monotonic() > deadline:
             return req
         time.sleep(poll_s)
-
-

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -103,6 +104,10 @@ def _shard_actor_class():
         def pid(self) -> int:
             return os.getpid()
 
+        def warm(self) -> None:
+            """Load the model now (a server's first answer should not wait for it)."""
+            _ = self.worker.trainer
+
         def crash_at(self, point: str | None) -> None:
             self.worker.crash_at(point)
 
@@ -154,6 +159,10 @@ class RayExecutor:
         self.actor_cpus = actor_cpus
         self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
         self._actors: dict[int, object] = {}
+        # a coordinator actor is threaded (answers while it applies): two threads creating
+        # one actor would drop a handle (Ray then destroys the actor), and two threads
+        # importing transformers at once break its lazy imports
+        self._lock = threading.RLock()
 
     def _shared(self) -> list:
         """The frozen base weights, loaded once here and put once into the object store;
@@ -164,17 +173,23 @@ class RayExecutor:
 
         if not self.share_base:
             return []
-        if self._shared_ref is None:
-            self._shared_ref = ray.put(base_weights(self.config.model, len(self.config.labels)))
-        return [self._shared_ref]
+        with self._lock:
+            if self._shared_ref is None:
+                self._shared_ref = ray.put(base_weights(self.config.model, len(self.config.labels)))
+            return [self._shared_ref]
 
     def _name(self, shard: int) -> str:
         return f"{self.run}/{self.config.digest()[:12]}/shard-{shard}"
 
     def _ensure(self, shards: Sequence[int]) -> None:
-        ensure_fits([self._name(k) for k in shards if k not in self._actors], self.actor_cpus, self.actor_gpus)
+        with self._lock:
+            ensure_fits([self._name(k) for k in shards if k not in self._actors], self.actor_cpus, self.actor_gpus)
 
     def actor(self, shard: int):
+        with self._lock:
+            return self._actor(shard)
+
+    def _actor(self, shard: int):
         import ray
 
         if shard not in self._actors:
@@ -345,6 +360,33 @@ class InContextServer:
         return np.concatenate([ray_get(r) for r in refs], axis=0)
 
 
+class InContextAnswers:
+    """ERASE answers from in-context actors, as `serve(manifest, texts, exclude)` for the
+    quarantine guard; the examples' texts are read from the store once per prompt."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.server = None
+        self._examples: dict = {}
+
+    def __call__(self, manifest, texts: list[str], exclude: list[str]) -> dict:
+        from erase.run import format_predictions
+
+        probs, used = self.probabilities(manifest, texts, exclude)
+        return format_predictions(manifest.config.labels, texts, probs, manifest.selected_ids, exclude)
+
+    def probabilities(self, manifest, texts: Sequence[str], exclude: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        from erase.run import EraseRun
+
+        if self.server is None:
+            self.server = InContextServer(manifest.run, manifest.config.lm, manifest.config.labels)
+        key = (manifest.digest, tuple(exclude))
+        if key not in self._examples:
+            self._examples = {key: EraseRun(self.store, manifest).examples(exclude)}
+        probs = self.server.predict_proba(self._examples[key], list(texts), manifest.config.calibrate)
+        return probs, [i for i in manifest.selected_ids if i not in set(exclude)]
+
+
 def ray_get(ref):
     """ray.get that turns an UnlearnError raised in an actor back into a one-line UnlearnError."""
     import ray
@@ -352,7 +394,10 @@ def ray_get(ref):
     try:
         return ray.get(ref)
     except UnlearnError as exc:  # Ray re-raises it as a subclass carrying the remote traceback
-        raise UnlearnError(one_line(exc)) from None
+        # keep the project's own class (IntegrityError is permanent, the rest transient)
+        cls = next(c for c in type(exc).__mro__ if issubclass(c, UnlearnError) and c.__module__.split(".")[0]
+                   in ("sisa", "erase", "cluster"))
+        raise cls(one_line(exc)) from None
 
 
 def _coordinator_actor_class():
@@ -365,7 +410,6 @@ def _coordinator_actor_class():
         restart its constructor replays the pending requests from the log."""
 
         def __init__(self, store_uri: str, run: str, window_s: float, actor_cpus: float | None):
-            import ray
 
             from cluster.coordinator import Coordinator, CoordinatorLoop
             from sisa.stored_run import run_method
@@ -378,7 +422,7 @@ def _coordinator_actor_class():
                 # one long-lived run object: its clustering state stays loaded in the partition actors
                 self.run = EraseRun.open(store, run)
                 self.run.pool = erase_pool(store, run, self.run.config, actor_cpus)
-                self.server, self._examples = None, {}
+                self.answers = InContextAnswers(store)
                 factory = lambda: self.run  # noqa: E731
             else:
                 from sisa.run import SisaRun
@@ -386,14 +430,21 @@ def _coordinator_actor_class():
                 config = SisaRun.read_head(store, run).config
                 self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
                 factory = lambda: SisaRun.open(store, run, self.executor)  # noqa: E731
-            # the actor id stays the same across Ray restarts: a restarted incarnation (and
-            # only it) may take over the run lock its predecessor died holding
-            holder = f"coordinator:{run}:{ray.get_runtime_context().get_actor_id()}"
-            self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s, lock_holder=holder)
+            # a restarted incarnation finds the lock of the one that died (a dead process on
+            # this machine, or a silent heartbeat elsewhere) and takes it over
+            self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s)
             self.loop = CoordinatorLoop(self.coordinator)
 
         def pid(self) -> int:
             return os.getpid()
+
+        def warm(self) -> None:
+            """Start every shard actor and load its model, without waiting (for serve)."""
+            if self.method == "sisa":
+                shards = range(self.executor.config.shards)
+                self.executor._ensure(list(shards))
+                for k in shards:
+                    self.executor.actor(k).warm.remote()
 
         def submit(self, ids: list[str], owners: list[str], ignore_missing: bool = False) -> str:
             return self.coordinator.submit(ids, owners, ignore_missing)
@@ -404,29 +455,30 @@ def _coordinator_actor_class():
         def log(self) -> list[dict]:
             return [r.to_json() for r in self.coordinator.log()]
 
+        def pending(self) -> list[str]:
+            return self.coordinator.pending()
+
+        def busy(self) -> str | None:
+            """Who holds the run lock while this coordinator waits for it (None: nobody)."""
+            return self.coordinator.busy
+
+        def errors(self) -> list[str]:
+            return list(self.loop.errors)
+
+        def requeue_failed(self) -> list[str]:
+            return self.coordinator.requeue_failed()
+
         def crash_at(self, point: str | None) -> None:
             """Tests: exit at "after-commit" of the next batch (committed, receipts not written)."""
             self.coordinator.fault = point
 
-        def quarantined(self) -> list[int]:
-            return sorted(self.coordinator.serving_view()[0])
+        def quarantined(self) -> list:
+            return self.coordinator.quarantined()
 
         def predict(self, texts: list[str], method: str = "vote", wait: bool = False) -> dict:
             if self.method == "erase":
-                return self.coordinator.predict(texts, self._answer_in_context, method, wait)
+                return self.coordinator.predict(texts, self.answers, method, wait)
             return self.coordinator.predict(texts, self.executor.predict, method, wait)
-
-        def _answer_in_context(self, manifest, texts: list[str], exclude: list[str]) -> dict:
-            from erase.run import EraseRun, format_predictions
-
-            if self.server is None:
-                self.server = InContextServer(manifest.run, manifest.config.lm, manifest.config.labels)
-            key = (manifest.digest, tuple(exclude))
-            if key not in self._examples:  # reading texts costs a store round trip: once per prompt
-                self._examples = {key: EraseRun(self.run.store, manifest).examples(exclude)}
-            examples = self._examples[key]
-            probs = self.server.predict_proba(examples, texts, manifest.config.calibrate)
-            return format_predictions(manifest.config.labels, texts, probs, manifest.selected_ids, exclude)
 
     return CoordinatorActor
 
@@ -438,14 +490,23 @@ def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus:
         store.uri, run, window_s, actor_cpus)
 
 
-def wait_request(handle, request_id: str, timeout_s: float = 24 * 3600.0, poll_s: float = 0.2) -> dict:
+def wait_request(handle, request_id: str, timeout_s: float = 24 * 3600.0, poll_s: float = 0.2,
+                 on_busy=None) -> dict:
+    """Poll the coordinator actor until the request is done or failed. `on_busy(who)` is
+    called once if another process holds the run lock meanwhile (it applies the queue)."""
     import time
 
     deadline = time.monotonic() + timeout_s
+    told = False
     while True:
         req = ray_get(handle.get.remote(request_id))
         if req["status"] in ("done", "failed") or time.monotonic() > deadline:
             return req
+        if on_busy is not None and not told:
+            who = ray_get(handle.busy.remote())
+            if who:
+                on_busy(who)
+                told = True
         time.sleep(poll_s)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from cluster.runtime import coordinator_actor
-from sisa.errors import UnlearnError, one_line
+from sisa.errors import Unavailable, UnlearnError, one_line
 from sisa.store import Store
 
 
@@ -66,7 +66,8 @@ def _ingress_class():
                     return JSONResponse(await self.coordinator.get.remote(path[len("/requests/"):]))
                 return JSONResponse({"error": f"no route {request.method} {path}"}, status_code=404)
             except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray
-                return JSONResponse({"error": one_line(exc)}, status_code=400)
+                code = 503 if isinstance(exc, Unavailable) else 400  # 503: ask again shortly
+                return JSONResponse({"error": one_line(exc)}, status_code=code)
 
         @staticmethod
         async def _json(request: Request) -> dict:
@@ -87,6 +88,7 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     from ray import serve
 
     coordinator = coordinator_actor(store, run, window_s, actor_cpus)
+    coordinator.warm.remote()  # shard models load while Serve starts
     serve.start(http_options={"host": host, "port": port})
     serve.run(_ingress_class().bind(coordinator, aggregate), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"

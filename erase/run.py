@@ -131,19 +131,33 @@ class EraseRun(StoredRun):
         return self._put_state(tensors, {key: parts[key][1] for key in keys})
 
     def _read_state(self, key: str) -> tuple[dict, dict]:
+        """A state object's tensors and metadata. The store checks the bytes against the
+        SHA-256 in the key; its IntegrityError passes through unchanged."""
         try:
             data = self.store.get(key)
         except KeyError:
             raise UnlearnError(f"run {quote(self.name)}: clustering state {key} is missing") from None
         return load_tensors(data, f"{self.store.uri}/{key}")
 
-    def load_partition(self, entry: PartitionRecords) -> list[Record]:
+    def load_partition(self, entry: PartitionRecords, check: bool = True) -> list[Record]:
+        """A partition's records. The store checks the bytes against the SHA-256 in the
+        key (its IntegrityError passes through unchanged); with `check`, the records must
+        also be the ones the manifest lists (ids, owners, label counts), else nothing is
+        built on them. `verify` reads unchecked and reports each difference instead."""
+        from sisa.errors import IntegrityError
+        from sisa.shard import record_problems
+
         try:
-            return decode_slice(self.store.get(entry.data))
+            records = decode_slice(self.store.get(entry.data))
         except KeyError:
             raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is missing") from None
         except (ValueError, TypeError) as exc:
             raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is unreadable ({exc})") from None
+        problems = record_problems(entry, records) if check else []
+        if problems:
+            raise IntegrityError(f"run {quote(self.name)}: partition data {entry.data}: {problems[0]}; "
+                                 f"it was not used")
+        return records
 
     def records(self, ids: Iterable[str] | None = None) -> list[Record]:
         """Retained records (all, or those named), read from their partitions' objects."""
@@ -164,8 +178,12 @@ class EraseRun(StoredRun):
             for entry in self.manifest.partitions:
                 leaf_tensors, leaf_metas = self._read_state(entry.state)
                 tensors.update(leaf_tensors)
-                for key, leaf_meta in leaf_metas.items():
-                    meta["groups"][key.rsplit("/", 1)[0]]["partitions"][key] = leaf_meta
+                try:
+                    for key, leaf_meta in leaf_metas.items():
+                        meta["groups"][key.rsplit("/", 1)[0]]["partitions"][key] = leaf_meta
+                except (KeyError, TypeError, AttributeError):
+                    raise UnlearnError(f"run {quote(self.name)}: clustering state {entry.state} does not fit the "
+                                       f"head {self.manifest.state}") from None
             self._model = EraseModel.from_tensors(tensors, meta, pool=self.pool)
             self._model_key = self.manifest.digest
         return self._model
@@ -231,8 +249,9 @@ class EraseRun(StoredRun):
         return set(targets)
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
-               progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
-        with RunLock(self.store, self.name, "delete", holder=lock_holder):
+               progress: bool = False, lock: RunLock | None = None) -> DeletionReceipt:
+        """`lock`: the run lock when the caller holds it (a coordinator), else taken here."""
+        with self._locked("delete", lock):
             self.manifest = self.read_head(self.store, self.name)
             return self._delete_locked(list(ids), list(owners), ignore_missing)
 
@@ -308,22 +327,44 @@ class EraseRun(StoredRun):
     # -- verification ------------------------------------------------------------------------
     def verify(self, progress: bool = False) -> dict:
         """Re-embed the retained records from their stored texts, cluster from scratch and
-        compare with the committed state: digest and selected examples."""
+        compare with the committed state: digest and selected examples. A corrupted or
+        missing object, or stored records that differ from the manifest (ids, owners, label
+        counts), is what verify is for: each is a problem of the report (exit 3), never an
+        error. Records that cannot be trusted are not re-clustered."""
+        from sisa.shard import record_problems
+
         from .model import EraseModel
 
-        records = self.records()
-        if records:
+        problems: list[str] = []
+        records: list[Record] = []
+        for entry in self.manifest.partitions:
+            try:
+                got = self.load_partition(entry, check=False)
+            except UnlearnError as exc:  # IntegrityError included: the bytes do not match the name
+                problems.append(f"partition {entry.partition}: {exc}")
+                continue
+            problems.extend(f"partition {entry.partition}: {p} ({entry.data})" for p in record_problems(entry, got))
+            records.extend(got)
+        records_ok = not problems
+        try:
+            stored = self.model()
+        except UnlearnError as exc:  # IntegrityError included
+            stored = None
+            problems.append(f"stored state: {exc}")
+        fresh = None
+        if not records_ok:
+            problems.append("not re-clustered: the stored records could not be read or differ from the manifest")
+        elif records:
             fresh = self.fit(records, self.config, progress)
-        else:  # every record deleted: compare with the clustering of nothing
-            fresh = EraseModel.fit([], [], np.zeros((0, self.model().d), np.float32), self.config.clustering(),
+        elif stored is not None:  # every record deleted: compare with the clustering of nothing
+            fresh = EraseModel.fit([], [], np.zeros((0, stored.d), np.float32), self.config.clustering(),
                                    label_set=list(self.config.labels))
-        stored = self.model()
-        problems = []
-        checks = {"stored state": stored.digest(), "fresh clustering": fresh.digest()}
-        for what, digest in checks.items():
+        digests = {what: model.digest() for what, model in (("stored state", stored), ("fresh clustering", fresh))
+                   if model is not None}
+        for what, digest in digests.items():
             if digest != self.manifest.digest:
                 problems.append(f"{what} digest {str(digest)[:16]} != manifest {self.manifest.digest[:16]}")
-        if prompt_order(self.config.seed, fresh.selected_ids) != self.manifest.selected_ids:
+        if fresh is not None and prompt_order(self.config.seed, fresh.selected_ids) != self.manifest.selected_ids:
             problems.append("the selected examples differ from a fresh clustering")
         return {"run": self.name, "exact": not problems, "records": len(records), "digest": self.manifest.digest,
                 "selected_ids": list(self.manifest.selected_ids), "problems": problems}

@@ -72,7 +72,14 @@ def smollm2_dir() -> str:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process (a second actor) converted it first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            raise
     return out
 
 

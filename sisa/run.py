@@ -123,8 +123,9 @@ class SisaRun(StoredRun):
         return self.units_of(targets)
 
     def delete(self, ids: Iterable[str] = (), owners: Iterable[str] = (), ignore_missing: bool = False,
-               progress: bool = False, lock_holder: str | None = None) -> DeletionReceipt:
-        with RunLock(self.store, self.name, "delete", holder=lock_holder):
+               progress: bool = False, lock: RunLock | None = None) -> DeletionReceipt:
+        """`lock`: the run lock when the caller holds it (a coordinator), else taken here."""
+        with self._locked("delete", lock):
             self.manifest = self.read_head(self.store, self.name)  # a stale handle acts on the current state
             return self._delete_locked(list(ids), list(owners), ignore_missing, progress)
 
@@ -207,16 +208,27 @@ class SisaRun(StoredRun):
         return format_predictions(self.manifest, texts, shards, probs, method)
 
     def evaluate(self, records: Sequence[Record], method: str = "vote") -> dict:
-        index = {label: i for i, label in enumerate(self.config.labels)}
-        for r in records:
-            if r.label not in index:
-                raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(self.config.labels)}")
-        truth = np.array([index[r.label] for r in records])
+        check_labels(self.config, records)
         shards, probs = self.shard_probabilities([r.text for r in records])
-        weights = [self.manifest.shards[k].records for k in shards]
-        labels, _ = aggregate(probs, method, weights)
-        return {
-            "aggregate": method, "records": len(records), "accuracy": round(float((labels == truth).mean()), 6),
-            "shards": [{"shard": k, "accuracy": round(float((probs[i].argmax(axis=1) == truth).mean()), 6)}
-                       for i, k in enumerate(shards)],
-        }
+        return evaluation(self.manifest, records, shards, probs, method)
+
+
+def check_labels(config, records: Sequence[Record]) -> None:
+    known = set(config.labels)
+    for r in records:
+        if r.label not in known:
+            raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
+
+
+def evaluation(manifest: Manifest, records: Sequence[Record], shards: Sequence[int], probs: np.ndarray,
+               method: str) -> dict:
+    """Accuracy of the ensemble of `shards` (probabilities [S', n, L]), overall and per shard."""
+    index = {label: i for i, label in enumerate(manifest.config.labels)}
+    truth = np.array([index[r.label] for r in records])
+    weights = [manifest.shards[k].records for k in shards]
+    labels, _ = aggregate(probs, method, weights)
+    return {
+        "aggregate": method, "records": len(records), "accuracy": round(float((labels == truth).mean()), 6),
+        "shards": [{"shard": k, "accuracy": round(float((probs[i].argmax(axis=1) == truth).mean()), 6)}
+                   for i, k in enumerate(shards)],
+    }

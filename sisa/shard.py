@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import State, dump_state, load_state, state_digest
 from .config import SisaConfig
-from .errors import UnlearnError
+from .errors import IntegrityError, UnlearnError
 from .keys import sha256_hex
 from .manifest import ShardEntry, SliceEntry
 from .plan import checkpoint_key, stage_ids
@@ -62,6 +62,18 @@ def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
     for r in records:
         counts[r.label] = counts.get(r.label, 0) + 1
     return SliceEntry(key, [r.id for r in records], [r.owner for r in records], dict(sorted(counts.items())))
+
+
+def record_problems(entry, records: Sequence[Record]) -> list[str]:
+    """How stored records differ from what a manifest entry says they are (`entry` has
+    `ids`, `owners` and `label_counts`: a SISA SliceEntry or an ERASE PartitionRecords).
+    The data object is content-addressed, so its bytes are the ones the manifest named;
+    this catches a manifest and its objects that disagree, before anything trains on them."""
+    got = slice_entry("", records)
+    return [f"stored {what} differ from the manifest"
+            for what, mine, theirs in (("ids", got.ids, entry.ids), ("owners", got.owners, entry.owners),
+                                       ("label counts", got.label_counts, dict(entry.label_counts)))
+            if mine != theirs]
 
 
 @dataclass(frozen=True)
@@ -115,22 +127,50 @@ class ShardWorker:
         self.store.put(key, data)
         return slice_entry(key, sorted(records, key=lambda r: r.id))
 
-    def load_checkpoint(self, key: str) -> State:
+    def read_checkpoint(self, key: str) -> State:
+        """The tensors a checkpoint holds, unchecked (see load_checkpoint). Bytes that are
+        not safetensors are an IntegrityError: the writer only ever wrote whole ones."""
         try:
-            return load_state(self.store.get(key))
+            data = self.store.get(key)
         except KeyError:
             raise UnlearnError(f"run {quote(self.run)}: checkpoint {key} is missing (changed by another "
                                f"command while reading? try again)") from None
+        try:
+            return load_state(data)
         except Exception as exc:  # safetensors raises its own error type for corrupt data
-            raise UnlearnError(f"run {quote(self.run)}: checkpoint {key} is unreadable ({exc})") from None
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IntegrityError(f"run {quote(self.run)}: checkpoint {key} is corrupted (not readable as "
+                                 f"safetensors: {reason}); it was not used") from None
+
+    def load_checkpoint(self, key: str, expected_digest: str) -> State:
+        """The state of a checkpoint, checked against the digest the manifest records for
+        its stage. Checkpoint keys name the training inputs (config and retained ids), not
+        the bytes, so the store cannot check them: without this a flipped byte would change
+        predictions, or be built on by a deletion and committed."""
+        state = self.read_checkpoint(key)
+        got = state_digest(state)
+        if got != expected_digest:
+            raise IntegrityError(f"run {quote(self.run)}: checkpoint {key} is corrupted (its state digest is "
+                                 f"{got[:16]}..., the manifest records {expected_digest[:16]}...); it was not used")
+        return state
 
     def load_slice(self, key: str) -> list[Record]:
+        """A slice's records; an IntegrityError from the store (the bytes do not match the
+        object's name) passes through unchanged."""
         try:
             return decode_slice(self.store.get(key))
         except KeyError:
             raise UnlearnError(f"run {quote(self.run)}: slice data {key} is missing") from None
         except (ValueError, TypeError) as exc:
             raise UnlearnError(f"run {quote(self.run)}: slice data {key} is unreadable ({exc})") from None
+
+    def load_checked_slice(self, entry: SliceEntry) -> list[Record]:
+        """A slice's records, which must be the ones its manifest entry lists."""
+        records = self.load_slice(entry.data)
+        problems = record_problems(entry, records)
+        if problems:
+            raise IntegrityError(f"run {quote(self.run)}: slice data {entry.data}: {problems[0]}; it was not used")
+        return records
 
     # -- stages ----------------------------------------------------------------------
     def total_steps(self, shard_layout: Sequence[Sequence[str]], first_stage: int) -> int:
@@ -168,51 +208,92 @@ class ShardWorker:
 
     def retrain(self, job: RetrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:
         """Drop `removed`, rewrite the changed slices, restore the checkpoint before
-        `first_stage` and redo the later stages. Writes only new objects."""
+        `first_stage` and redo the later stages. Writes only new objects, and only after
+        every object it builds on (the shard's slices, the restore point) has been checked."""
         old = job.entry
         gone = set(job.removed)
-        records = {r.id: r for sl in old.slices for r in self.load_slice(sl.data) if r.id not in gone}
+        records = {r.id: r for sl in old.slices for r in self.load_checked_slice(sl) if r.id not in gone}
+        state = (self.trainer.initial_state(old.shard) if job.first_stage == 0
+                 else self.load_checkpoint(old.checkpoints[job.first_stage - 1],
+                                           old.stage_digests[job.first_stage - 1]))
         slices = list(old.slices)
         for j in range(job.first_stage, self.config.slices):
             if gone & set(slices[j].ids):
                 slices[j] = self.write_slice([records[i] for i in slices[j].ids if i not in gone])
         layout = [sl.ids for sl in slices]
-        state = (self.trainer.initial_state(old.shard) if job.first_stage == 0
-                 else self.load_checkpoint(old.checkpoints[job.first_stage - 1]))
         stages = self._stages(old.shard, layout, records, job.first_stage, state, on_step, True)
         return ShardEntry(old.shard, slices, old.checkpoints[:job.first_stage] + [k for k, _ in stages],
                           old.stage_digests[:job.first_stage] + [d for _, d in stages])
 
     def verify(self, entry: ShardEntry, on_step: Callable[[], None] | None = None) -> dict:
         """Retrain from scratch on the stored records; compare every stage with the
-        manifest digest, the stored checkpoint tensors and the checkpoint key."""
-        problems = []
-        records: dict[str, Record] = {}
-        for j, sl in enumerate(entry.slices):
-            got = self.load_slice(sl.data)
-            if [r.id for r in got] != sl.ids:
-                problems.append(f"slice {j}: stored records differ from the manifest")
-            records.update((r.id, r) for r in got)
-        stages = self._stages(entry.shard, entry.layout(), records, 0, self.trainer.initial_state(entry.shard),
-                              on_step, False)
+        manifest digest, the stored checkpoint tensors and the checkpoint key. Finding a
+        corrupted or missing object is what verify is for: it becomes a problem of the
+        report (a mismatch, exit 3), never an error."""
+        problems: list[str] = []
+        records = self._verify_slices(entry, problems)
+        layout = entry.layout()
+        retrained: list[str | None] = [None] * len(entry.checkpoints)
+        if all(i in records for ids in layout for i in ids):
+            stages = self._stages(entry.shard, layout, records, 0, self.trainer.initial_state(entry.shard),
+                                  on_step, False)
+            retrained = [d for _, d in stages]
+        else:
+            problems.append("not retrained: the records the manifest lists could not all be read")
         rows = []
-        for j, (key, digest) in enumerate(stages):
-            stored = state_digest(self.load_checkpoint(entry.checkpoints[j]))
-            if not (digest == entry.stage_digests[j] == stored and key == entry.checkpoints[j]):
-                problems.append(f"stage {j}: digest or checkpoint key differs")
-            rows.append({"stage": j, "expected": entry.stage_digests[j], "retrained": digest,
-                         "stored": stored, "key_matches": key == entry.checkpoints[j]})
+        for j, (ckpt, expected) in enumerate(zip(entry.checkpoints, entry.stage_digests)):
+            stored = self._stored_digest(j, ckpt, expected, problems)
+            key_matches = self.ckpt_key(entry.shard, j, layout) == ckpt
+            if retrained[j] is not None and retrained[j] != expected:
+                problems.append(f"stage {j}: a from-scratch retrain gives digest {retrained[j][:16]}..., the manifest "
+                                f"records {expected[:16]}...")
+            if not key_matches:
+                problems.append(f"stage {j}: checkpoint key {ckpt} is not the one the stage's records give")
+            rows.append({"stage": j, "expected": expected, "retrained": retrained[j], "stored": stored,
+                         "key_matches": key_matches})
         return {"shard": entry.shard, "records": entry.records, "match": not problems,
                 "problems": problems, "stages": rows}
 
+    def _verify_slices(self, entry: ShardEntry, problems: list[str]) -> dict[str, Record]:
+        """The shard's stored records by id; each unreadable slice, or one whose ids,
+        owners or label counts differ from its manifest entry, adds a problem."""
+        records: dict[str, Record] = {}
+        for j, sl in enumerate(entry.slices):
+            try:
+                got = self.load_slice(sl.data)
+            except UnlearnError as exc:  # IntegrityError included: the bytes do not match the name
+                problems.append(f"slice {j}: {exc}")
+                continue
+            problems.extend(f"slice {j}: {p} ({sl.data})" for p in record_problems(sl, got))
+            records.update((r.id, r) for r in got)
+        return records
+
+    def _stored_digest(self, stage: int, key: str, expected: str, problems: list[str]) -> str | None:
+        """The digest of a stored checkpoint (None if unreadable); a problem if it is not
+        the manifest's."""
+        try:
+            stored = state_digest(self.read_checkpoint(key))
+        except IntegrityError:
+            problems.append(f"stage {stage}: stored checkpoint {key} is corrupted (not readable as safetensors)")
+            return None
+        except UnlearnError as exc:  # missing, or the store cannot be read
+            problems.append(f"stage {stage}: {exc}")
+            return None
+        if stored != expected:
+            problems.append(f"stage {stage}: stored checkpoint {key} is corrupted (its state digest is "
+                            f"{stored[:16]}..., the manifest records {expected[:16]}...)")
+        return stored
+
     def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
         """(checkpoint key the answer came from, probabilities). States are kept in memory
-        by checkpoint key, so a serving shard reads each checkpoint version once."""
+        by checkpoint key, so a serving shard reads each checkpoint version once; a state is
+        cached only once its digest matched the manifest."""
         key = entry.checkpoints[-1]
         if key not in self._serving:
+            state = self.load_checkpoint(key, entry.digest)
             if len(self._serving) >= 64:  # LoRA states are small, but bound the cache anyway
                 self._serving.pop(next(iter(self._serving)))
-            self._serving[key] = self.load_checkpoint(key)
+            self._serving[key] = state
         return key, self.trainer.predict_proba(self._serving[key], texts)
 
 

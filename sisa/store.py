@@ -6,15 +6,19 @@ bucket it removes every version and delete marker of the key, because a deleted
 record must not survive in an older version (ALGORITHMS.md rule 6).
 
 Values are bytes; callers store safetensors and JSON only, and nothing read back
-is ever unpickled.
+is ever unpickled. Content-addressed objects (named `<sha256>.<ext>`) are checked on
+every read, so a flipped byte on disk or in a bucket fails the read instead of changing a
+prediction or being built on by the next deletion.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
 from typing import Protocol
 
-from .errors import UnlearnError
+from .errors import IntegrityError, UnlearnError
 
 DEFAULT_STORE = "./unlearn-store"
 
@@ -27,7 +31,10 @@ class Store(Protocol):
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Create `key` only if it does not exist; False if it did (an atomic test-and-set)."""
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str) -> bytes:
+        """The object's bytes; KeyError if absent. If the key's last component is
+        `<64 lowercase hex>.<ext>`, the bytes' SHA-256 must equal that hex, else
+        IntegrityError (see `checked`)."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -47,6 +54,24 @@ class Store(Protocol):
         """Raise UnlearnError if the store cannot be written (before any work starts)."""
 
 
+_CONTENT_NAME = re.compile(r"([0-9a-f]{64})\.[A-Za-z0-9]+")
+
+
+def checked(uri: str, key: str, data: bytes) -> bytes:
+    """`data` as read from `key`, after checking a content-addressed name against it.
+    Every backend's `get` goes through here: objects are named by their SHA-256 when
+    written, and nothing else would notice bit rot or an edit that kept the name. One
+    pass of SHA-256 over bytes already in memory; other keys (HEAD, LOCK, checkpoints,
+    request logs) pass unchecked."""
+    match = _CONTENT_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    if match:
+        got = hashlib.sha256(data).hexdigest()
+        if got != match.group(1):
+            raise IntegrityError(f"store {uri}: object {key} is corrupted (its SHA-256 is {got[:16]}..., not the "
+                                 f"one in its name); nothing was built on it")
+    return data
+
+
 def _check_key(key: str) -> None:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -64,7 +89,11 @@ class LocalStore:
         _check_key(key)
         return os.path.join(self.root, *key.split("/"))
 
-    def put(self, key: str, data: bytes) -> None:
+    def _publish(self, key: str, data: bytes, exclusive: bool) -> bool:
+        """Write `data` to a temporary file next to the key, fsync it, then make it the
+        key: by rename (replacing), or by hard link, which fails if the key exists (create
+        only if absent). Readers never see a partial object, and a crash never leaves an
+        empty one (for a lock, one nobody could attribute)."""
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -76,39 +105,38 @@ class LocalStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, path)
             _fsync_dir(os.path.dirname(path))  # the rename itself must survive a power cut
-        except BaseException as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(exc, OSError):
-                raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
-            raise
-
-    def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
+            return True
         except OSError as exc:
             raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(os.path.dirname(path))
-        return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def put(self, key: str, data: bytes) -> None:
+        self._publish(key, data, exclusive=False)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        return self._publish(key, data, exclusive=True)
 
     def get(self, key: str) -> bytes:
         try:
             with open(self._path(key), "rb") as f:
-                return f.read()
+                data = f.read()
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
             raise UnlearnError(f"store {self.root}: cannot read {key}: {exc.strerror}") from None
+        return checked(self.root, key, data)
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self._path(key))
@@ -226,7 +254,8 @@ class S3Store:
             raise UnlearnError(f"{self.uri}: put failed: {exc.response.get('Error', {}).get('Code') or exc}") from None
 
     def get(self, key: str) -> bytes:
-        return self._call("get", self.client.get_object, Key=self._key(key))["Body"].read()
+        data = self._call("get", self.client.get_object, Key=self._key(key))["Body"].read()
+        return checked(self.uri, key, data)
 
     def exists(self, key: str) -> bool:
         try:

@@ -3,9 +3,11 @@
 Storage layout under the run's prefix (the method adds its own object prefixes):
 
     RUN/HEAD                      pointer to the current manifest (the commit)
-    RUN/LOCK                      held while a command mutates the run
+    RUN/LOCK                      held while a command mutates the run (sisa/lock.py)
+    RUN/locks/                    the lock's heartbeat and takeover claims
     RUN/manifests/<sha256>.json   manifests
-    RUN/requests/<id>.json        the coordinator's deletion log (cluster/)
+    RUN/queue/<id>.json           deletion requests accepted and not yet applied (cluster/)
+    RUN/requests/<id>.json        receipts of applied deletion requests (cluster/)
 
 Every mutation writes new objects, then a new manifest, then HEAD, and only then purges
 what the new manifest no longer references (every version of each object). A crash
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -75,6 +78,7 @@ class StoredRun:
     def __init__(self, store: Store, manifest):
         self.store = store
         self.manifest = manifest
+        self._lock: RunLock | None = None  # held during a mutation
 
     @property
     def name(self) -> str:
@@ -92,14 +96,41 @@ class StoredRun:
     @classmethod
     def drop(cls, store: Store, run: str) -> int:
         """Purge every object (and version) of a run, HEAD last, so an interrupted drop
-        can simply be re-run."""
+        can simply be re-run. Works without a HEAD too: a `train` killed before its
+        commit leaves objects (training texts among them) and no HEAD."""
         check_run_name(run)
-        with RunLock(store, run, "drop"):
-            keys = [k for k in store.list_all(f"{run}/") if k not in (head_key(run), lock_key(run))]
+        with RunLock(store, run, "drop") as lock:
+            mine = {head_key(run), lock_key(run)} | {k for k in store.list_all(f"{run}/locks/") if lock.token in k}
+            keys = [k for k in store.list_all(f"{run}/") if k not in mine]
             for key in keys:
                 store.delete(key)
+            had_head = store.exists(head_key(run))
             store.delete(head_key(run))
-        return len(keys) + 1
+        return len(keys) + int(had_head)
+
+    @staticmethod
+    def leftovers(store: Store, run: str) -> list[str]:
+        """Every key the run has in the store (committed or not, the lock included)."""
+        check_run_name(run)
+        return store.list_all(f"{run}/")
+
+    @contextmanager
+    def _locked(self, command: str, lock: RunLock | None = None):
+        """Hold the run lock for one mutation, or use the one the caller holds (a
+        coordinator applying a batch); `_commit` checks it is still held before HEAD."""
+        if lock is None:
+            with RunLock(self.store, self.name, command) as held:
+                self._lock = held
+                try:
+                    yield held
+                finally:
+                    self._lock = None
+        else:
+            previous, self._lock = getattr(self, "_lock", None), lock
+            try:
+                yield lock
+            finally:
+                self._lock = previous
 
     def _manifest_key(self, manifest) -> str:
         return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
@@ -110,6 +141,9 @@ class StoredRun:
         reported, and the next mutating command finishes it."""
         mkey = self._manifest_key(manifest)
         self.store.put(mkey, manifest.dumps())
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.check()  # fenced: never commit after another process took the lock over
         self.store.put(head_key(self.name), json.dumps({"manifest": mkey}).encode())
         self.manifest = manifest
         try:
@@ -136,7 +170,7 @@ class StoredRun:
         """Under the run lock: refuse an existing run, purge the leftovers of an earlier
         create that died, then `write()` (objects, manifest, commit). If it fails nothing
         was committed, so everything it wrote is removed: the store is left as it was."""
-        with RunLock(self.store, self.name, "train"):
+        with self._locked("train"):
             if self.store.exists(head_key(self.name)):
                 raise UnlearnError(f"run {quote(self.name)} already exists in {self.store.uri}; choose another --run")
             self._purge_uncommitted()
@@ -152,5 +186,5 @@ class StoredRun:
 
     def _purge_uncommitted(self) -> None:
         for key in self.store.list_all(f"{self.name}/"):
-            if key != lock_key(self.name):
+            if key != lock_key(self.name) and not key.startswith(f"{self.name}/locks/"):
                 self.store.delete(key)

@@ -32,8 +32,9 @@ def test_request_is_logged_before_it_is_acknowledged_and_forgotten_after(trained
     store, run = trained
     coord = Coordinator(store, "r")
     rid = coord.submit(ids=["r0003"], owners=["owner007"])
-    entry = json.loads(store.get(f"r/requests/{rid}.json"))  # durable at acknowledgement
+    entry = json.loads(store.get(f"r/queue/{rid}.json"))  # durable at acknowledgement
     assert entry["status"] == "pending" and entry["ids"] == ["r0003"] and entry["owners"] == ["owner007"]
+    assert sorted(entry["units"]) == sorted(run.units_of(["r0003", "r0007"]))  # quarantined from now on
     done = coord.apply_due()
     assert [r.request_id for r in done] == [rid]
     req = coord.get(rid)
@@ -45,6 +46,7 @@ def test_request_is_logged_before_it_is_acknowledged_and_forgotten_after(trained
     assert req.shards == shards and set(req.digests) == {str(k) for k in shards}
     assert "r0003" not in SisaRun.open(store, "r").manifest.owners() and "r0003" in where
     assert b"r0003" not in store.get(f"r/requests/{rid}.json")
+    assert store.list_all("r/queue/") == []  # the queue entry (which named the ids) is purged
 
 
 def test_unknown_ids_are_not_accepted(trained):
@@ -52,7 +54,7 @@ def test_unknown_ids_are_not_accepted(trained):
     coord = Coordinator(store, "r")
     with pytest.raises(UnlearnError, match='unknown id "zz"; request not accepted'):
         coord.submit(ids=["zz"])
-    assert store.list("r/requests/") == []
+    assert store.list_all("r/requests/") == [] and store.list_all("r/queue/") == []
 
 
 def test_window_batches_requests_and_receipts_are_per_request(trained):

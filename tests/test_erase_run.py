@@ -213,7 +213,9 @@ def test_an_answer_is_asked_again_when_its_example_is_deleted_meanwhile(tmp_path
     assert calls == [1, 2] and example not in out["examples"]
 
 
-def test_coordinators_lock_like_any_command_and_failed_entries_forget_ids(tmp_path):
+def test_a_busy_run_keeps_the_request_queued_and_applies_it_once_free(tmp_path):
+    """A lock held by a live process is never a reason to fail a request: it stays queued
+    with its ids (and quarantined), untouched by this coordinator, until the lock is free."""
     from cluster.coordinator import Coordinator
     from sisa.lock import RunLock
 
@@ -221,14 +223,14 @@ def test_coordinators_lock_like_any_command_and_failed_entries_forget_ids(tmp_pa
     coordinator = Coordinator(store, "e")
     with RunLock(store, "e", "delete"):  # another process (or coordinator) is applying
         rid = coordinator.submit(ids=["r0003"])
-        with pytest.raises(Exception, match="is busy"):
-            coordinator.apply_due()
-    failed = coordinator.get(rid)
-    assert failed.status == "failed" and "is busy" in failed.reason
-    assert failed.ids == [] and failed.owners == [] and failed.requested == {"ids": 1, "owners": 0}
-    rid = coordinator.submit(ids=["r0003"])  # resubmitted once the other writer is done
-    coordinator.apply_due()
-    assert coordinator.get(rid).status == "done"
+        before = store.get(f"e/queue/{rid}.json")
+        assert coordinator.apply_due() == [] and "is busy" in coordinator.busy
+        assert store.get(f"e/queue/{rid}.json") == before  # not rewritten, not failed
+        assert coordinator.quarantined() == ["r0003"]
+    assert [r.request_id for r in coordinator.apply_due()] == [rid]
+    done = coordinator.get(rid)
+    assert done.status == "done" and done.records_deleted == 1 and done.ids == []
+    assert coordinator.quarantined() == [] and store.list_all("e/queue/") == []
 
 
 def test_a_coordinator_follows_commits_made_outside_it(tmp_path):

@@ -32,6 +32,11 @@ def exercise(store):
     assert store.list("run/") == ["run/a/y.json", "run/b.json"]
     with pytest.raises(ValueError):
         store.put("../escape", b"x")
+    assert store.put_if_absent("run/LOCK", b"first") and not store.put_if_absent("run/LOCK", b"second")
+    assert store.get("run/LOCK") == b"first"
+    store.delete("run/LOCK")
+    assert store.put_if_absent("run/LOCK", b"third") and store.get("run/LOCK") == b"third"
+    store.delete("run/LOCK")
 
 
 def test_local_store(tmp_path):
@@ -134,7 +139,7 @@ def test_vacuum_makes_deleted_bytes_unreadable_on_disk(seaweedfs, s3_bucket):
     assert on_disk()
     store.delete("blob")
     # the filer frees chunks asynchronously: compact until the bytes are gone (bounded)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90  # seen over 30 s on a loaded 2-core machine
     while on_disk() and time.monotonic() < deadline:
         seaweedfs.vacuum()
         time.sleep(0.5)
@@ -174,3 +179,32 @@ def test_local_list_all_sees_half_written_files(tmp_path):
     assert store.list_all("run/") == ["run/.tmp-dead", "run/a"]
     store.delete("run/.tmp-dead")
     assert store.list_all("run/") == ["run/a"]
+
+
+@pytest.mark.integration
+def test_create_if_absent_has_one_winner_on_seaweedfs(seaweedfs, s3_bucket):
+    """The run lock and its takeover claims rest on this: of racing creators, exactly one wins."""
+    import threading
+
+    from sisa.lock import RunBusy, RunLock
+
+    won, start = [], threading.Barrier(8)
+
+    def race(i):
+        store = open_store(f"s3://{s3_bucket}/p")
+        start.wait()
+        won.append(store.put_if_absent("run/LOCK", str(i).encode()))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [False] * 7 + [True]
+    store = open_store(f"s3://{s3_bucket}/p")
+    store.delete("run/LOCK")
+    with RunLock(store, "run", "delete") as lock:  # the lock itself, on the real server
+        with pytest.raises(RunBusy):
+            RunLock(store, "run", "delete").acquire()
+        assert store.exists("run/LOCK") and lock.held
+    assert store.list_all("run/") == []

@@ -1,0 +1,159 @@
+"""Predictions that honour every acknowledged deletion, whichever process accepted it.
+
+A request is in the store's queue (`RUN/queue/`) from the moment it is acknowledged
+until its batch has committed. So any process that answers (serve, CLI predict or
+eval, in-process or on Ray, SISA or ERASE) reads the queue around each answer:
+
+1. read the queue, then HEAD; answer from what is not quarantined (SISA: every shard
+   a queued request names; ERASE: every prompt example it names);
+2. after the answer, read the queue again, then HEAD (in that order: a request that
+   left the queue in between has committed, so HEAD shows it), and keep an answer only
+   if its shard is still not quarantined and still on the committed checkpoint (ERASE:
+   no example used is quarantined now or gone from the committed state); else ask again.
+
+What a check costs: one LIST of the queue and one small GET of HEAD, twice per batch
+of texts; queued entries are read once each (what a request quarantines never changes)
+and the manifest once per commit (`bench/quarantine_bench.py` measures it).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from sisa.errors import Unavailable, UnlearnError
+from sisa.records import quote
+from sisa.store import Store
+
+from .requestlog import RequestLog
+
+
+class Committed:
+    """The run's committed manifest, re-read only when HEAD moves."""
+
+    def __init__(self, store: Store, run: str):
+        self.store, self.run = store, run
+        self._head: bytes | None = None
+        self.manifest = None
+        self._held: set[str] | None = None
+
+    def read(self):
+        from .methods import open_run
+
+        try:
+            head = self.store.get(f"{self.run}/HEAD")
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.run)} not found") from None
+        if head != self._head or self.manifest is None:
+            self.manifest = open_run(self.store, self.run).manifest
+            self._head, self._held = head, None
+        return self.manifest
+
+    def held(self) -> set[str]:
+        """Ids of every record the committed state holds (ERASE: to tell a deleted example)."""
+        if self._held is None:
+            self._held = set(self.manifest.owners())
+        return self._held
+
+
+class Quarantine:
+    """What may not answer: the union of `units` over the queued requests."""
+
+    def __init__(self, store: Store, run: str):
+        self.log = RequestLog(store, run)
+        self._units: dict[str, frozenset] = {}  # queue key -> its units (never change)
+        self.problems: list[str] = []
+
+    def read(self) -> set:
+        keys = self.log.queued_keys()
+        self._units = {k: v for k, v in self._units.items() if k in keys}
+        for key in keys:
+            if key not in self._units:
+                try:
+                    self._units[key] = frozenset(self.log._read(key).units)
+                except KeyError:
+                    continue  # finished meanwhile
+                except ValueError as exc:
+                    line = self.log._unreadable(key, exc)
+                    if line not in self.problems:
+                        self.problems.append(line)
+                    continue
+        return set().union(*self._units.values()) if self._units else set()
+
+
+def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
+                   wait: bool = False, timeout_s: float = 3600.0):
+    """SISA: (manifest, answering shards, their probabilities, shards quarantined meanwhile).
+    `serve(entries, texts)` returns (checkpoint key, probabilities) per shard entry."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = quarantine.read()
+        manifest = committed.read()
+        if not (wait and before & {e.shard for e in manifest.shards if e.records}):
+            asked = [e for e in manifest.shards if e.records > 0 and e.shard not in before]
+            if not asked and not wait and any(e.records for e in manifest.shards):
+                raise Unavailable(f"run {quote(committed.run)}: every shard holding records is being retrained "
+                                  f"for an acknowledged deletion (shards {sorted(before)}); ask again, or wait")
+            answers = serve(asked, texts) if asked else []
+            after = quarantine.read()
+            now = committed.read()
+            kept = [(e.shard, probs) for e, (key, probs) in zip(asked, answers)
+                    if e.shard not in after and now.shards[e.shard].checkpoints[-1] == key]
+            if len(kept) == len(asked):  # else a shard was quarantined or committed meanwhile: ask again
+                return now, [k for k, _ in kept], [p for _, p in kept], sorted(before | after)
+        if time.monotonic() > deadline:
+            raise UnlearnError(f"run {quote(committed.run)}: shards {sorted(before)} still retraining "
+                               f"after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def predict_in_context(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
+                       wait: bool = False, timeout_s: float = 3600.0) -> dict:
+    """ERASE: `serve(manifest, texts, exclude)` answers with the committed prompt minus the
+    quarantined examples. The answer is asked again if an example it used became
+    quarantined or was deleted while it was computed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = quarantine.read()
+        manifest = committed.read()
+        withheld = sorted(before & set(manifest.selected_ids))
+        if not (wait and withheld):
+            out = serve(manifest, texts, withheld)
+            after = quarantine.read()
+            committed.read()
+            used = set(out["examples"])
+            if not (used & after) and used <= committed.held():
+                out["quarantined"] = withheld
+                return out
+        if time.monotonic() > deadline:
+            raise UnlearnError(f"run {quote(committed.run)}: examples still being deleted after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+class Serving:
+    """Answers for one run that honour every queued deletion. Read-only: it never takes
+    the run lock and never applies or marks a request."""
+
+    def __init__(self, store: Store, run: str):
+        self.committed = Committed(store, run)
+        self.quarantine = Quarantine(store, run)
+
+    def shards(self, serve: Callable, texts: Sequence[str], wait: bool = False, timeout_s: float = 3600.0):
+        """SISA: (manifest, shards that answered, probabilities [S', n, L], quarantined shards)."""
+        from sisa.run import stack_probabilities
+
+        manifest, shards, probs, quarantined = predict_shards(self.committed, self.quarantine, serve, texts,
+                                                              wait, timeout_s)
+        return manifest, shards, stack_probabilities(probs, len(texts), manifest.config), quarantined
+
+    def predict(self, texts: Sequence[str], serve: Callable, method: str = "vote", wait: bool = False,
+                timeout_s: float = 3600.0) -> dict:
+        """SISA: `serve(entries, texts)` gives (checkpoint key, probabilities) per shard entry;
+        ERASE: `serve(manifest, texts, exclude)` gives the in-context answer."""
+        if self.committed.read().method == "erase":
+            return predict_in_context(self.committed, self.quarantine, serve, texts, wait, timeout_s)
+        from sisa.run import format_predictions
+
+        manifest, shards, probs, quarantined = self.shards(serve, texts, wait, timeout_s)
+        out = format_predictions(manifest, texts, shards, probs, method)
+        out["quarantined"] = quarantined
+        return out

@@ -1,0 +1,175 @@
+"""A run's deletion log in the store: the queue of accepted requests, and receipts.
+
+    RUN/queue/<request id>.json     accepted, not yet applied: the ids and owners it names,
+                                    and what they quarantine (`units`)
+    RUN/requests/<request id>.json  the receipt once applied: counts, shards, digests;
+                                    never the ids or owners
+
+Any process may append to the queue (that write is the acknowledgement: durable first).
+Only the holder of the run lock rewrites a queued entry (applying, pending again after a
+transient error, failed for a permanent one) or finishes it: receipt first, then the
+queue entry is purged with every version. The queue is therefore both the list of work
+left and the quarantine every serving process reads, and it is as long as the work left,
+not as the history.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from sisa.errors import UnlearnError
+from sisa.records import quote
+from sisa.store import Store
+
+STATUSES = ("pending", "applying", "done", "failed")
+_ID = re.compile(r"[0-9]{20}-[0-9a-f]{8}")
+
+
+@dataclass
+class DeletionRequest:
+    request_id: str
+    accepted: str
+    status: str = "pending"
+    ids: list[str] = field(default_factory=list)  # cleared once done
+    owners: list[str] = field(default_factory=list)  # cleared once done
+    units: list = field(default_factory=list)  # quarantined until done: SISA shards, ERASE record ids
+    requested: dict = field(default_factory=dict)  # {"ids": n, "owners": n}
+    ignore_missing: bool = False
+    attempts: int = 0
+    last_error: str | None = None  # the latest transient error; the request stays queued
+    batch: list[str] = field(default_factory=list)  # request ids applied together
+    records_deleted: int = 0
+    already_deleted: int = 0
+    shards: list[int] = field(default_factory=list)  # SISA shards, or ERASE partitions, holding its records
+    stages_redone: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)
+    version: int | None = None
+    retrain_fraction: float = 0.0  # of the whole batch
+    purged_objects: int = 0  # of the whole batch
+    warnings: list[str] = field(default_factory=list)
+    completed: str | None = None
+    seconds: float | None = None
+    reason: str | None = None  # why it failed (permanent causes only)
+    details: dict = field(default_factory=dict)  # method-specific receipt (ERASE: certificate, new selection)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DeletionRequest":
+        """Strict enough that a damaged entry is refused, not half-used."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        known = {f.name for f in fields(cls)}
+        req = cls(**{k: v for k, v in d.items() if k in known})
+        if not (isinstance(req.request_id, str) and isinstance(req.accepted, str) and req.status in STATUSES
+                and isinstance(req.ids, list) and isinstance(req.owners, list) and isinstance(req.units, list)
+                and all(isinstance(v, str) for v in req.ids + req.owners)):
+            raise ValueError("fields of the wrong type")
+        return req
+
+
+def valid_request_id(request_id: str) -> bool:
+    return isinstance(request_id, str) and bool(_ID.fullmatch(request_id))
+
+
+class RequestLog:
+    def __init__(self, store: Store, run: str):
+        self.store = store
+        self.run = run
+
+    def queue_key(self, request_id: str) -> str:
+        return f"{self.run}/queue/{request_id}.json"
+
+    def receipt_key(self, request_id: str) -> str:
+        return f"{self.run}/requests/{request_id}.json"
+
+    @staticmethod
+    def _id_of(key: str) -> str:
+        return key.rsplit("/", 1)[1].removesuffix(".json")
+
+    def _read(self, key: str) -> DeletionRequest:
+        """KeyError if absent; ValueError if unreadable."""
+        data = self.store.get(key)
+        try:
+            return DeletionRequest.from_json(json.loads(data))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    def _unreadable(self, key: str, exc: Exception) -> str:
+        return f"run {quote(self.run)}: request log entry {quote(self._id_of(key))} is unreadable ({exc}); skipped"
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(self, req: DeletionRequest) -> None:
+        """Durable when this returns: only then may the request be acknowledged."""
+        self.store.put(self.queue_key(req.request_id), json.dumps(req.to_json(), sort_keys=True).encode())
+
+    def update(self, req: DeletionRequest) -> None:
+        """Rewrite a queued entry (lock holder only); older versions are dropped."""
+        key = self.queue_key(req.request_id)
+        self.store.put(key, json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.prune_versions(key)
+
+    def finish(self, req: DeletionRequest) -> None:
+        """Receipt first, then the queue entry goes (every version: it named the ids).
+        A crash in between leaves both; the next lock holder drops the queue entry."""
+        req.ids, req.owners, req.units = [], [], []
+        key = self.receipt_key(req.request_id)
+        self.store.put(key, json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.prune_versions(key)
+        self.store.delete(self.queue_key(req.request_id))
+
+    def drop_queued(self, request_id: str) -> None:
+        self.store.delete(self.queue_key(request_id))
+
+    # -- reading -----------------------------------------------------------------------------
+    def queued_keys(self) -> list[str]:
+        return self.store.list(f"{self.run}/queue/")
+
+    def queued(self) -> tuple[list[DeletionRequest], list[str]]:
+        """(queued requests in acceptance order, one line per entry that cannot be read)."""
+        out, problems = [], []
+        for key in self.queued_keys():
+            try:
+                out.append(self._read(key))
+            except KeyError:
+                continue  # finished meanwhile
+            except ValueError as exc:
+                problems.append(self._unreadable(key, exc))
+        return sorted(out, key=lambda r: r.request_id), problems
+
+    def receipt(self, request_id: str) -> DeletionRequest | None:
+        try:
+            return self._read(self.receipt_key(request_id))
+        except KeyError:
+            return None
+
+    def get(self, request_id: str) -> DeletionRequest:
+        """The receipt if the request is done, else its queue entry."""
+        if not valid_request_id(request_id):
+            raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}")
+        for key in (self.receipt_key(request_id), self.queue_key(request_id)):
+            try:
+                return self._read(key)
+            except KeyError:
+                continue
+            except ValueError as exc:
+                raise UnlearnError(self._unreadable(key, exc).removesuffix("; skipped")) from None
+        raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}")
+
+    def entries(self) -> tuple[list[DeletionRequest], list[str]]:
+        """Every request, done or queued, in acceptance order; and the unreadable ones."""
+        queued, problems = self.queued()
+        done = {}
+        for key in self.store.list(f"{self.run}/requests/"):
+            try:
+                req = self._read(key)
+            except KeyError:
+                continue
+            except ValueError as exc:
+                problems.append(self._unreadable(key, exc))
+                continue
+            done[req.request_id] = req
+        merged = {**{r.request_id: r for r in queued}, **done}
+        return sorted(merged.values(), key=lambda r: r.request_id), problems

@@ -1,0 +1,152 @@
+"""The run lock: a holder that is provably gone is taken over (once, by one process), a
+live one never is, and a holder that lost its lock cannot commit."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import synthetic_records
+from sisa.config import SisaConfig
+from sisa.errors import UnlearnError
+from sisa.lock import LockLost, RunBusy, RunLock, force_unlock, holder_gone, process_alive, process_start
+from sisa.run import SisaRun
+from sisa.store import LocalStore
+
+HERE = {"host": "h1", "boot_id": "b1", "pid": 10, "pid_start": "99"}
+
+
+def test_holder_gone_rules():
+    alive = lambda pid, start: True  # noqa: E731
+    dead = lambda pid, start: False  # noqa: E731
+    assert holder_gone(HERE, "h1", "b1", alive, None, 30) is None
+    assert "is gone" in holder_gone(HERE, "h1", "b1", dead, None, 30)
+    assert "rebooted" in holder_gone(HERE, "h1", "b2", alive, None, 30)
+    elsewhere = {**HERE, "host": "h2"}  # another machine: only a silent heartbeat tells
+    assert holder_gone(elsewhere, "h1", "b1", dead, None, 30) is None
+    assert holder_gone(elsewhere, "h1", "b1", dead, 29.9, 30) is None
+    assert "no heartbeat for 30 s" in holder_gone(elsewhere, "h1", "b1", alive, 30.0, 30)
+    assert holder_gone({}, "h1", "b1", alive, 31.0, 30)  # unreadable: by its silence too
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_process_facts():
+    import os
+
+    assert process_alive(os.getpid(), process_start(os.getpid()))
+    assert not process_alive(os.getpid(), "1")  # same pid, another start time: pid reused
+    assert not process_alive(dead_pid())
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(0.5)  # exited, not reaped: kill(pid, 0) still succeeds
+    assert not process_alive(zombie.pid)
+    zombie.wait()
+
+
+def lock_of(store, run="r"):
+    return json.loads(store.get(f"{run}/LOCK"))
+
+
+def test_a_dead_holder_on_this_machine_is_taken_over_and_logged(tmp_path, capsys):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete") as first:
+        pass
+    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
+    store.put("r/LOCK", json.dumps(stale).encode())
+    with RunLock(store, "r", "delete") as lock:
+        assert lock.took_over["pid"] == stale["pid"] and "is gone" in lock.took_over["why"]
+        assert lock_of(store)["token"] == lock.token
+    assert f"took over the lock of run r: delete by {stale['holder']}" in capsys.readouterr().err
+    assert not store.exists("r/LOCK") and store.list_all("r/locks/") == []
+
+
+def test_a_live_holder_is_never_taken_over(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete"):
+        with pytest.raises(RunBusy, match=r'run "r" is busy: delete by .*:\d+ since'):
+            RunLock(store, "r", "delete").acquire()
+        with pytest.raises(RunBusy):
+            RunLock(store, "r", "delete", wait=0.5).acquire()  # waited, still alive
+
+
+def test_a_remote_holder_is_taken_over_only_after_a_silent_lease(tmp_path):
+    store = LocalStore(str(tmp_path))
+    remote = {"token": "a" * 32, "holder": "elsewhere:1", "host": "elsewhere", "pid": 1, "command": "delete",
+              "since": "then"}
+    store.put("r/LOCK", json.dumps(remote).encode())
+    beating = threading.Event()
+
+    def heartbeat():  # the remote holder is alive: its heartbeat changes
+        n = 0
+        while not beating.is_set():
+            store.put(f"r/locks/beat-{'a' * 32}", str(n).encode())
+            n += 1
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=heartbeat)
+    thread.start()
+    try:
+        with pytest.raises(RunBusy):
+            RunLock(store, "r", "delete", wait=1.5, lease_s=0.6, poll_s=0.05).acquire()
+    finally:
+        beating.set()
+        thread.join()
+    t0 = time.monotonic()
+    lock = RunLock(store, "r", "delete", wait=10, lease_s=0.6, poll_s=0.05).acquire()
+    assert lock.took_over["host"] == "elsewhere" and "no heartbeat" in lock.took_over["why"]
+    assert 0.6 <= time.monotonic() - t0 < 5
+    lock.release()
+
+
+def test_one_of_many_racers_takes_a_dead_lock_over(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete") as first:
+        pass
+    store.put("r/LOCK", json.dumps({**first.info, "pid": dead_pid(), "pid_start": ""}).encode())
+    won, busy, start = [], [], threading.Barrier(8)
+
+    def race():
+        lock = RunLock(store, "r", "delete", poll_s=0.01)
+        start.wait()
+        try:
+            won.append(lock.acquire())
+        except RunBusy:
+            busy.append(lock)
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(busy) == 7
+    assert lock_of(store)["token"] == won[0].token
+    won[0].release()
+
+
+def test_a_holder_that_lost_its_lock_cannot_commit(tmp_path):
+    store = LocalStore(str(tmp_path))
+    run = SisaRun.train(store, "r", synthetic_records(12), SisaConfig(shards=1, slices=1, model="tiny",
+                                                                        batch_size=4, max_length=32))
+    head = store.get("r/HEAD")
+    lock = RunLock(store, "r", "delete").acquire()
+    store.put("r/LOCK", json.dumps({**lock.info, "token": "b" * 32, "holder": "x:2"}).encode())  # taken over
+    with pytest.raises(LockLost, match="taken over"):
+        run.delete(ids=["r0001"], lock=lock)
+    assert store.get("r/HEAD") == head
+    lock.release()
+    assert lock_of(store)["token"] == "b" * 32  # the new holder's lock is left alone
+
+
+def test_unlock_refuses_a_live_holder_on_this_machine(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete"):
+        with pytest.raises(UnlearnError, match="locked by a live process"):
+            force_unlock(store, "r")
+        assert force_unlock(store, "r", force=True)
+    assert not force_unlock(store, "r")
