@@ -211,6 +211,30 @@ def _status_text(st: dict) -> str:
     return "\n".join(lines)
 
 
+def _with_queue(store, st: dict) -> dict:
+    """The status plus the deletion requests still queued (accepted, not yet applied) and
+    what they keep out of every answer meanwhile."""
+    from cluster.requestlog import RequestLog
+
+    queued, problems = RequestLog(store, st["run"]).queued()
+    for line in problems:
+        print(f"unlearn: warning: {line}", file=sys.stderr)
+    st["queued_requests"] = [{"request_id": r.request_id, "status": r.status, "accepted": r.accepted,
+                              "attempts": r.attempts} for r in queued]
+    st["quarantined"] = sorted({u for r in queued for u in r.units}) if st["method"] == "sisa" else \
+        sorted({u for r in queued for u in r.units} & set(st.get("selected_ids", [])))
+    return st
+
+
+def _queue_text(st: dict) -> str:
+    if not st["queued_requests"]:
+        return ""
+    what = "shards" if st["method"] == "sisa" else "prompt examples"
+    return (f"\n  {len(st['queued_requests'])} deletion requests queued "
+            f"({', '.join(sorted({r['status'] for r in st['queued_requests']}))}); {what} withheld from answers "
+            f"until applied: {st['quarantined']}")
+
+
 def _delete(args, store, run, progress: bool) -> dict:
     """Through the run's coordinator (a named Ray actor, or in this process): logged
     durably, acknowledged, applied (by this process, or by the live one that holds the
@@ -508,8 +532,8 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, report, text)
         return 0 if report["exact"] else 3
     if args.command == "status":
-        st = run.status()
-        _emit(args, st, _erase_status_text(st))
+        st = _with_queue(store, run.status())
+        _emit(args, st, _erase_status_text(st) + _queue_text(st))
         return 0
     if args.command == "predict":
         return _predict(args, store, run)
@@ -613,8 +637,8 @@ def run_command(args) -> int:
     if args.command == "resume":
         return _resume(args, store, run, progress)
     if args.command == "status":
-        st = run.status()
-        _emit(args, st, _status_text(st))
+        st = _with_queue(store, run.status())
+        _emit(args, st, _status_text(st) + _queue_text(st))
         return 0
     if args.command == "predict":
         return _predict(args, store, run)

@@ -14,8 +14,8 @@ import pytest
 
 from cluster.cli import main
 from conftest import synthetic_records, write_jsonl
-from proc_helpers import (assert_all_applied, assert_no_trace, assert_sisa_exact, kill9, queue, run_cli,
-                          shard_of, spawn, wait_until)
+from proc_helpers import (assert_all_applied, assert_no_trace, assert_sisa_exact, kill9, kill_session, queue,
+                          run_cli, shard_of, spawn, wait_until)
 from sisa.config import SisaConfig
 
 pytestmark = pytest.mark.integration
@@ -55,13 +55,15 @@ def delete_args(state, *ids: str) -> list[str]:
     return ["delete", "--run", "r", "--store", state["store"], "--ids", ",".join(ids), "--json", "--quiet"]
 
 
-def test_kill_9_while_applying_then_the_next_delete_applies_both(sisa_run, tmp_path):
+@pytest.mark.parametrize("runtime", ["local", "ray"])
+def test_kill_9_while_applying_then_the_next_delete_applies_both(sisa_run, tmp_path, runtime):
     """Seen before: the next delete failed "busy", replayed the request, failed it and
-    wiped its ids; the record stayed. Now the dead holder's lock is taken over and both
-    requests are applied."""
+    wiped its ids; the record stayed. Now the dead holder's lock is taken over (or, on
+    Ray, the orphaned coordinator finishes first and the next delete waits for it), and
+    both requests are applied."""
     state = sisa_run
     first, second = first_slice_victims(state)
-    proc = spawn(*delete_args(state, first), log=str(tmp_path / "first"))
+    proc = spawn(*delete_args(state, first), runtime=runtime, log=str(tmp_path / "first"))
     entry = wait_until(lambda: [e for e in queue(state["store"], "r").values() if e["status"] == "applying"],
                        120, "the first delete to start applying")[0]
     state["deleted"].add(first)  # acknowledged (it is applying): it must not be lost
@@ -69,8 +71,9 @@ def test_kill_9_while_applying_then_the_next_delete_applies_both(sisa_run, tmp_p
     import time
 
     time.sleep(state["rng"].uniform(0.1, 2.5))  # somewhere inside the retraining
-    kill9(proc)
-    done = run_cli(*delete_args(state, second))
+    kill9(proc)  # the command only, as a user would: on Ray its workers may outlive it
+    done = run_cli(*delete_args(state, second), runtime=runtime)
+    kill_session(proc)  # what is left of the first command's Ray
     assert done.returncode == 0, done.stderr
     state["deleted"].add(second)
     receipt = json.loads(done.stdout)

@@ -200,6 +200,9 @@ def test_read_only_commands_never_lock_or_apply_and_serve_withholds(served, tmp_
         for args in (["status"], ["requests"], ["eval", "--data", str(tmp_path / "e.jsonl")]):
             done = run_cli(*args, "--run", "r", "--store", state["store"], "--json")
             assert done.returncode == 0, done.stderr
+            if args == ["status"]:  # says what is queued and withheld
+                st = json.loads(done.stdout)
+                assert [q["request_id"] for q in st["queued_requests"]] == [rid] and st["quarantined"] == [shard]
         assert store.get(f"r/queue/{rid}.json") == entry  # nobody rewrote, failed or stripped it
         assert json.loads(store.get("r/LOCK"))["token"] == held.token
     assert wait_done(url, rid)["status"] == "done"
