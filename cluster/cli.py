@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="also queue again the requests that failed for a permanent cause (a corrupted object), "
                         "once the store is repaired")
+    p.add_argument("--discard-damaged", action="store_true",
+                   help="remove queue entries that fail their checks (nothing in them can be trusted; while they "
+                        "are there nothing answers); submit those deletions again")
 
     p = sub.add_parser("unlock", help="remove a run's lock by hand (a holder on another machine that will not come back)",
                        description="A lock whose holder is provably gone (its process on this machine is dead, or "
@@ -211,6 +214,28 @@ def _status_text(st: dict) -> str:
     return "\n".join(lines)
 
 
+def _unchanged_during(store, run: str, work):
+    """Run `work()` (verify) and check that no deletion committed meanwhile: it would have
+    purged objects verify was reading, which must not read as damage."""
+    def head():
+        try:
+            return store.get(f"{run}/HEAD")
+        except KeyError:
+            return None
+
+    before = head()
+    try:
+        report = work()
+    except UnlearnError:
+        if head() != before:
+            raise UnlearnError(f"run {run} changed while it was verified (a deletion committed); "
+                               f"run verify again") from None
+        raise
+    if head() != before:
+        raise UnlearnError(f"run {run} changed while it was verified (a deletion committed); run verify again")
+    return report
+
+
 def _with_queue(store, st: dict) -> dict:
     """The status plus the deletion requests still queued (accepted, not yet applied) and
     what they keep out of every answer meanwhile."""
@@ -258,7 +283,7 @@ def _delete(args, store, run, progress: bool) -> dict:
     else:
         from cluster.coordinator import Coordinator
 
-        coordinator = Coordinator(store, args.run, run_factory=lambda: run)
+        coordinator = Coordinator(store, args.run, run_factory=lambda: run, window_s=args.window)
         request_id = coordinator.submit(ids, owners, ignore_missing=args.ignore_missing)
         print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
         req = _apply_until(coordinator, lambda: coordinator.get(request_id).status in ("done", "failed"),
@@ -310,6 +335,8 @@ def _resume(args, store, run, progress: bool) -> int:
 
     coordinator = Coordinator(store, args.run, run_factory=lambda: run)
     before = {r.request_id for r in coordinator.log() if r.status != "done"}
+    if args.discard_damaged:
+        coordinator.discard_damaged(on_wait=waiting)
     if args.retry_failed:
         coordinator.requeue_failed(on_wait=waiting)
     if args.runtime == "ray":
@@ -331,8 +358,10 @@ def _resume(args, store, run, progress: bool) -> int:
     lines = [f"{r['request_id']}  {r['status']:<8}  " + (f"{r['records_deleted']} records" if r["status"] == "done"
                                                           else (r["reason"] or r["last_error"] or ""))
              for r in log] or [f"run {args.run}: nothing queued"]
-    _emit(args, {"run": args.run, "requests": log}, "\n".join(lines))
-    return 0 if all(r["status"] == "done" for r in log) else 1
+    _queued, damaged = coordinator.requests.queued()
+    lines += [f"{line}: `unlearn resume --run {args.run} --discard-damaged` removes it" for line in damaged]
+    _emit(args, {"run": args.run, "requests": log, "damaged": damaged}, "\n".join(lines))
+    return 0 if all(r["status"] == "done" for r in log) and not damaged else 1
 
 
 def _serve(args, store) -> int:
@@ -525,7 +554,7 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
-        report = run.verify(progress=progress)
+        report = _unchanged_during(store, args.run, lambda: run.verify(progress=progress))
         text = (f"exact: a fresh clustering of the {report['records']} retained records gives the same state "
                 f"(digest {report['digest'][:16]}) and the same {len(report['selected_ids'])} examples"
                 if report["exact"] else "NOT EXACT: " + "; ".join(report["problems"]))
@@ -603,8 +632,11 @@ def run_command(args) -> int:
         _emit(args, {"run": args.run, "unlocked": removed},
               f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
         return 0
-    from sisa.stored_run import run_method
+    from sisa.stored_run import check_run_name, run_method
 
+    if args.command == "requests":  # the log alone: readable even if the manifest is not
+        check_run_name(args.run)
+        return _requests(args, store)
     if run_method(store, args.run) == "erase":
         return erase_command(args, store, progress)
     run = SisaRun.open(store, args.run)
@@ -623,7 +655,7 @@ def run_command(args) -> int:
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
-        report = run.verify(shards=args.shard, progress=progress)
+        report = _unchanged_during(store, args.run, lambda: run.verify(shards=args.shard, progress=progress))
         lines = [f"shard {r['shard']:>3}: {'bit-identical' if r['match'] else 'MISMATCH: ' + '; '.join(r['problems'])}"
                  for r in report["shards"]]
         lines.append("exact: every checked shard equals a from-scratch retrain" if report["exact"]

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from sisa.errors import IntegrityError, UnlearnError, one_line
-from sisa.lock import LockLost, RunBusy, RunLock, describe
+from sisa.lock import LockLost, LockWatch, RunBusy, RunLock, describe
 from sisa.records import quote
 from sisa.store import Store
 
@@ -77,6 +77,7 @@ class Coordinator:
         self.committed, self.quarantine = self.serving.committed, self.serving.quarantine
         self._apply_lock = threading.Lock()  # one batch at a time in this process
         self.busy: str | None = None  # who held the run lock at our last try
+        self._watch = LockWatch()  # a holder elsewhere is judged by its heartbeat across our tries
         self.problems: list[str] = []  # unreadable log entries seen (reported once each)
         self.fault: str | None = None  # tests: exit the process at "after-commit"
         self.committed.read()
@@ -125,6 +126,9 @@ class Coordinator:
                               ids=ids, owners=owners, units=sorted(units), ignore_missing=ignore_missing,
                               requested={"ids": len(ids), "owners": len(owners)})
         self.requests.append(req)  # durable before acknowledged; from now on serving leaves `units` out
+        if not self.store.exists(f"{self.run}/HEAD"):  # dropped meanwhile: leave nothing behind
+            self.requests.drop_queued(req.request_id)
+            raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete")
         return req.request_id
 
     # -- serving ---------------------------------------------------------------------------
@@ -153,7 +157,7 @@ class Coordinator:
             if not batch_due(accepted, now, self.window_s):
                 return []
             try:
-                lock = RunLock(self.store, self.run, "delete").acquire()
+                lock = RunLock(self.store, self.run, "delete", watch=self._watch).acquire()
             except RunBusy as exc:
                 self.busy = one_line(exc)
                 return []
@@ -164,6 +168,7 @@ class Coordinator:
                 lock.release()
 
     def _apply_locked(self, lock: RunLock, progress: bool) -> list[DeletionRequest]:
+        self._sweep()
         queued, _problems = self.requests.queued()  # again, now that we own the log
         batch = []
         for req in queued:
@@ -181,31 +186,78 @@ class Coordinator:
                 req.warnings = [*req.warnings, took_over]
             self.requests.update(req)
         try:
-            done = self._apply(batch, progress, lock)
+            return self._apply(batch, progress, lock)
         except BaseException as exc:
             if isinstance(exc, LockLost):
                 raise  # the new holder owns these entries now: not ours to rewrite
-            permanent = is_permanent(exc)
-            line = one_line(exc) if str(exc) else type(exc).__name__
-            try:
-                lock.check()
-                for req in batch:  # ids and quarantine kept: it is still to be applied
-                    if permanent:
-                        req.status, req.reason = "failed", line + "; kept for retry: `unlearn resume --run " \
-                                                              f"{self.run} --retry-failed` once repaired"
-                    else:
-                        req.status = "pending"
-                    req.last_error = line
-                    self.requests.update(req)
-            except Exception:  # the lock is gone or the store is down: the entries stay as they are
-                pass
+            if is_permanent(exc) and len(batch) > 1:
+                # one damaged object must not fail the others: apply each request alone
+                return self._apply_one_by_one(batch, progress, lock)
+            self._settle(batch, exc, lock)
             raise
+
+    def _apply_one_by_one(self, batch: list[DeletionRequest], progress: bool, lock: RunLock) -> list[DeletionRequest]:
+        done, failed = [], None
+        for i, req in enumerate(batch):
+            try:
+                done += self._apply([req], progress, lock)
+            except BaseException as exc:
+                if isinstance(exc, LockLost):
+                    raise
+                if not is_permanent(exc):
+                    self._settle(batch[i:], exc, lock)  # this one and the rest: queued again
+                    raise
+                self._settle([req], exc, lock)
+                failed = failed or exc
+        if failed is not None and not done:
+            raise failed
         return done
+
+    def _settle(self, batch: list[DeletionRequest], exc: BaseException, lock: RunLock) -> None:
+        """After a failed attempt: a permanent cause marks the requests failed, a transient
+        one queues them again; both keep their ids and quarantine (still to be applied)."""
+        line = one_line(exc) if str(exc) else type(exc).__name__
+        try:
+            lock.check()
+            for req in batch:
+                if is_permanent(exc):
+                    req.status, req.reason = "failed", (f"{line}; kept for retry: `unlearn resume --run {self.run} "
+                                                        f"--retry-failed` once repaired")
+                else:
+                    req.status = "pending"
+                req.last_error = line
+                self.requests.update(req)
+        except Exception:  # the lock is gone or the store is down: the entries stay as they are
+            pass
+
+    def _sweep(self) -> None:
+        """Temporary files that killed writers of the log left (they may name deleted ids)."""
+        for sub in ("queue/", "requests/", "locks/"):
+            for key in self.store.stale_temporary(f"{self.run}/{sub}", older_than_s=120):
+                self.store.delete(key)
+
+    def discard_damaged(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
+        """Remove queue entries that fail their checks (after restoring what can be restored:
+        nothing in them can be trusted, so they are never applied, and while they are there
+        nothing answers). Returns the keys removed; their deletions must be submitted again."""
+        with RunLock(self.store, self.run, "resume", wait=True, on_wait=on_wait, watch=self._watch):
+            gone = []
+            for key in self.requests.queued_keys():
+                try:
+                    self.requests._read(key)
+                except KeyError:
+                    continue
+                except ValueError as exc:
+                    print(f"unlearn: warning: {self.requests._unreadable(key, exc).removesuffix('; skipped')}; "
+                          f"removed", file=sys.stderr)
+                    self.store.delete(key)
+                    gone.append(key)
+        return gone
 
     def requeue_failed(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
         """Queue the failed requests again (once the store is repaired): they keep their
         ids, so the next batch applies them. Rewriting the log needs the run lock."""
-        with RunLock(self.store, self.run, "resume", wait=True, on_wait=on_wait):
+        with RunLock(self.store, self.run, "resume", wait=True, on_wait=on_wait, watch=self._watch):
             queued, problems = self.requests.queued()
             self._report(problems)
             again = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from sisa.errors import Unavailable, UnlearnError
+from sisa.errors import ObjectMissing, Unavailable, UnlearnError
 from sisa.records import quote
 from sisa.store import Store
 
@@ -44,7 +44,13 @@ class Committed:
         except KeyError:
             raise UnlearnError(f"run {quote(self.run)} not found") from None
         if head != self._head or self.manifest is None:
-            self.manifest = open_run(self.store, self.run).manifest
+            for attempt in range(3):
+                try:
+                    self.manifest = open_run(self.store, self.run).manifest
+                    break
+                except ObjectMissing:  # HEAD moved and the old manifest was purged in between
+                    if attempt == 2:
+                        raise
             self._head, self._held = head, None
         return self.manifest
 
@@ -56,16 +62,20 @@ class Committed:
 
 
 class Quarantine:
-    """What may not answer: the union of `units` over the queued requests."""
+    """What may not answer: the union of `units` over the queued requests. A damaged queue
+    entry could have named anything, so while one is there `damaged` names it and the
+    callers withhold everything (fail closed)."""
 
     def __init__(self, store: Store, run: str):
         self.log = RequestLog(store, run)
         self._units: dict[str, frozenset] = {}  # queue key -> its units (never change)
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # every damaged entry seen, one line each
+        self.damaged: list[str] = []  # those in the queue at the last read
 
     def read(self) -> set:
         keys = self.log.queued_keys()
         self._units = {k: v for k, v in self._units.items() if k in keys}
+        damaged = []
         for key in keys:
             if key not in self._units:
                 try:
@@ -74,10 +84,26 @@ class Quarantine:
                     continue  # finished meanwhile
                 except ValueError as exc:
                     line = self.log._unreadable(key, exc)
+                    damaged.append(line)
                     if line not in self.problems:
                         self.problems.append(line)
-                    continue
+        self.damaged = damaged
         return set().union(*self._units.values()) if self._units else set()
+
+    def fail_closed(self) -> str:
+        return (f"{self.damaged[0].removesuffix('; skipped')}: it could name any record, so nothing answers until it "
+                f"is restored or removed (`unlearn resume --run {self.log.run} --discard-damaged`, then submit that "
+                f"deletion again)")
+
+
+def _moved(committed: Committed, exc: Exception) -> bool:
+    """An object the answer needed was purged by a commit made meanwhile: ask again."""
+    before = committed._head
+    try:
+        committed.read()
+    except UnlearnError:
+        return False
+    return isinstance(exc, ObjectMissing) and committed._head != before
 
 
 def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
@@ -87,17 +113,24 @@ def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable
     deadline = time.monotonic() + timeout_s
     while True:
         before = quarantine.read()
+        if quarantine.damaged:
+            raise Unavailable(quarantine.fail_closed())
         manifest = committed.read()
         if not (wait and before & {e.shard for e in manifest.shards if e.records}):
             asked = [e for e in manifest.shards if e.records > 0 and e.shard not in before]
             if not asked and not wait and any(e.records for e in manifest.shards):
                 raise Unavailable(f"run {quote(committed.run)}: every shard holding records is being retrained "
                                   f"for an acknowledged deletion (shards {sorted(before)}); ask again, or wait")
-            answers = serve(asked, texts) if asked else []
+            try:
+                answers = serve(asked, texts) if asked else []
+            except ObjectMissing as exc:
+                if _moved(committed, exc):
+                    continue
+                raise
             after = quarantine.read()
             now = committed.read()
             kept = [(e.shard, probs) for e, (key, probs) in zip(asked, answers)
-                    if e.shard not in after and now.shards[e.shard].checkpoints[-1] == key]
+                    if e.shard not in after and not quarantine.damaged and now.shards[e.shard].checkpoints[-1] == key]
             if len(kept) == len(asked):  # else a shard was quarantined or committed meanwhile: ask again
                 return now, [k for k, _ in kept], [p for _, p in kept], sorted(before | after)
         if time.monotonic() > deadline:
@@ -109,19 +142,25 @@ def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable
 def predict_in_context(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
                        wait: bool = False, timeout_s: float = 3600.0) -> dict:
     """ERASE: `serve(manifest, texts, exclude)` answers with the committed prompt minus the
-    quarantined examples. The answer is asked again if an example it used became
-    quarantined or was deleted while it was computed."""
+    quarantined examples (all of them while a queue entry is damaged). The answer is asked
+    again if an example it used became quarantined or was deleted while it was computed."""
     deadline = time.monotonic() + timeout_s
     while True:
         before = quarantine.read()
         manifest = committed.read()
-        withheld = sorted(before & set(manifest.selected_ids))
-        if not (wait and withheld):
-            out = serve(manifest, texts, withheld)
+        every = bool(quarantine.damaged)
+        withheld = sorted(set(manifest.selected_ids) if every else before & set(manifest.selected_ids))
+        if not (wait and withheld and not every):
+            try:
+                out = serve(manifest, texts, withheld)
+            except ObjectMissing as exc:
+                if _moved(committed, exc):
+                    continue
+                raise
             after = quarantine.read()
             committed.read()
             used = set(out["examples"])
-            if not (used & after) and used <= committed.held():
+            if not (used & after) and not (used and quarantine.damaged) and used <= committed.held():
                 out["quarantined"] = withheld
                 return out
         if time.monotonic() > deadline:

@@ -11,6 +11,13 @@ transient error, failed for a permanent one) or finishes it: receipt first, then
 queue entry is purged with every version. The queue is therefore both the list of work
 left and the quarantine every serving process reads, and it is as long as the work left,
 not as the history.
+
+Every entry carries a SHA-256 of its own content (`check`) and is read strictly (every
+field's type, the id matching the file name): a flipped bit must not turn "delete r0003"
+into "delete r0002", or move a quarantine to another shard. A queue entry that fails is
+damaged: it is reported, never applied, and while it is there every answering process
+withholds everything (nothing says what it protected); `unlearn resume --discard-damaged`
+removes it once it is restored or resubmitted.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from sisa.errors import UnlearnError
+from sisa.keys import sha256_hex
 from sisa.records import quote
 from sisa.store import Store
 
@@ -58,16 +66,81 @@ class DeletionRequest:
 
     @classmethod
     def from_json(cls, d: dict) -> "DeletionRequest":
-        """Strict enough that a damaged entry is refused, not half-used."""
+        """Strict: a damaged entry is refused, not half-used."""
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
-        known = {f.name for f in fields(cls)}
-        req = cls(**{k: v for k, v in d.items() if k in known})
-        if not (isinstance(req.request_id, str) and isinstance(req.accepted, str) and req.status in STATUSES
-                and isinstance(req.ids, list) and isinstance(req.owners, list) and isinstance(req.units, list)
-                and all(isinstance(v, str) for v in req.ids + req.owners)):
-            raise ValueError("fields of the wrong type")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        req = cls(**d)
+        for name, kind in _TYPES.items():
+            value = getattr(req, name)
+            if not _is(value, kind):
+                raise ValueError(f"field {name!r} has the wrong type")
+        if req.status not in STATUSES or not valid_request_id(req.request_id):
+            raise ValueError("bad status or request id")
         return req
+
+
+def _is(value, kind) -> bool:
+    if kind == "str*":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "unit*":  # SISA shard numbers or ERASE record ids
+        return isinstance(value, list) and all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+                                               for v in value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "num":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(kind, tuple):
+        return any(_is(value, k) for k in kind)
+    return isinstance(value, kind)
+
+
+_TYPES = {"request_id": str, "accepted": str, "status": str, "ids": "str*", "owners": "str*", "units": "unit*",
+          "requested": dict, "ignore_missing": bool, "attempts": "int", "last_error": (str, type(None)),
+          "batch": "str*", "records_deleted": "int", "already_deleted": "int", "shards": "unit*",
+          "stages_redone": dict, "digests": dict, "version": ("int", type(None)), "retrain_fraction": "num",
+          "purged_objects": "int", "warnings": "str*", "completed": (str, type(None)),
+          "seconds": ("num", type(None)), "reason": (str, type(None)), "details": dict}
+
+
+def encode(req: DeletionRequest) -> bytes:
+    """The entry as stored: its JSON with a SHA-256 of that JSON (`check`)."""
+    body = req.to_json()
+    return json.dumps({**body, "check": sha256_hex(_canonical(body))}, sort_keys=True).encode()
+
+
+def decode(data: bytes, name: str, need_check: bool = True) -> DeletionRequest:
+    """ValueError naming what is wrong if the entry is damaged. `name`: the request id its
+    key says. Receipts written before checks existed have none (`need_check=False`)."""
+    try:
+        d = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc).splitlines()[0] if str(exc) else "not JSON") from None
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    check = d.pop("check", None)
+    if check is None and need_check:
+        raise ValueError("no checksum")
+    if check is not None and check != sha256_hex(_canonical(d)):
+        raise ValueError("its content does not match its checksum")
+    try:
+        req = DeletionRequest.from_json(d)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    if req.request_id != name:
+        raise ValueError(f"it names request {req.request_id!r}")
+    return req
+
+
+def _canonical(d: dict) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+class UnknownRequest(UnlearnError):
+    """No request of that id (HTTP 404)."""
 
 
 def valid_request_id(request_id: str) -> bool:
@@ -90,25 +163,22 @@ class RequestLog:
         return key.rsplit("/", 1)[1].removesuffix(".json")
 
     def _read(self, key: str) -> DeletionRequest:
-        """KeyError if absent; ValueError if unreadable."""
+        """KeyError if absent; ValueError if damaged."""
         data = self.store.get(key)
-        try:
-            return DeletionRequest.from_json(json.loads(data))
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        return decode(data, self._id_of(key), need_check=key.startswith(f"{self.run}/queue/"))
 
     def _unreadable(self, key: str, exc: Exception) -> str:
-        return f"run {quote(self.run)}: request log entry {quote(self._id_of(key))} is unreadable ({exc}); skipped"
+        return f"run {quote(self.run)}: request log entry {quote(self._id_of(key))} is damaged ({exc}); skipped"
 
     # -- writing -----------------------------------------------------------------------------
     def append(self, req: DeletionRequest) -> None:
         """Durable when this returns: only then may the request be acknowledged."""
-        self.store.put(self.queue_key(req.request_id), json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.put(self.queue_key(req.request_id), encode(req))
 
     def update(self, req: DeletionRequest) -> None:
         """Rewrite a queued entry (lock holder only); older versions are dropped."""
         key = self.queue_key(req.request_id)
-        self.store.put(key, json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.put(key, encode(req))
         self.store.prune_versions(key)
 
     def finish(self, req: DeletionRequest) -> None:
@@ -116,7 +186,7 @@ class RequestLog:
         A crash in between leaves both; the next lock holder drops the queue entry."""
         req.ids, req.owners, req.units = [], [], []
         key = self.receipt_key(req.request_id)
-        self.store.put(key, json.dumps(req.to_json(), sort_keys=True).encode())
+        self.store.put(key, encode(req))
         self.store.prune_versions(key)
         self.store.delete(self.queue_key(req.request_id))
 
@@ -148,7 +218,7 @@ class RequestLog:
     def get(self, request_id: str) -> DeletionRequest:
         """The receipt if the request is done, else its queue entry."""
         if not valid_request_id(request_id):
-            raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}")
+            raise UnknownRequest(f"run {quote(self.run)}: no request {quote(request_id)}")
         for key in (self.receipt_key(request_id), self.queue_key(request_id)):
             try:
                 return self._read(key)
@@ -156,7 +226,7 @@ class RequestLog:
                 continue
             except ValueError as exc:
                 raise UnlearnError(self._unreadable(key, exc).removesuffix("; skipped")) from None
-        raise UnlearnError(f"run {quote(self.run)}: no request {quote(request_id)}")
+        raise UnknownRequest(f"run {quote(self.run)}: no request {quote(request_id)}")
 
     def entries(self) -> tuple[list[DeletionRequest], list[str]]:
         """Every request, done or queued, in acceptance order; and the unreadable ones."""

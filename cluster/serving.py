@@ -66,7 +66,9 @@ def _ingress_class():
                     return JSONResponse(await self.coordinator.get.remote(path[len("/requests/"):]))
                 return JSONResponse({"error": f"no route {request.method} {path}"}, status_code=404)
             except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray
-                code = 503 if isinstance(exc, Unavailable) else 400  # 503: ask again shortly
+                from cluster.requestlog import UnknownRequest
+
+                code = 503 if isinstance(exc, Unavailable) else 404 if isinstance(exc, UnknownRequest) else 400
                 return JSONResponse({"error": one_line(exc)}, status_code=code)
 
         @staticmethod

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from sisa.errors import UnlearnError
+from sisa.errors import ObjectMissing, UnlearnError
 from sisa.keys import keyed_hash, sha256_hex
 from sisa.lock import RunLock
 from sisa.manifest import DeletionReceipt
@@ -136,7 +136,7 @@ class EraseRun(StoredRun):
         try:
             data = self.store.get(key)
         except KeyError:
-            raise UnlearnError(f"run {quote(self.name)}: clustering state {key} is missing") from None
+            raise ObjectMissing(f"run {quote(self.name)}: clustering state {key} is missing") from None
         return load_tensors(data, f"{self.store.uri}/{key}")
 
     def load_partition(self, entry: PartitionRecords, check: bool = True) -> list[Record]:
@@ -150,7 +150,7 @@ class EraseRun(StoredRun):
         try:
             records = decode_slice(self.store.get(entry.data))
         except KeyError:
-            raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is missing") from None
+            raise ObjectMissing(f"run {quote(self.name)}: partition data {entry.data} is missing") from None
         except (ValueError, TypeError) as exc:
             raise UnlearnError(f"run {quote(self.name)}: partition data {entry.data} is unreadable ({exc})") from None
         problems = record_problems(entry, records) if check else []

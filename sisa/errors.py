@@ -27,10 +27,15 @@ class Unavailable(UnlearnError):
 
 # "sisa.errors.IntegrityError: ", "UnlearnError: ", "sisa.lock.RunBusy: " ...: the class of any
 # UnlearnError subclass, as Ray prints it in front of the message
-_QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?:UnlearnError|IntegrityError|RunBusy|LockLost|Unavailable): ")
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?:UnlearnError|IntegrityError|ObjectMissing|RunBusy|LockLost|Unavailable|UnknownRequest): ")
 
 
 class IntegrityError(UnlearnError):
     """A stored object does not match what names it (its SHA-256, or the digest the
     manifest records). Permanent: retrying reads the same bytes, so nothing may build on
     the object or commit over it until it is repaired."""
+
+
+class ObjectMissing(IntegrityError):
+    """An object the committed state names is not in the store. Under the run lock that is
+    damage; for a reader it may also mean a commit purged it meanwhile (read HEAD again)."""

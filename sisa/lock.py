@@ -7,15 +7,19 @@ process's start time. A process that dies (`kill -9`, a lost node) cannot releas
 and a lock that needs a human to remove it loses deletions in the meantime, so a lock
 whose holder is provably gone is taken over automatically, and the takeover is logged:
 
-- a holder on this machine is gone when its process is dead (or is a zombie, or the
-  pid now belongs to a process started later, or the machine rebooted since);
-- a holder elsewhere is gone when its heartbeat object (`RUN/locks/beat-<token>`,
-  rewritten every lease/3 seconds while the lock is held) has not changed for a whole
-  lease, as observed on this machine's own clock (no clock comparison across hosts).
+- a holder on this machine (same host name, boot and pid namespace) is gone when its
+  process is dead (or is a zombie, or the pid now belongs to a process started later),
+  or when the machine rebooted since;
+- any other holder (another machine, another container's pid namespace, an unreadable
+  lock) is gone when its heartbeat object (`RUN/locks/beat-<token>`, rewritten every
+  lease/3 seconds while the lock is held) has not changed for a whole lease, the
+  holder's own, as observed on this machine's own clock (no clock comparison across
+  hosts). A process that waits keeps watching across attempts (`LockWatch`).
 
-Two processes that find the same dead holder race through a claim object
-(`RUN/locks/takeover-<token>`, create-if-absent): exactly one wins and replaces the
-lock. A holder checks that the lock is still its own right before it commits
+Two processes that find the same dead holder race through claim objects
+(`RUN/locks/takeover-<token>-<n>`, create-if-absent): exactly one wins and replaces the
+lock. A claimer that dies half-way is itself judged like a holder, and the next claim
+number is used, so a dead claimer cannot wedge the run. A holder checks that the lock is still its own right before it commits
 (`check`), so a holder that was presumed dead (a partitioned node) cannot overwrite
 the work of the one that took over.
 """
@@ -48,8 +52,11 @@ def _beat_key(run: str, token: str) -> str:
     return f"{run}/locks/beat-{token}"
 
 
-def _claim_key(run: str, token: str) -> str:
-    return f"{run}/locks/takeover-{token}"
+def _claim_key(run: str, token: str, n: int) -> str:
+    return f"{run}/locks/takeover-{token}-{n}"
+
+
+_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 class RunBusy(UnlearnError):
@@ -66,6 +73,14 @@ def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
+    except OSError:
+        return ""
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ("pid:[4026531836]"): pids are only comparable within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
 
@@ -101,22 +116,46 @@ def process_alive(pid: int, start: str = "") -> bool:
 
 
 # -- the pure decision ---------------------------------------------------------------------
-def holder_gone(held: dict, host: str, boot: str, alive: Callable[[int, str], bool],
-                silent_for_s: float | None, lease_s: float) -> str | None:
+def holder_gone(held: dict, here: dict, alive: Callable[[int, str], bool], silent_for_s: float | None,
+                lease_s: float) -> str | None:
     """Why the lock's holder is provably gone, or None if it may still be working.
 
-    `held` is the lock object (may be empty: unreadable); `silent_for_s` how long this
-    process has watched the holder's heartbeat without seeing it change (None: not yet
-    watched)."""
-    if held.get("host") == host and isinstance(held.get("pid"), int):
-        if held.get("boot_id") and boot and held["boot_id"] != boot:
-            return "its machine has rebooted since"
+    `held` is the lock object (may be empty: unreadable); `here` this process's `host`,
+    `boot_id` and `pid_ns`; `silent_for_s` how long this process has watched the holder's
+    heartbeat without seeing it change (None: not yet watched). A holder that states its
+    own lease is judged by it, not by ours."""
+    same_host = held.get("host") == here.get("host")
+    if same_host and held.get("boot_id") and here.get("boot_id") and held["boot_id"] != here["boot_id"]:
+        return "its machine has rebooted since"
+    same_pids = same_host and isinstance(held.get("pid"), int) and held.get("pid_ns", here.get("pid_ns")) == here.get("pid_ns")
+    if same_pids:
         if not alive(held["pid"], str(held.get("pid_start") or "")):
             return f"process {held['pid']} on this machine is gone"
         return None
-    if silent_for_s is not None and silent_for_s >= lease_s:
+    theirs = held.get("lease_s")
+    lease = float(theirs) if isinstance(theirs, (int, float)) and 0 < theirs < float("inf") else lease_s
+    if silent_for_s is not None and silent_for_s >= lease:
         return f"no heartbeat for {silent_for_s:.0f} s"
     return None
+
+
+class LockWatch:
+    """What a waiting process has seen of other holders' heartbeats, kept across its
+    attempts: a holder elsewhere is judged by how long its heartbeat stayed the same."""
+
+    def __init__(self):
+        self._seen: dict[bytes, tuple[bytes | None, float]] = {}  # lock or claim bytes -> (beat, since)
+
+    def silence(self, raw: bytes, beat: bytes | None) -> float | None:
+        """Seconds `beat` has been seen unchanged for the object `raw` (None at first sight)."""
+        now = time.monotonic()
+        seen = self._seen.get(raw)
+        if seen is None or seen[0] != beat:
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[raw] = (beat, now)
+            return None if seen is None else 0.0
+        return now - seen[1]
 
 
 def describe(held: dict) -> str:
@@ -143,29 +182,31 @@ class RunLock:
 
     def __init__(self, store: Store, run: str, command: str, wait: bool | float = False,
                  on_wait: Callable[[str], None] | None = None, lease_s: float | None = None,
-                 poll_s: float = 0.25):
+                 poll_s: float = 0.25, watch: LockWatch | None = None):
+        """`watch`: observations of other holders' heartbeats to continue from (a process
+        that tries again and again, like a coordinator, passes the same one each time)."""
         self.store = store
         self.run = run
         self.wait = wait
         self.on_wait = on_wait
         self.lease_s = lease_s if lease_s is not None else float(os.environ.get("UNLEARN_LOCK_LEASE_S", DEFAULT_LEASE_S))
         self.poll_s = poll_s
-        self.host, self.boot = socket.gethostname(), boot_id()
+        self.watch = watch if watch is not None else LockWatch()
         self.token = uuid.uuid4().hex
         pid = os.getpid()
-        self.info = {"token": self.token, "holder": f"{self.host}:{pid}", "host": self.host, "boot_id": self.boot,
-                     "pid": pid, "pid_start": process_start(pid), "command": command,
+        self.here = {"host": socket.gethostname(), "boot_id": boot_id(), "pid_ns": pid_namespace()}
+        self.info = {"token": self.token, "holder": f"{self.here['host']}:{pid}", **self.here, "pid": pid,
+                     "pid_start": process_start(pid), "command": command,
                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds"), "lease_s": self.lease_s}
         self.took_over: dict | None = None
         self.held = False
-        self._watch: dict[bytes, tuple[bytes | None, float]] = {}  # lock bytes -> (beat seen, since)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     # -- acquiring -----------------------------------------------------------------------
     def acquire(self) -> "RunLock":
         deadline = None if self.wait is True or self.wait is False else time.monotonic() + float(self.wait)
-        told = False
+        told, contested = False, 0
         mine = json.dumps(self.info).encode()
         while True:
             if self.store.put_if_absent(lock_key(self.run), mine):
@@ -175,42 +216,70 @@ class RunLock:
             except KeyError:
                 continue  # released meanwhile: try again at once
             held = _parse(raw)
-            why = holder_gone(held, self.host, self.boot, process_alive, self._silence(raw, held), self.lease_s)
+            why = self._gone(raw, held)
             if why:
                 if self._take_over(raw, held, why, mine):
                     return self._start()
-                continue
+                contested += 1  # another process took it over, or is doing so: look at the lock again
+                if contested < 3 or not (self.wait is False or (deadline is not None and time.monotonic() > deadline)):
+                    continue
+                raise RunBusy(f"run {quote(self.run)} is busy: another process is taking over the lock of "
+                              f"{describe(held)} ({why}); try again in a moment")
             if self.wait is False or (deadline is not None and time.monotonic() > deadline):
-                raise RunBusy(f"run {quote(self.run)} is busy: {describe(held)}; try again when it finishes "
+                remote = "" if self._same_pids(held) else (
+                    " (not a process of this machine: taken over once its heartbeat has been silent for "
+                    f"{self._lease_of(held):g} s; a waiting delete or resume does that)")
+                raise RunBusy(f"run {quote(self.run)} is busy: {describe(held)}{remote}; try again when it finishes "
                               f"(if that process is gone for good: `unlearn unlock --run {self.run}`)")
             if not told and self.on_wait:
                 self.on_wait(describe(held))
                 told = True
             time.sleep(self.poll_s)
 
-    def _silence(self, raw: bytes, held: dict) -> float | None:
-        """How long the heartbeat of the lock `raw` has been seen unchanged (None at first sight)."""
-        token = held.get("token")
+    def _same_pids(self, held: dict) -> bool:
+        return (held.get("host") == self.here["host"] and isinstance(held.get("pid"), int)
+                and held.get("pid_ns", self.here["pid_ns"]) == self.here["pid_ns"])
+
+    def _lease_of(self, held: dict) -> float:
+        theirs = held.get("lease_s")
+        return float(theirs) if isinstance(theirs, (int, float)) and 0 < theirs < float("inf") else self.lease_s
+
+    def _gone(self, raw: bytes, held: dict) -> str | None:
+        """Why the holder of the lock `raw` is provably gone (None: it may be working)."""
         beat = None
-        if isinstance(token, str):
+        token = held.get("token")
+        if not self._same_pids(held) and isinstance(token, str) and _TOKEN.fullmatch(token):
             try:
                 beat = self.store.get(_beat_key(self.run, token))
-            except (KeyError, ValueError, UnlearnError):
+            except (KeyError, UnlearnError):
                 beat = None
-        seen = self._watch.get(raw)
-        now = time.monotonic()
-        if seen is None or seen[0] != beat:
-            self._watch[raw] = (beat, now)
-            return None if seen is None else 0.0
-        return now - seen[1]
+        return holder_gone(held, self.here, process_alive, self.watch.silence(raw, beat), self.lease_s)
 
     def _take_over(self, raw: bytes, held: dict, why: str, mine: bytes) -> bool:
+        """Replace the dead holder's lock, racing other takers through numbered claims:
+        the first to create claim n goes on; claim n+1 is tried only once claim n's own
+        writer is provably gone (it died half-way), so a dead claimer cannot wedge the run."""
         token = held.get("token")
-        if not (isinstance(token, str) and re.fullmatch(r"[0-9a-f]{32}", token)):
+        if not (isinstance(token, str) and _TOKEN.fullmatch(token)):
             token = sha256_hex(raw)[:32]  # an old or unreadable lock: claim it by its content
-        claim = json.dumps({"by": self.info["holder"], "why": why}).encode()
-        if not self.store.put_if_absent(_claim_key(self.run, token), claim):
-            time.sleep(self.poll_s)  # another process is taking it over
+        prefix = f"{self.run}/locks/takeover-{token}-"
+        numbers = sorted(int(k[len(prefix):]) for k in self.store.list(f"{self.run}/locks/")
+                         if k.startswith(prefix) and k[len(prefix):].isdigit())
+        if numbers:
+            last = _claim_key(self.run, token, numbers[-1])
+            try:
+                claim_raw = self.store.get(last)
+            except KeyError:
+                return False
+            claimer = _parse(claim_raw)
+            if holder_gone(claimer, self.here, process_alive, self.watch.silence(claim_raw, None),
+                           self.lease_s) is None:
+                time.sleep(self.poll_s)  # another process is taking it over
+                return False
+        n = numbers[-1] + 1 if numbers else 0
+        claim = json.dumps({**self.info, "why": why}).encode()
+        if not self.store.put_if_absent(_claim_key(self.run, token, n), claim):
+            time.sleep(self.poll_s)
             return False
         try:
             if self.store.get(lock_key(self.run)) != raw:
@@ -220,6 +289,8 @@ class RunLock:
         self.store.delete(lock_key(self.run))
         if not self.store.put_if_absent(lock_key(self.run), mine):
             return False
+        if isinstance(held.get("token"), str) and _TOKEN.fullmatch(held["token"]):
+            self.store.delete(_beat_key(self.run, held["token"]))  # the dead holder's heartbeat
         self.took_over = {**held, "why": why}
         print(f"unlearn: took over the lock of run {self.run}: {describe(held)} ({why})", file=sys.stderr, flush=True)
         return True
@@ -261,13 +332,15 @@ class RunLock:
         if self._beat is not None:
             self._beat.join(timeout=10)
         try:
-            if _parse(self.store.get(lock_key(self.run))).get("token") == self.token:
-                self.store.delete(lock_key(self.run))
+            ours = _parse(self.store.get(lock_key(self.run))).get("token") == self.token
         except KeyError:
-            pass
-        # our heartbeat, and the claims of locks taken over before ours (those locks are gone)
+            ours = False
+        if ours:
+            self.store.delete(lock_key(self.run))
+        # our heartbeat; and if the lock was still ours, the claims of locks taken over before
+        # it (those locks are gone, so a late claimer finds the lock changed and gives up)
         for key in self.store.list_all(f"{self.run}/locks/"):
-            if key == _beat_key(self.run, self.token) or key.rsplit("/", 1)[1].startswith("takeover-"):
+            if key == _beat_key(self.run, self.token) or (ours and key.rsplit("/", 1)[1].startswith("takeover-")):
                 self.store.delete(key)
 
     def __enter__(self) -> "RunLock":
@@ -291,8 +364,10 @@ def force_unlock(store: Store, run: str, force: bool = False) -> bool:
     held = read_lock(store, run)
     if held is None:
         return False
-    if not force and held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) \
-            and holder_gone(held, socket.gethostname(), boot_id(), process_alive, None, float("inf")) is None:
+    here = {"host": socket.gethostname(), "boot_id": boot_id(), "pid_ns": pid_namespace()}
+    same = (held.get("host") == here["host"] and isinstance(held.get("pid"), int)
+            and held.get("pid_ns", here["pid_ns"]) == here["pid_ns"])
+    if not force and same and holder_gone(held, here, process_alive, None, float("inf")) is None:
         raise UnlearnError(f"run {quote(run)} is locked by a live process: {describe(held)}; it releases the "
                            f"lock when it finishes (--force removes it anyway)")
     store.delete(lock_key(run))

@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import State, dump_state, load_state, state_digest
 from .config import SisaConfig
-from .errors import IntegrityError, UnlearnError
+from .errors import IntegrityError, ObjectMissing, UnlearnError
 from .keys import sha256_hex
 from .manifest import ShardEntry, SliceEntry
 from .plan import checkpoint_key, stage_ids
@@ -133,8 +133,7 @@ class ShardWorker:
         try:
             data = self.store.get(key)
         except KeyError:
-            raise UnlearnError(f"run {quote(self.run)}: checkpoint {key} is missing (changed by another "
-                               f"command while reading? try again)") from None
+            raise ObjectMissing(f"run {quote(self.run)}: checkpoint {key} is missing") from None
         try:
             return load_state(data)
         except Exception as exc:  # safetensors raises its own error type for corrupt data
@@ -160,7 +159,7 @@ class ShardWorker:
         try:
             return decode_slice(self.store.get(key))
         except KeyError:
-            raise UnlearnError(f"run {quote(self.run)}: slice data {key} is missing") from None
+            raise ObjectMissing(f"run {quote(self.run)}: slice data {key} is missing") from None
         except (ValueError, TypeError) as exc:
             raise UnlearnError(f"run {quote(self.run)}: slice data {key} is unreadable ({exc})") from None
 

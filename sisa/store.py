@@ -50,6 +50,9 @@ class Store(Protocol):
     def prune_versions(self, key: str) -> None:
         """Drop every version of `key` but the current one (no-op where there are none)."""
 
+    def stale_temporary(self, prefix: str, older_than_s: float) -> list[str]:
+        """Temporary objects a killed writer left under `prefix`, older than `older_than_s`."""
+
     def check(self) -> None:
         """Raise UnlearnError if the store cannot be written (before any work starts)."""
 
@@ -95,11 +98,16 @@ class LocalStore:
         only if absent). Readers never see a partial object, and a crash never leaves an
         empty one (for a lock, one nobody could attribute)."""
         path = self._path(key)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-        except OSError as exc:
-            raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
+        for attempt in range(5):  # a concurrent delete may remove the folder once it is empty
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise UnlearnError(f"store {self.root}: cannot write {key}: its folder keeps vanishing") from None
+            except OSError as exc:
+                raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -156,6 +164,22 @@ class LocalStore:
 
     def list(self, prefix: str) -> list[str]:
         return self._walk(prefix, temporary=False)
+
+    def stale_temporary(self, prefix: str, older_than_s: float) -> list[str]:
+        """Temporary files a killed writer left under `prefix` (older than `older_than_s`,
+        so a write in progress is never among them): they may hold what was deleted."""
+        import time
+
+        now = time.time()
+        out = []
+        for key in self._walk(prefix, temporary=True):
+            if key.rsplit("/", 1)[-1].startswith(".tmp-"):
+                try:
+                    if now - os.path.getmtime(self._path(key)) > older_than_s:
+                        out.append(key)
+                except OSError:
+                    continue
+        return out
 
     def list_all(self, prefix: str) -> list[str]:
         return self._walk(prefix, temporary=True)
@@ -280,6 +304,9 @@ class S3Store:
                 break
             token = resp.get("NextContinuationToken")
         return sorted(keys)
+
+    def stale_temporary(self, prefix: str, older_than_s: float) -> list[str]:
+        return []  # a PUT is atomic: no temporary objects
 
     def _version_pages(self, prefix: str):
         kwargs: dict = {"Prefix": prefix}

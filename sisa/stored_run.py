@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Callable
 
-from .errors import UnlearnError
+from .errors import ObjectMissing, UnlearnError
 from .keys import sha256_hex
 from .lock import RunLock, lock_key
 from .records import id_problem, quote
@@ -56,7 +56,7 @@ def read_manifest_json(store: Store, run: str) -> tuple[str, bytes]:
     try:
         return mkey, store.get(mkey)
     except KeyError:
-        raise UnlearnError(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
+        raise ObjectMissing(f"run {quote(run)}: manifest {mkey} is missing from {store.uri}") from None
 
 
 def run_method(store: Store, run: str) -> str:
@@ -106,7 +106,12 @@ class StoredRun:
                 store.delete(key)
             had_head = store.exists(head_key(run))
             store.delete(head_key(run))
-        return len(keys) + int(had_head)
+            # a request appended while the first pass ran (its writer finds no HEAD and
+            # removes it too, but do not count on that)
+            late = [k for k in store.list_all(f"{run}/") if k not in mine]
+            for key in late:
+                store.delete(key)
+        return len(keys) + len(late) + int(had_head)
 
     @staticmethod
     def leftovers(store: Store, run: str) -> list[str]:

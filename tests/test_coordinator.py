@@ -101,3 +101,100 @@ def test_cli_delete_goes_through_the_log(trained, capsys):
     receipt = json.loads(capsys.readouterr().out)
     assert receipt["request_id"] and receipt["accepted"] <= receipt["completed"] and receipt["ids"] == ["r0009"]
     assert Coordinator(store, "r").get(receipt["request_id"]).status == "done"
+
+
+def test_a_flipped_bit_in_a_queue_entry_is_never_applied_and_withholds_everything(trained, tmp_path):
+    """Seen before: "r0003" flipped to "r0002" deleted r0002 and reported success. Entries
+    carry a checksum; a damaged one is skipped (the others are applied) and, as it could
+    name anything, nothing answers until it is removed."""
+    from cluster.quarantine import Serving
+    from sisa.errors import Unavailable
+
+    store, run = trained
+    coord = Coordinator(store, "r", window_s=3600)
+    rid = coord.submit(ids=["r0003"])
+    other = coord.submit(ids=["r0011"])
+    key = f"r/queue/{rid}.json"
+    store.put(key, store.get(key).replace(b'"r0003"', b'"r0002"'))
+    serving = Serving(store, "r")
+    with pytest.raises(Unavailable, match=f'entry "{rid}" is damaged .*checksum.*--discard-damaged'):
+        serving.predict(["great fun"], run._executor(False).predict)
+    done = Coordinator(store, "r").apply_due()
+    assert [r.request_id for r in done] == [other]
+    held = SisaRun.open(store, "r").manifest.owners()
+    assert "r0002" in held and "r0003" in held and "r0011" not in held
+    assert Coordinator(store, "r").discard_damaged() == [key]
+    assert serving.predict(["great fun"], run._executor(False).predict)["shards"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("damage", [b'"attempts": "x"', b'"units": [[0]]', b"rename"])
+def test_entries_of_the_wrong_shape_are_damaged_not_half_used(trained, damage):
+    from cluster.requestlog import RequestLog, decode, encode
+
+    store, _ = trained
+    coord = Coordinator(store, "r", window_s=3600)
+    rid = coord.submit(ids=["r0003"])
+    req = coord.get(rid)
+    data = encode(req)
+    if damage == b"rename":  # a copy under another id
+        with pytest.raises(ValueError, match="it names request"):
+            decode(data, "00000000000000000001-deadbeef")
+        return
+    field, value = damage.split(b": ")
+    body = json.loads(data)
+    body[json.loads(field)] = json.loads(value)
+    body.pop("check")
+    from cluster.requestlog import _canonical
+    from sisa.keys import sha256_hex
+
+    body["check"] = sha256_hex(_canonical(body))  # a well-formed checksum over a bad shape
+    with pytest.raises(ValueError, match="wrong type"):
+        decode(json.dumps(body).encode(), rid)
+    assert RequestLog(store, "r").queued()[1] == []  # the stored entry itself is fine
+
+
+def test_one_damaged_object_fails_only_the_requests_that_need_it(trained):
+    store, run = trained
+    coord = Coordinator(store, "r", window_s=3600)
+    shard0 = run.manifest.shards[0]
+    victim0 = shard0.slices[0].ids[0]
+    victim1 = run.manifest.shards[1].slices[0].ids[0]
+    a, b = coord.submit(ids=[victim0]), coord.submit(ids=[victim1])
+    data = store.get(shard0.slices[0].data)
+    store.root and open(f"{store.root}/{shard0.slices[0].data}", "wb").write(data.replace(b"#", b"%", 1))
+    done = Coordinator(store, "r").apply_due()
+    assert [r.request_id for r in done] == [b]
+    failed = coord.get(a)
+    assert failed.status == "failed" and failed.ids == [victim0] and "corrupted" in failed.reason
+    assert coord.quarantined() == [0]  # still withheld: its deletion is acknowledged
+
+
+def test_temporary_files_of_killed_log_writers_are_swept(trained):
+    import os
+    import time
+
+    store, _ = trained
+    coord = Coordinator(store, "r")
+    rid = coord.submit(ids=["r0003"])
+    leftover = os.path.join(store.root, "r", "queue", ".tmp-killed")
+    with open(leftover, "w") as f:
+        f.write('{"ids": ["r0003"]}')
+    old = time.time() - 600
+    os.utime(leftover, (old, old))
+    assert [r.request_id for r in coord.apply_due()] == [rid]
+    assert not os.path.exists(leftover)
+
+
+def test_a_request_accepted_while_the_run_is_dropped_leaves_nothing(trained):
+    store, _ = trained
+    coord = Coordinator(store, "r")
+    real = coord.requests.append
+
+    def append_then_drop(req):
+        real(req)
+        SisaRun.drop(store, "r")  # drop between validation and the end of the intake
+
+    coord.requests.append = append_then_drop
+    with pytest.raises(UnlearnError, match="was dropped"):
+        coord.submit(ids=["r0003"])
+    assert store.list_all("r/") == []

@@ -34,7 +34,11 @@ def sisa_run(tmp_path_factory):
     store = str(base / "store")
     data = write_jsonl(base / "d.jsonl", RECORDS)
     assert main(["train", "--data", data, "--run", "r", "--store", store, "--runtime", "local", *OPTIONS]) == 0
-    return {"store": store, "base": base, "deleted": set(), "rng": random.Random(7)}
+    from sisa.run import SisaRun
+    from sisa.store import LocalStore
+
+    digests = [s.digest for s in SisaRun.open(LocalStore(store), "r").manifest.shards]
+    return {"store": store, "base": base, "deleted": set(), "rng": random.Random(7), "trained": digests}
 
 
 def first_slice_victims(state, n: int = 2) -> list[str]:
@@ -104,7 +108,7 @@ def test_two_writers_at_once_both_succeed(sisa_run, tmp_path):
     assert_sisa_exact(state["store"], "r", RECORDS, state["deleted"], CFG, str(tmp_path / "fresh"))
 
 
-def test_a_queued_deletion_is_withheld_from_predictions_of_every_process(sisa_run, tmp_path):
+def test_a_queued_deletion_is_withheld_from_predictions_of_every_process(sisa_run, tmp_path, capsys):
     """While a live process holds the run lock (as an applying coordinator does), a
     request accepted by another process waits in the queue; `predict` and `eval` in
     other processes leave its shard out; they never take the lock or apply it."""
@@ -122,11 +126,11 @@ def test_a_queued_deletion_is_withheld_from_predictions_of_every_process(sisa_ru
         wait_until(lambda: queue(state["store"], "r"), 60, "the request to be accepted")
         state["deleted"].add(victim)
         lock_bytes = store.get("r/LOCK")
+        write_jsonl(tmp_path / "e.jsonl", RECORDS[:6])
         for args in (["predict", "--input", str(texts)], ["eval", "--data", str(tmp_path / "e.jsonl")]):
-            write_jsonl(tmp_path / "e.jsonl", RECORDS[:6])
-            out = run_cli(*args, "--run", "r", "--store", state["store"], "--json")
-            assert out.returncode == 0, out.stderr
-            answer = json.loads(out.stdout)
+            capsys.readouterr()  # this (test) process is not the one that accepted the request
+            assert main([*args, "--run", "r", "--store", state["store"], "--json", "--runtime", "local"]) == 0
+            answer = json.loads(capsys.readouterr().out)
             assert answer["quarantined"] == [shard]
             assert shard not in [s if isinstance(s, int) else s["shard"] for s in answer["shards"]]
         entry = list(queue(state["store"], "r").values())[0]
@@ -135,14 +139,15 @@ def test_a_queued_deletion_is_withheld_from_predictions_of_every_process(sisa_ru
         assert proc.poll() is None  # the delete waits for the lock, it does not fail
     assert proc.wait(timeout=300) == 0, open(tmp_path / "del.err").read()
     assert "another process applies" in open(tmp_path / "del.err").read()
-    out = run_cli("predict", "--input", str(texts), "--run", "r", "--store", state["store"], "--json")
-    assert json.loads(out.stdout)["shards"] == [0, 1]
+    capsys.readouterr()
+    assert main(["predict", "--input", str(texts), "--run", "r", "--store", state["store"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["shards"] == [0, 1]
     assert_all_applied(state["store"], "r", at_least=1)
     assert_no_trace(state["store"], RECORDS, state["deleted"])
 
 
 @pytest.mark.parametrize("then", ["drop", "train again"])
-def test_a_killed_train_leaves_nothing_behind_drop_or_train_again(tmp_path, then):
+def test_a_killed_train_leaves_nothing_behind_drop_or_train_again(sisa_run, tmp_path, then):
     """Seen before: after `kill -9` mid-train, `drop` said "not found" while six objects
     with every training text remained."""
     store = str(tmp_path / "store")
@@ -156,11 +161,8 @@ def test_a_killed_train_leaves_nothing_behind_drop_or_train_again(tmp_path, then
     if then == "train again":  # at once: the dead holder's lock is taken over, leftovers purged
         again = run_cli(*args, "--json")
         assert again.returncode == 0 and "took over the lock of run t" in again.stderr, again.stderr
-        from sisa.run import SisaRun
-        from sisa.store import LocalStore
-
-        fresh = SisaRun.train(LocalStore(str(tmp_path / "fresh")), "t", RECORDS, CFG)
-        assert [s["digest"] for s in json.loads(again.stdout)["shards"]] == [s.digest for s in fresh.manifest.shards]
+        # the same records and configuration as the module's run when it was trained
+        assert [s["digest"] for s in json.loads(again.stdout)["shards"]] == sisa_run["trained"]
     drop = run_cli("drop", "--run", "t", "--store", store)
     assert drop.returncode == 0, drop.stderr
     assert not os.path.exists(os.path.join(store, "t")), os.listdir(os.path.join(store, "t"))

@@ -267,3 +267,14 @@ def test_deleting_every_record_verifies_against_the_clustering_of_nothing(tmp_pa
     assert main(["delete", "--run", "e", "--store", store, "--ids", ids, "--quiet"]) == 0
     assert _status(capsys, store, "e")["selected_ids"] == []
     assert main(["verify", "--run", "e", "--store", store, "--quiet"]) == 0
+
+
+def test_a_damaged_queue_entry_withholds_every_prompt_example(tmp_path):
+    from cluster.coordinator import Coordinator
+
+    _records, store = _trained(tmp_path)
+    coordinator = Coordinator(store, "e", window_s=3600)
+    rid = coordinator.submit(ids=["r0003"])
+    store.put(f"e/queue/{rid}.json", b"{")
+    out = coordinator.predict(["x"], _serve)
+    assert out["examples"] == [] and out["quarantined"] == sorted(coordinator.manifest.selected_ids)

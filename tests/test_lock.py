@@ -11,24 +11,27 @@ import pytest
 from conftest import synthetic_records
 from sisa.config import SisaConfig
 from sisa.errors import UnlearnError
-from sisa.lock import LockLost, RunBusy, RunLock, force_unlock, holder_gone, process_alive, process_start
+from sisa.lock import (LockLost, LockWatch, RunBusy, RunLock, force_unlock, holder_gone, process_alive,
+                       process_start)
 from sisa.run import SisaRun
 from sisa.store import LocalStore
 
-HERE = {"host": "h1", "boot_id": "b1", "pid": 10, "pid_start": "99"}
+HERE = {"host": "h1", "boot_id": "b1", "pid_ns": "pid:[1]"}
+HOLDER = {**HERE, "pid": 10, "pid_start": "99"}
 
 
 def test_holder_gone_rules():
     alive = lambda pid, start: True  # noqa: E731
     dead = lambda pid, start: False  # noqa: E731
-    assert holder_gone(HERE, "h1", "b1", alive, None, 30) is None
-    assert "is gone" in holder_gone(HERE, "h1", "b1", dead, None, 30)
-    assert "rebooted" in holder_gone(HERE, "h1", "b2", alive, None, 30)
-    elsewhere = {**HERE, "host": "h2"}  # another machine: only a silent heartbeat tells
-    assert holder_gone(elsewhere, "h1", "b1", dead, None, 30) is None
-    assert holder_gone(elsewhere, "h1", "b1", dead, 29.9, 30) is None
-    assert "no heartbeat for 30 s" in holder_gone(elsewhere, "h1", "b1", alive, 30.0, 30)
-    assert holder_gone({}, "h1", "b1", alive, 31.0, 30)  # unreadable: by its silence too
+    assert holder_gone(HOLDER, HERE, alive, None, 30) is None
+    assert "is gone" in holder_gone(HOLDER, HERE, dead, None, 30)
+    assert "rebooted" in holder_gone(HOLDER, {**HERE, "boot_id": "b2"}, alive, None, 30)
+    for elsewhere in ({**HOLDER, "host": "h2"}, {**HOLDER, "pid_ns": "pid:[2]"}):  # pids not comparable
+        assert holder_gone(elsewhere, HERE, dead, None, 30) is None  # only a silent heartbeat tells
+        assert holder_gone(elsewhere, HERE, dead, 29.9, 30) is None
+        assert "no heartbeat for 30 s" in holder_gone(elsewhere, HERE, alive, 30.0, 30)
+    assert holder_gone({**HOLDER, "host": "h2", "lease_s": 300}, HERE, alive, 60.0, 30) is None  # its own lease
+    assert holder_gone({}, HERE, alive, 31.0, 30)  # unreadable: by its silence too
 
 
 def dead_pid() -> int:
@@ -150,3 +153,59 @@ def test_unlock_refuses_a_live_holder_on_this_machine(tmp_path):
             force_unlock(store, "r")
         assert force_unlock(store, "r", force=True)
     assert not force_unlock(store, "r")
+
+
+def test_a_coordinator_trying_again_and_again_takes_a_silent_remote_lock_over(tmp_path, monkeypatch):
+    """Each try of a coordinator is a new lock attempt that does not wait; what it saw of
+    the holder's heartbeat carries over, so a holder on another machine that died is
+    taken over after its lease (an unreadable lock, after ours)."""
+    from cluster.coordinator import Coordinator
+
+    monkeypatch.setenv("UNLEARN_LOCK_LEASE_S", "0.5")
+    store = LocalStore(str(tmp_path))
+    SisaRun.train(store, "r", synthetic_records(12), SisaConfig(shards=1, slices=1, model="tiny", batch_size=4,
+                                                                  max_length=32))
+    coordinator = Coordinator(store, "r")
+    for lock in ({"token": "c" * 32, "holder": "otherbox:7", "host": "otherbox", "pid": 7, "command": "delete",
+                  "since": "then", "lease_s": 0.5}, "garbage{{"):
+        store.put("r/LOCK", (json.dumps(lock) if isinstance(lock, dict) else lock).encode())
+        rid = coordinator.submit(ids=[coordinator.pending() and "r0002" or "r0001"])
+        t0, done = time.monotonic(), []
+        while not done and time.monotonic() - t0 < 10:
+            done = coordinator.apply_due()
+            time.sleep(0.05)
+        assert [r.request_id for r in done] == [rid] and 0.5 <= time.monotonic() - t0 < 5
+        assert any("took over the run lock" in w for w in coordinator.get(rid).warnings)
+        assert not store.exists("r/LOCK")
+
+
+def test_a_claimer_that_died_half_way_does_not_wedge_the_run(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete") as first:
+        pass
+    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
+    store.put("r/LOCK", json.dumps(stale).encode())
+    store.put(f"r/locks/takeover-{stale['token']}-0", json.dumps({**stale, "pid": dead_pid()}).encode())
+    lock = RunLock(store, "r", "delete", wait=5).acquire()
+    assert lock.took_over["pid"] == stale["pid"] and store.exists(f"r/locks/takeover-{stale['token']}-1")
+    lock.release()
+    assert store.list_all("r/") == []
+
+
+def test_a_live_claimer_is_waited_for(tmp_path):
+    store = LocalStore(str(tmp_path))
+    with RunLock(store, "r", "delete") as first:
+        pass
+    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
+    store.put("r/LOCK", json.dumps(stale).encode())
+    store.put(f"r/locks/takeover-{stale['token']}-0", json.dumps(first.info).encode())  # this live process
+    with pytest.raises(RunBusy):
+        RunLock(store, "r", "delete", wait=1.0, poll_s=0.05).acquire()
+
+
+def test_watch_measures_silence_per_object():
+    watch = LockWatch()
+    assert watch.silence(b"lock", b"1") is None
+    time.sleep(0.05)
+    assert watch.silence(b"lock", b"1") >= 0.05
+    assert watch.silence(b"lock", b"2") == 0.0  # it beat: the clock starts again
