@@ -37,6 +37,18 @@ def timed(fn, repeats: int = REPEATS) -> float:
     return statistics.median(out)
 
 
+def paired(a, b, repeats: int = REPEATS) -> tuple[float, float]:
+    """Median seconds of `a()` and of `b()`, run alternately so that drift hits both alike."""
+    a(), b()  # warm
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def check_costs(store, run: str) -> list[dict]:
     """Median cost of one check (queue read + HEAD read) with n requests queued; the
     entries are written the way the coordinator writes them."""
@@ -65,6 +77,7 @@ def main() -> int:
     from cluster.quarantine import Serving
     from sisa.config import SisaConfig
     from sisa.run import SisaRun
+    from sisa.shard import LocalExecutor
     from sisa.store import LocalStore, S3Store
 
     config = SisaConfig(shards=4, slices=2, model="tiny", epochs="1", batch_size=8, max_length=32, labels=("neg", "pos"))
@@ -72,12 +85,11 @@ def main() -> int:
     results: dict = {"config": config.to_json(), "records": len(records), "repeats": REPEATS}
     with tempfile.TemporaryDirectory() as tmp:
         local = LocalStore(os.path.join(tmp, "store"))
-        run = SisaRun.train(local, "q", records, config)
+        SisaRun.train(local, "q", records, config)
+        executor = LocalExecutor(local, "q", config)  # one for both: the same model cache
+        run, serving = SisaRun.open(local, "q", executor), Serving(local, "q")
         texts = ["great fun", "dull and flat"] * 8
-        serving = Serving(local, "q")
-        serve = run._executor(False).predict
-        plain = timed(lambda: run.predict(texts))
-        guarded = timed(lambda: serving.predict(texts, serve))
+        plain, guarded = paired(lambda: run.predict(texts), lambda: serving.predict(texts, executor.predict))
         results["predict_16_texts"] = {"unguarded_ms": round(plain * 1000, 2), "guarded_ms": round(guarded * 1000, 2),
                                        "ratio": round(guarded / plain, 3)}
         results["local"] = check_costs(local, "q")

@@ -8,7 +8,8 @@ import pytest
 
 from cluster.cli import main
 from conftest import write_jsonl
-from proc_helpers import assert_all_applied, assert_no_trace, assert_sisa_exact, http, kill_session, queue, spawn
+from proc_helpers import (assert_all_applied, assert_no_trace, assert_sisa_exact, http, kill_session, queue, spawn,
+                          wait_until)
 from sisa.config import SisaConfig
 from test_durability_serve import CFG, OPTIONS, RECORDS, assert_withheld, start_server, victims
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.integration
 def test_a_killed_server_loses_nothing_and_its_successor_withholds(tmp_path):
     """Seen before: after `kill -KILL` of the server's process group, the next server failed
     the request on the dead coordinator's lock and wiped its ids, and /predict answered from
-    the shard that still held the record. The server is killed 3 s after a POST /delete,
-    inside its retraining: its process group, as a user would, and then every other process
+    the shard that still held the record. The server is killed 2 s into the retraining of a
+    POST /delete: its process group, as a user would, and then every other process
     of its session (Ray's workers outlive the group and might finish the work; killing them
     makes the apply die with it). The next server must take the dead coordinator's lock
     over, apply the request, and never answer from its shard meanwhile."""
@@ -36,7 +37,8 @@ def test_a_killed_server_loses_nothing_and_its_successor_withholds(tmp_path):
         status, out = http(url, "/delete", {"ids": [victim]})
         assert status == 202
         rid, acked = out["request_id"], time.time()
-        time.sleep(3)
+        wait_until(lambda: queue(store, "r").get(rid, {}).get("status") == "applying", 120, "the server to apply")
+        time.sleep(2)  # inside its retraining
         os.killpg(proc.pid, 9)
         kill_session(proc)
         assert queue(store, "r")[rid]["ids"] == [victim]  # acknowledged, not applied, not lost

@@ -1,6 +1,7 @@
 """The run lock: a holder that is provably gone is taken over (once, by one process), a
 live one never is, and a holder that lost its lock cannot commit."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -41,8 +42,6 @@ def dead_pid() -> int:
 
 
 def test_process_facts():
-    import os
-
     assert process_alive(os.getpid(), process_start(os.getpid()))
     assert not process_alive(os.getpid(), "1")  # same pid, another start time: pid reused
     assert not process_alive(dead_pid())
@@ -52,16 +51,22 @@ def test_process_facts():
     zombie.wait()
 
 
+def dead_lock(store) -> dict:
+    """Leave a lock of run "r" whose holder (a process of this machine) is dead."""
+    with RunLock(store, "r", "delete") as first:
+        pass
+    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
+    store.put("r/LOCK", json.dumps(stale).encode())
+    return stale
+
+
 def lock_of(store, run="r"):
     return json.loads(store.get(f"{run}/LOCK"))
 
 
 def test_a_dead_holder_on_this_machine_is_taken_over_and_logged(tmp_path, capsys):
     store = LocalStore(str(tmp_path))
-    with RunLock(store, "r", "delete") as first:
-        pass
-    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
-    store.put("r/LOCK", json.dumps(stale).encode())
+    stale = dead_lock(store)
     with RunLock(store, "r", "delete") as lock:
         assert lock.took_over["pid"] == stale["pid"] and "is gone" in lock.took_over["why"]
         assert lock_of(store)["token"] == lock.token
@@ -109,9 +114,7 @@ def test_a_remote_holder_is_taken_over_only_after_a_silent_lease(tmp_path):
 
 def test_one_of_many_racers_takes_a_dead_lock_over(tmp_path):
     store = LocalStore(str(tmp_path))
-    with RunLock(store, "r", "delete") as first:
-        pass
-    store.put("r/LOCK", json.dumps({**first.info, "pid": dead_pid(), "pid_start": ""}).encode())
+    dead_lock(store)
     won, busy, start = [], [], threading.Barrier(8)
 
     def race():
@@ -181,10 +184,7 @@ def test_a_coordinator_trying_again_and_again_takes_a_silent_remote_lock_over(tm
 
 def test_a_claimer_that_died_half_way_does_not_wedge_the_run(tmp_path):
     store = LocalStore(str(tmp_path))
-    with RunLock(store, "r", "delete") as first:
-        pass
-    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
-    store.put("r/LOCK", json.dumps(stale).encode())
+    stale = dead_lock(store)
     store.put(f"r/locks/takeover-{stale['token']}-0", json.dumps({**stale, "pid": dead_pid()}).encode())
     lock = RunLock(store, "r", "delete", wait=5).acquire()
     assert lock.took_over["pid"] == stale["pid"] and store.exists(f"r/locks/takeover-{stale['token']}-1")
@@ -194,11 +194,9 @@ def test_a_claimer_that_died_half_way_does_not_wedge_the_run(tmp_path):
 
 def test_a_live_claimer_is_waited_for(tmp_path):
     store = LocalStore(str(tmp_path))
-    with RunLock(store, "r", "delete") as first:
-        pass
-    stale = {**first.info, "pid": dead_pid(), "pid_start": ""}
-    store.put("r/LOCK", json.dumps(stale).encode())
-    store.put(f"r/locks/takeover-{stale['token']}-0", json.dumps(first.info).encode())  # this live process
+    stale = dead_lock(store)
+    live = {**stale, "pid": os.getpid(), "pid_start": process_start(os.getpid())}  # this process
+    store.put(f"r/locks/takeover-{stale['token']}-0", json.dumps(live).encode())
     with pytest.raises(RunBusy):
         RunLock(store, "r", "delete", wait=1.0, poll_s=0.05).acquire()
 
