@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
 
 def build_parser() -> argparse.ArgumentParser:
     from sisa.aggregate import METHODS
-    from sisa.models import PRESETS
+    from sisa.config import MODEL_PRESETS as PRESETS
 
     parser = _Parser(
         prog="unlearn", description="Exact machine unlearning of fine-tuning data: SISA (LoRA shard models) "

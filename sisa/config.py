@@ -14,6 +14,8 @@ from fractions import Fraction
 from .errors import UnlearnError
 from .keys import sha256_hex
 
+MODEL_PRESETS = ("tiny", "minilm", "smollm2-135m")  # here, not in models.py: the CLI lists them without torch
+
 DEVICES = ("cpu", "cuda")
 
 

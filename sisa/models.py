@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import State
+from .config import MODEL_PRESETS
 from .errors import UnlearnError
 from .keys import keyed_seed
 
-PRESETS = ("tiny", "minilm", "smollm2-135m")
+PRESETS = MODEL_PRESETS
 HEAD_NAMES = ("classifier", "score", "classification_head", "head")
 TARGETS = {  # LoRA target modules per architecture (peft's defaults are the fallback)
     "bert": ["query", "value"],
