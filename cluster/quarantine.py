@@ -96,14 +96,15 @@ class Quarantine:
                 f"deletion again)")
 
 
-def _moved(committed: Committed, exc: Exception) -> bool:
-    """An object the answer needed was purged by a commit made meanwhile: ask again."""
+def _moved(committed: Committed) -> bool:
+    """After an object the answer needed was missing: True if a commit made meanwhile
+    purged it (ask again on the new state), False if it is plain missing."""
     before = committed._head
     try:
         committed.read()
     except UnlearnError:
         return False
-    return isinstance(exc, ObjectMissing) and committed._head != before
+    return committed._head != before
 
 
 def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
@@ -123,8 +124,8 @@ def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable
                                   f"for an acknowledged deletion (shards {sorted(before)}); ask again, or wait")
             try:
                 answers = serve(asked, texts) if asked else []
-            except ObjectMissing as exc:
-                if _moved(committed, exc):
+            except ObjectMissing:
+                if _moved(committed):
                     continue
                 raise
             after = quarantine.read()
@@ -153,8 +154,8 @@ def predict_in_context(committed: Committed, quarantine: Quarantine, serve: Call
         if not (wait and withheld and not every):
             try:
                 out = serve(manifest, texts, withheld)
-            except ObjectMissing as exc:
-                if _moved(committed, exc):
+            except ObjectMissing:
+                if _moved(committed):
                     continue
                 raise
             after = quarantine.read()

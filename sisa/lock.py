@@ -19,9 +19,9 @@ whose holder is provably gone is taken over automatically, and the takeover is l
 Two processes that find the same dead holder race through claim objects
 (`RUN/locks/takeover-<token>-<n>`, create-if-absent): exactly one wins and replaces the
 lock. A claimer that dies half-way is itself judged like a holder, and the next claim
-number is used, so a dead claimer cannot wedge the run. A holder checks that the lock is still its own right before it commits
-(`check`), so a holder that was presumed dead (a partitioned node) cannot overwrite
-the work of the one that took over.
+number is used, so a dead claimer cannot wedge the run. A holder checks that the lock is
+still its own right before it commits (`check`), so a holder that was presumed dead (a
+partitioned node) cannot overwrite the work of the one that took over.
 """
 from __future__ import annotations
 
@@ -124,19 +124,28 @@ def holder_gone(held: dict, here: dict, alive: Callable[[int, str], bool], silen
     `boot_id` and `pid_ns`; `silent_for_s` how long this process has watched the holder's
     heartbeat without seeing it change (None: not yet watched). A holder that states its
     own lease is judged by it, not by ours."""
-    same_host = held.get("host") == here.get("host")
-    if same_host and held.get("boot_id") and here.get("boot_id") and held["boot_id"] != here["boot_id"]:
+    if (held.get("host") == here.get("host") and held.get("boot_id") and here.get("boot_id")
+            and held["boot_id"] != here["boot_id"]):
         return "its machine has rebooted since"
-    same_pids = same_host and isinstance(held.get("pid"), int) and held.get("pid_ns", here.get("pid_ns")) == here.get("pid_ns")
-    if same_pids:
+    if same_pids(held, here):
         if not alive(held["pid"], str(held.get("pid_start") or "")):
             return f"process {held['pid']} on this machine is gone"
         return None
-    theirs = held.get("lease_s")
-    lease = float(theirs) if isinstance(theirs, (int, float)) and 0 < theirs < float("inf") else lease_s
-    if silent_for_s is not None and silent_for_s >= lease:
+    if silent_for_s is not None and silent_for_s >= lease_of(held, lease_s):
         return f"no heartbeat for {silent_for_s:.0f} s"
     return None
+
+
+def same_pids(held: dict, here: dict) -> bool:
+    """The holder's pid can be checked here: same host and pid namespace."""
+    return (held.get("host") == here.get("host") and isinstance(held.get("pid"), int)
+            and held.get("pid_ns", here.get("pid_ns")) == here.get("pid_ns"))
+
+
+def lease_of(held: dict, default: float) -> float:
+    """The lease the holder stated (a sane positive number), else `default`."""
+    theirs = held.get("lease_s")
+    return float(theirs) if isinstance(theirs, (int, float)) and 0 < theirs < float("inf") else default
 
 
 class LockWatch:
@@ -226,9 +235,9 @@ class RunLock:
                 raise RunBusy(f"run {quote(self.run)} is busy: another process is taking over the lock of "
                               f"{describe(held)} ({why}); try again in a moment")
             if self.wait is False or (deadline is not None and time.monotonic() > deadline):
-                remote = "" if self._same_pids(held) else (
+                remote = "" if same_pids(held, self.here) else (
                     " (not a process of this machine: taken over once its heartbeat has been silent for "
-                    f"{self._lease_of(held):g} s; a waiting delete or resume does that)")
+                    f"{lease_of(held, self.lease_s):g} s; a waiting delete or resume does that)")
                 raise RunBusy(f"run {quote(self.run)} is busy: {describe(held)}{remote}; try again when it finishes "
                               f"(if that process is gone for good: `unlearn unlock --run {self.run}`)")
             if not told and self.on_wait:
@@ -236,19 +245,11 @@ class RunLock:
                 told = True
             time.sleep(self.poll_s)
 
-    def _same_pids(self, held: dict) -> bool:
-        return (held.get("host") == self.here["host"] and isinstance(held.get("pid"), int)
-                and held.get("pid_ns", self.here["pid_ns"]) == self.here["pid_ns"])
-
-    def _lease_of(self, held: dict) -> float:
-        theirs = held.get("lease_s")
-        return float(theirs) if isinstance(theirs, (int, float)) and 0 < theirs < float("inf") else self.lease_s
-
     def _gone(self, raw: bytes, held: dict) -> str | None:
         """Why the holder of the lock `raw` is provably gone (None: it may be working)."""
         beat = None
         token = held.get("token")
-        if not self._same_pids(held) and isinstance(token, str) and _TOKEN.fullmatch(token):
+        if not same_pids(held, self.here) and isinstance(token, str) and _TOKEN.fullmatch(token):
             try:
                 beat = self.store.get(_beat_key(self.run, token))
             except (KeyError, UnlearnError):
