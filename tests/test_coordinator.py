@@ -161,7 +161,8 @@ def test_one_damaged_object_fails_only_the_requests_that_need_it(trained):
     victim1 = run.manifest.shards[1].slices[0].ids[0]
     a, b = coord.submit(ids=[victim0]), coord.submit(ids=[victim1])
     data = store.get(shard0.slices[0].data)
-    store.root and open(f"{store.root}/{shard0.slices[0].data}", "wb").write(data.replace(b"#", b"%", 1))
+    with open(f"{store.root}/{shard0.slices[0].data}", "wb") as f:  # one byte of its text changed
+        f.write(data.replace(b"#", b"%", 1))
     done = Coordinator(store, "r").apply_due()
     assert [r.request_id for r in done] == [b]
     failed = coord.get(a)
