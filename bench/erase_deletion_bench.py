@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from erase.clustering import ClusteringConfig  # noqa: E402
 from erase.model import EraseModel  # noqa: E402
-from sisa.keys import keyed_hash, keyed_seed  # noqa: E402
+from core.keys import keyed_hash, keyed_seed  # noqa: E402
 
 
 def mixture(n: int, d: int, components: int, noise: float, seed: int) -> tuple[list[str], list[str], np.ndarray]:

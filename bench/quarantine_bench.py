@@ -78,7 +78,7 @@ def main() -> int:
     from sisa.config import SisaConfig
     from sisa.run import SisaRun
     from sisa.shard import LocalExecutor
-    from sisa.store import LocalStore, S3Store
+    from core.store import LocalStore, S3Store
 
     config = SisaConfig(shards=4, slices=2, model="tiny", epochs="1", batch_size=8, max_length=32, labels=("neg", "pos"))
     records = synthetic_records(200, owners_every=1)

@@ -21,10 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cluster  # noqa: E402,F401  (Ray environment defaults)
 from cluster.runtime import RayExecutor, coordinator_actor, init_ray, ray_get, wait_request  # noqa: E402
 from sisa.config import SisaConfig  # noqa: E402
-from sisa.records import load_records  # noqa: E402
-from sisa.run import SisaRun, with_labels  # noqa: E402
+from core.sources import load_records  # noqa: E402
+from core.records import with_labels  # noqa: E402
+from sisa.run import SisaRun  # noqa: E402
 from sisa.shard import LocalExecutor  # noqa: E402
-from sisa.store import LocalStore  # noqa: E402
+from core.store import LocalStore  # noqa: E402
 
 MB = 2**20
 

@@ -24,11 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sisa.config import SisaConfig  # noqa: E402
-from sisa.keys import keyed_hash  # noqa: E402
+from core.keys import keyed_hash  # noqa: E402
 from sisa.plan import expected_retrain_fraction  # noqa: E402
-from sisa.records import load_records  # noqa: E402
+from core.sources import load_records  # noqa: E402
 from sisa.run import SisaRun, get_trainer  # noqa: E402
-from sisa.store import LocalStore  # noqa: E402
+from core.store import LocalStore  # noqa: E402
 
 
 def ints(text: str) -> list[int]:

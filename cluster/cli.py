@@ -15,7 +15,7 @@ from typing import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from sisa.errors import UnlearnError  # noqa: E402
+from core.errors import UnlearnError  # noqa: E402
 
 EPILOG = """storage: --store takes a directory (default $UNLEARN_STORE or ./unlearn-store) or
 s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL,
@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
 
 def build_parser() -> argparse.ArgumentParser:
     from sisa.aggregate import METHODS
-    from sisa.config import MODEL_PRESETS as PRESETS
+    from core.assets import MODEL_PRESETS as PRESETS
 
     parser = _Parser(
         prog="unlearn", description="Exact machine unlearning of fine-tuning data: SISA (LoRA shard models) "
@@ -302,7 +302,7 @@ def _apply_until(coordinator, finished, progress: bool, waiting, attempts: int =
     import time
 
     from cluster.coordinator import is_permanent
-    from sisa.errors import one_line
+    from core.errors import one_line
 
     told, failures = False, 0
     while not finished():
@@ -441,7 +441,7 @@ def _warn_problems(serving) -> None:
 
 
 def _predict(args, store, run) -> int:
-    from sisa.records import load_texts
+    from core.sources import load_texts
 
     texts = load_texts(args.input)
     serving, serve = _serving(args, store, run)
@@ -459,7 +459,7 @@ def _evaluate(args, store, run) -> dict:
     examples left out, and named)."""
     import time
 
-    from sisa.records import load_records
+    from core.sources import load_records
     from sisa.run import check_labels, evaluation
 
     records = load_records(args.data)
@@ -488,14 +488,15 @@ def _evaluate(args, store, run) -> dict:
 def train_erase(args, store, progress: bool) -> int:
     from erase.config import EraseConfig
     from erase.run import EraseRun
-    from sisa.records import load_records, quote
-    from sisa.run import with_labels
+    from core.records import quote
+    from core.sources import load_records
+    from core.records import with_labels
 
     config = EraseConfig(shots=args.shots, partitions=args.partitions, eps=args.eps, gamma=args.gamma,
                          iters=args.iters, seed=args.seed, per_label=args.per_label, embedder=args.embedder,
                          lm=args.lm, calibrate=args.calibrate, labels=tuple(_split(args.labels, "labels")) if args.labels else ())
     from erase.icl import PRESETS as LM_PRESETS
-    from sisa.models import resolve_model
+    from core.assets import resolve_model
 
     if args.lm not in LM_PRESETS:  # fail now, not at the first predict
         resolve_model(args.lm, "--lm", LM_PRESETS)
@@ -585,10 +586,12 @@ def run_command(args) -> int:
         from cluster.capacity.commands import run
 
         return run(args)
-    from sisa.records import load_records, quote
+    from core.records import quote
+    from core.sources import load_records
     from cluster.runtime import make_executor
-    from sisa.run import SisaRun, with_labels
-    from sisa.store import open_store
+    from core.records import with_labels
+    from sisa.run import SisaRun
+    from core.store import open_store
 
     progress = not args.quiet
     store = open_store(args.store)
@@ -614,7 +617,7 @@ def run_command(args) -> int:
         _emit(args, st, _status_text(st))
         return 0
     if args.command == "drop":
-        from sisa.stored_run import StoredRun, check_run_name
+        from core.stored_run import StoredRun, check_run_name
 
         check_run_name(args.run)
         if not StoredRun.leftovers(store, args.run):  # a HEAD, or what a killed train left
@@ -626,13 +629,13 @@ def run_command(args) -> int:
         _emit(args, {"run": args.run, "dropped_objects": n}, f"dropped run {args.run}: {n} objects purged")
         return 0
     if args.command == "unlock":
-        from sisa.lock import force_unlock
+        from core.lock import force_unlock
 
         removed = force_unlock(store, args.run, args.force)
         _emit(args, {"run": args.run, "unlocked": removed},
               f"removed the lock of run {args.run}" if removed else f"run {args.run} was not locked")
         return 0
-    from sisa.stored_run import check_run_name, run_method
+    from core.stored_run import check_run_name, run_method
 
     if args.command == "requests":  # the log alone: readable even if the manifest is not
         check_run_name(args.run)

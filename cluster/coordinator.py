@@ -29,10 +29,10 @@ import uuid
 from datetime import datetime, timezone
 from typing import Callable
 
-from sisa.errors import IntegrityError, UnlearnError, one_line
-from sisa.lock import LockLost, LockWatch, RunBusy, RunLock, describe
-from sisa.records import quote
-from sisa.store import Store
+from core.errors import IntegrityError, UnlearnError, one_line
+from core.lock import LockLost, LockWatch, RunBusy, RunLock, describe
+from core.records import quote
+from core.store import Store
 
 from .methods import open_run
 from .quarantine import Serving

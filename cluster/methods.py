@@ -1,8 +1,8 @@
 """Open a run of either method. `cluster/` is the only place that knows both."""
 from __future__ import annotations
 
-from sisa.store import Store
-from sisa.stored_run import run_method
+from core.store import Store
+from core.stored_run import run_method
 
 METHODS = ("sisa", "erase")
 

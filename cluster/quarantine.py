@@ -20,9 +20,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from sisa.errors import ObjectMissing, Unavailable, UnlearnError
-from sisa.records import quote
-from sisa.store import Store
+from core.errors import ObjectMissing, Unavailable, UnlearnError
+from core.records import quote
+from core.store import Store
 
 from .requestlog import RequestLog
 

@@ -25,10 +25,10 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from sisa.errors import UnlearnError
-from sisa.keys import sha256_hex
-from sisa.records import quote
-from sisa.store import Store
+from core.errors import UnlearnError
+from core.keys import sha256_hex
+from core.records import quote
+from core.store import Store
 
 STATUSES = ("pending", "applying", "done", "failed")
 _ID = re.compile(r"[0-9]{20}-[0-9a-f]{8}")

@@ -20,10 +20,10 @@ import numpy as np
 
 import cluster  # noqa: F401  (sets the loopback/auth environment before ray is imported)
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError, one_line
+from core.errors import UnlearnError, one_line
 from sisa.manifest import ShardEntry
 from sisa.shard import RetrainJob, ShardWorker, TrainJob
-from sisa.store import Store, open_store
+from core.store import Store, open_store
 
 NAMESPACE = "unlearn"
 
@@ -412,7 +412,7 @@ def _coordinator_actor_class():
         def __init__(self, store_uri: str, run: str, window_s: float, actor_cpus: float | None):
 
             from cluster.coordinator import Coordinator, CoordinatorLoop
-            from sisa.stored_run import run_method
+            from core.stored_run import run_method
 
             store = open_store(store_uri)
             self.method = run_method(store, run)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 
 from cluster.runtime import coordinator_actor
-from sisa.errors import Unavailable, UnlearnError, one_line
-from sisa.store import Store
+from core.errors import Unavailable, UnlearnError, one_line
+from core.store import Store
 
 
 def _ingress_class():

@@ -1,1 +1,2 @@
-"""ERASE: exact unlearning of in-context examples (quantized k-means). Not built yet; see issue 4."""
+"""ERASE: exact unlearning of in-context examples, chosen by quantized k-means over embeddings."""
+import core  # noqa: F401  (MKL reproducibility settings before torch loads)

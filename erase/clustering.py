@@ -10,8 +10,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from sisa.errors import UnlearnError
-from sisa.keys import sha256_hex
+from core.errors import UnlearnError
+from core.keys import sha256_hex
 
 MAX_SCALE = 65536  # keeps fixed-point rows in int32 and every reduction far from int64 overflow
 

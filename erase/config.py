@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from sisa.errors import UnlearnError
-from sisa.keys import sha256_hex
+from core.errors import UnlearnError
+from core.keys import sha256_hex
 
 CLUSTERING_FIELDS = ("shots", "partitions", "eps", "gamma", "iters", "seed", "scale", "per_label")
 

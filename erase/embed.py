@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-import sisa  # noqa: F401  (MKL reproducibility settings before torch loads)
-from sisa.errors import UnlearnError
+import core  # noqa: F401  (MKL reproducibility settings before torch loads)
+from core.errors import UnlearnError
 
 PRESETS = ("minilm", "tiny")
 
@@ -27,12 +27,12 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
-        from sisa.models import _quiet_transformers, resolve_model
+        from core.assets import quiet_transformers, resolve_model
 
         if max_length < 8:
             raise UnlearnError(f"embedder max_length must be >= 8, got {max_length}")
         self.spec, self.max_length = spec, max_length
-        _quiet_transformers()
+        quiet_transformers()
         path = resolve_model(spec, "--embedder", PRESETS)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -57,7 +57,7 @@ class Embedder:
         import torch
         from tqdm import tqdm
 
-        from sisa.trainer import deterministic
+        from core.determinism import deterministic
 
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         with deterministic(), torch.inference_mode():

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from sisa.errors import UnlearnError
-from sisa.keys import keyed_hash
+from core.errors import UnlearnError
+from core.keys import keyed_hash
 
 COORD_LIMIT = 1.001  # rows are L2-normalised, so |coordinate| <= 1 (float32 rounding aside)
 _INT64_HEADROOM = 2**62

@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-import sisa  # noqa: F401  (MKL settings before torch loads)
-from sisa.errors import UnlearnError
+import core  # noqa: F401  (MKL settings before torch loads)
+from core.errors import UnlearnError
 
 from .prompt import PromptTemplate
 
@@ -78,9 +78,9 @@ def load_causal_lm(spec: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from sisa.models import _quiet_transformers, resolve_model, smollm2_dir
+    from core.assets import quiet_transformers, resolve_model, smollm2_dir
 
-    _quiet_transformers()
+    quiet_transformers()
     path = smollm2_dir() if spec == "tiny-lm" else resolve_model(spec, "--lm", PRESETS)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

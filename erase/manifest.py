@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 from .config import EraseConfig
 

@@ -25,8 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
-from sisa.errors import UnlearnError
-from sisa.keys import keyed_hash
+from core.errors import UnlearnError
+from core.keys import keyed_hash
 
 from . import qkmeans
 from .clustering import ClusteringConfig

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 from . import qkmeans
 from .fixed import Digest, race_keys, sq_norms

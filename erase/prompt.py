@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 
 @dataclass(frozen=True)

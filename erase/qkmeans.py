@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 from .fixed import Digest, grid_offset, nearest, race_exponentials, snap, sq_dists, sq_norms
 

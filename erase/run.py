@@ -7,7 +7,7 @@ A deletion loads that state, runs the certificate (re-clustering only where it f
 rewrites the affected partitions' record objects and the state, commits, and purges
 every superseded object: the deleted texts and their embeddings included.
 
-Besides HEAD and manifests (`sisa/stored_run.py`) the run stores:
+Besides HEAD and manifests (`core/stored_run.py`) the run stores:
 
     RUN/data/<sha256>.jsonl               records of one partition, content-addressed
     RUN/state/<sha256>.safetensors        one partition's clustering state with its records'
@@ -26,16 +26,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from sisa.errors import ObjectMissing, UnlearnError
-from sisa.keys import keyed_hash, sha256_hex
-from sisa.lock import RunLock
-from sisa.manifest import DeletionReceipt
-from sisa.records import Record, quote
-from sisa.run import with_labels
-from sisa.shard import decode_slice, encode_slice
-from sisa.store import Store
-from sisa.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
-from sisa.tombstones import after_deletion, resolve
+from core.errors import ObjectMissing, UnlearnError
+from core.keys import keyed_hash, sha256_hex
+from core.lock import RunLock
+from core.receipts import DeletionReceipt
+from core.records import Record, quote, with_labels
+from core.slices import decode_slice, encode_slice
+from core.store import Store
+from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
+from core.tombstones import after_deletion, resolve
 
 from .config import EraseConfig
 from .manifest import EraseManifest, PartitionRecords
@@ -63,7 +62,7 @@ def dump_tensors(tensors: dict, meta: dict) -> bytes:
 def load_tensors(data: bytes, where: str) -> tuple[dict, dict]:
     from safetensors.numpy import load
 
-    from sisa.checkpoint import read_metadata
+    from core.tensorfile import read_metadata
 
     try:
         return load(data), json.loads(read_metadata(data)["erase"])
@@ -144,8 +143,8 @@ class EraseRun(StoredRun):
         key (its IntegrityError passes through unchanged); with `check`, the records must
         also be the ones the manifest lists (ids, owners, label counts), else nothing is
         built on them. `verify` reads unchecked and reports each difference instead."""
-        from sisa.errors import IntegrityError
-        from sisa.shard import record_problems
+        from core.errors import IntegrityError
+        from core.slices import record_problems
 
         try:
             records = decode_slice(self.store.get(entry.data))
@@ -331,7 +330,7 @@ class EraseRun(StoredRun):
         missing object, or stored records that differ from the manifest (ids, owners, label
         counts), is what verify is for: each is a problem of the report (exit 3), never an
         error. Records that cannot be trusted are not re-clustered."""
-        from sisa.shard import record_problems
+        from core.slices import record_problems
 
         from .model import EraseModel
 

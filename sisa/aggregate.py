@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UnlearnError
+from core.errors import UnlearnError
 
 METHODS = ("vote", "mean", "weighted")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 
 import torch
 from safetensors.torch import load as st_load
@@ -37,10 +36,3 @@ def dump_state(state: State, metadata: dict[str, str]) -> bytes:
 
 def load_state(data: bytes) -> State:
     return dict(st_load(data))
-
-
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The JSON header's __metadata__ of a safetensors blob, without loading tensors."""
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    return dict(header.get("__metadata__", {}))

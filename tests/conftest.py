@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # logic tests drive the in-process engine; tests of the Ray runtime pass --runtime ray
 os.environ["UNLEARN_RUNTIME"] = "local"
 
-from sisa.records import Record  # noqa: E402
+from core.records import Record  # noqa: E402
 
 POS = ["good", "great", "wonderful", "brilliant", "fun", "moving", "sharp", "clever"]
 NEG = ["bad", "dull", "awful", "boring", "messy", "flat", "tedious", "weak"]

@@ -78,7 +78,7 @@ def queue(store_dir: str, run: str) -> dict[str, dict]:
 
 def entries(store_dir: str, run: str) -> list:
     from cluster.requestlog import RequestLog
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     found, problems = RequestLog(LocalStore(store_dir), run).entries()
     assert not problems, problems
@@ -140,7 +140,7 @@ def assert_all_applied(store_dir: str, run: str, at_least: int) -> None:
 
 def assert_sisa_exact(store_dir: str, run: str, records, deleted: set[str], config, scratch: str) -> None:
     from sisa.run import SisaRun
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     got = SisaRun.open(LocalStore(store_dir), run)
     retained = [r for r in records if r.id not in deleted]
@@ -151,7 +151,7 @@ def assert_sisa_exact(store_dir: str, run: str, records, deleted: set[str], conf
 
 def shard_of(store_dir: str, run: str, rid: str) -> int:
     from sisa.run import SisaRun
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     manifest = SisaRun.open(LocalStore(store_dir), run).manifest
     return next(s.shard for s in manifest.shards for sl in s.slices if rid in sl.ids)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sisa.aggregate import aggregate, vote_counts
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 # 3 shards, 2 texts, 3 labels
 P = np.array([

@@ -22,7 +22,7 @@ from cluster.coordinator import Coordinator, CoordinatorLoop, wait_for
 from conftest import synthetic_records
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 CFG = SisaConfig(shards=3, slices=2, model="tiny", batch_size=4, max_length=32, epochs="3")
 WINDOW = 0.4

@@ -14,7 +14,7 @@ from cluster.capacity.costs import Config, Profile, expected_batch_fraction, mak
 from cluster.capacity.simulate import simulate
 from cluster.capacity.workload import (DAY, Pattern, Spike, cumulative_intensity, from_log, generate,
                                        parse_count, parse_duration, parse_pattern, parse_rate)
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 from sisa.plan import expected_retrain_fraction
 
 PROFILE = Profile(model="test", machine="m", date="d", epochs=3.0, train_s_per_example=1e-4, stage_fixed_s=0.01,

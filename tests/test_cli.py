@@ -104,7 +104,7 @@ def test_gpu_options_without_a_gpu_are_one_line_errors(tmp_path, capsys):
 
     from cluster.runtime import actor_gpus_for
     from sisa.config import SisaConfig
-    from sisa.errors import UnlearnError
+    from core.errors import UnlearnError
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: the no-GPU error paths cannot be exercised here")

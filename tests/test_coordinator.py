@@ -7,9 +7,9 @@ from cluster.cli import main
 from cluster.coordinator import Coordinator, CoordinatorLoop, batch_due, wait_for
 from conftest import synthetic_records
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 CFG = SisaConfig(shards=3, slices=2, model="tiny", batch_size=4, max_length=32)
 
@@ -108,7 +108,7 @@ def test_a_flipped_bit_in_a_queue_entry_is_never_applied_and_withholds_everythin
     carry a checksum; a damaged one is skipped (the others are applied) and, as it could
     name anything, nothing answers until it is removed."""
     from cluster.quarantine import Serving
-    from sisa.errors import Unavailable
+    from core.errors import Unavailable
 
     store, run = trained
     coord = Coordinator(store, "r", window_s=3600)
@@ -145,7 +145,7 @@ def test_entries_of_the_wrong_shape_are_damaged_not_half_used(trained, damage):
     body[json.loads(field)] = json.loads(value)
     body.pop("check")
     from cluster.requestlog import _canonical
-    from sisa.keys import sha256_hex
+    from core.keys import sha256_hex
 
     body["check"] = sha256_hex(_canonical(body))  # a well-formed checksum over a bad shape
     with pytest.raises(ValueError, match="wrong type"):

@@ -10,9 +10,9 @@ import tarfile
 
 import pytest
 
-from sisa import datasets, models
-from sisa.errors import UnlearnError
-from sisa.records import load_records
+from core import assets, datasets
+from core.errors import UnlearnError
+from core.sources import load_records
 
 TASK = {
     "name": "toy_intent",
@@ -42,7 +42,7 @@ def _archive(path: str, tasks: dict[str, dict]) -> None:
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty cache folder; a 'download' writes the synthetic archive and is counted."""
-    monkeypatch.setattr(models, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(assets, "CACHE_DIR", str(tmp_path))
     calls = []
 
     def fake_download(dest):
@@ -115,7 +115,7 @@ def test_task_without_multiple_choice_examples():
 
 
 def test_failed_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(assets, "CACHE_DIR", str(tmp_path))
 
     class Failed:
         returncode, stderr = 1, "ERROR: No matching distribution found for bigbench==1.0.0\n"

@@ -35,7 +35,7 @@ def sisa_run(tmp_path_factory):
     data = write_jsonl(base / "d.jsonl", RECORDS)
     assert main(["train", "--data", data, "--run", "r", "--store", store, "--runtime", "local", *OPTIONS]) == 0
     from sisa.run import SisaRun
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     digests = [s.digest for s in SisaRun.open(LocalStore(store), "r").manifest.shards]
     return {"store": store, "base": base, "deleted": set(), "rng": random.Random(7), "trained": digests}
@@ -45,7 +45,7 @@ def first_slice_victims(state, n: int = 2) -> list[str]:
     """Records of the first slice of different shards, not yet deleted: deleting one
     retrains its whole shard (the longest deletion there is)."""
     from sisa.run import SisaRun
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     manifest = SisaRun.open(LocalStore(state["store"]), "r").manifest
     out = []
@@ -112,8 +112,8 @@ def test_a_queued_deletion_is_withheld_from_predictions_of_every_process(sisa_ru
     """While a live process holds the run lock (as an applying coordinator does), a
     request accepted by another process waits in the queue; `predict` and `eval` in
     other processes leave its shard out; they never take the lock or apply it."""
-    from sisa.lock import RunLock
-    from sisa.store import LocalStore
+    from core.lock import RunLock
+    from core.store import LocalStore
 
     state = sisa_run
     store = LocalStore(state["store"])
@@ -174,8 +174,8 @@ def test_erase_prompt_example_is_withheld_across_processes(tmp_path):
     process holds the lock) is never in another process's prompt; after the commit the
     state equals a fresh run."""
     from erase.run import EraseRun
-    from sisa.lock import RunLock
-    from sisa.store import LocalStore
+    from core.lock import RunLock
+    from core.store import LocalStore
 
     records = synthetic_records(40)
     store_dir = str(tmp_path / "s")

@@ -94,7 +94,7 @@ def wait_done(base: str, request_id: str, timeout: float = 300) -> dict:
 def victims(state, n: int, shard: int | None = None) -> list[str]:
     """Records of first slices not deleted yet: of `shard`, or alternating shards."""
     from sisa.run import SisaRun
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     manifest = SisaRun.open(LocalStore(state["store"]), "r").manifest
     out = []
@@ -174,8 +174,8 @@ def test_read_only_commands_never_lock_or_apply_and_serve_withholds(served, tmp_
     "every shard is empty", and left holding the lock. Now, with the lock held by a live
     process, a request accepted by serve stays queued; predict (Ray), eval, status and
     requests in other processes change nothing and answer without its shard."""
-    from sisa.lock import RunLock
-    from sisa.store import LocalStore
+    from core.lock import RunLock
+    from core.store import LocalStore
 
     state, url = served, served["url"]
     store = LocalStore(state["store"])

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from erase.clustering import ClusteringConfig
 from erase.model import EraseModel, LocalPool
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 LABELS = ["neg", "neu", "pos"]
 

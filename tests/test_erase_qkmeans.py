@@ -12,7 +12,7 @@ from erase.fixed import race_keys, sq_norms, to_fixed
 from erase.partition import Partition
 from erase.qkmeans import QKParams
 from erase.select import greedy_select, merge_candidates, nearest_candidates
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

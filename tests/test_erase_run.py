@@ -68,7 +68,7 @@ def test_deleted_texts_ids_and_embeddings_leave_the_store(tmp_path, capsys):
         assert victim.text.encode() not in blob and f'"{victim.id}"'.encode() not in blob, p
     # the state the run keeps holds one embedding per retained record, and no more
     from erase.run import EraseRun
-    from sisa.store import open_store
+    from core.store import open_store
 
     run = EraseRun.open(open_store(str(store)), "e")
     assert victim.id not in run.model().ids and len(run.model().ids) == len(records) - 1
@@ -101,7 +101,7 @@ def test_ray_partition_actors_coordinator_and_quarantine(tmp_path, capsys, ray_l
     """Partitions in Ray actors, deletions through the coordinator actor: the state equals an
     in-process fresh run, and a prompt example whose deletion is acknowledged never answers."""
     from cluster.runtime import coordinator_actor, ray_get, wait_request
-    from sisa.store import open_store
+    from core.store import open_store
 
     monkeypatch.setenv("UNLEARN_RUNTIME", "ray")
     records = synthetic_records(40)
@@ -129,7 +129,7 @@ def test_a_deletion_rewrites_only_its_partition(tmp_path, capsys):
     """Each partition's records and clustering state (with the embeddings) are separate
     objects: a deletion writes new ones for its own partition and keeps the others'."""
     from erase.run import EraseRun, partition_of
-    from sisa.store import open_store
+    from core.store import open_store
 
     records = synthetic_records(45)
     store = str(tmp_path / "s")
@@ -147,7 +147,7 @@ def test_a_deletion_rewrites_only_its_partition(tmp_path, capsys):
 
 
 def _trained(tmp_path, n=40, shots="4", extra=()):
-    from sisa.store import open_store
+    from core.store import open_store
 
     records = synthetic_records(n)
     data = write_jsonl(tmp_path / "d.jsonl", records)
@@ -169,7 +169,7 @@ def test_quarantine_covers_an_example_that_an_applying_batch_selects(tmp_path):
 
     from cluster.coordinator import Coordinator
     from erase.run import EraseRun
-    from sisa.store import open_store
+    from core.store import open_store
 
     _records, store = _trained(tmp_path)
     old = EraseRun.open(store, "e").manifest.selected_ids
@@ -217,7 +217,7 @@ def test_a_busy_run_keeps_the_request_queued_and_applies_it_once_free(tmp_path):
     """A lock held by a live process is never a reason to fail a request: it stays queued
     with its ids (and quarantined), untouched by this coordinator, until the lock is free."""
     from cluster.coordinator import Coordinator
-    from sisa.lock import RunLock
+    from core.lock import RunLock
 
     _records, store = _trained(tmp_path)
     coordinator = Coordinator(store, "e")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from erase.icl import InContextClassifier
 from erase.prompt import PromptTemplate
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 LABELS = ["add_to_playlist", "get_weather", "play_music"]  # verbalizers of 5, 3 and 2 tokens
 EXAMPLES = [("jazz", "add_to_playlist"), ("will it rain in Paris?", "get_weather"), ("some rock", "play_music")]

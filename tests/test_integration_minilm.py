@@ -5,10 +5,10 @@ import pytest
 
 from sisa import plan
 from sisa.config import SisaConfig
-from sisa.records import load_records
+from core.sources import load_records
 from sisa.run import SisaRun
 from sisa.shard import get_trainer
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 pytestmark = pytest.mark.integration
 # The smallest shard and training found to tell the runtimes apart without MKL_CBWR: with
@@ -42,7 +42,7 @@ def test_ray_actors_and_in_process_training_agree_bit_for_bit(ray_local, tmp_pat
     package) the last stage differs in the last bits: run with MKL_CBWR= (empty) to see it
     fail."""
     from cluster.runtime import RayExecutor
-    from sisa.run import with_labels
+    from core.records import with_labels
 
     records = load_records(f"dataset:rotten_tomatoes?split=train&limit={LIMIT}")
     cfg = with_labels(SisaConfig(shards=4, slices=4, model="minilm", epochs=EPOCHS), records)

@@ -12,10 +12,10 @@ import pytest
 from cluster.cli import main
 from conftest import synthetic_records, write_jsonl
 from sisa.config import SisaConfig
-from sisa.errors import IntegrityError
-from sisa.keys import sha256_hex
+from core.errors import IntegrityError
+from core.keys import sha256_hex
 from sisa.run import SisaRun
-from sisa.store import LocalStore, S3Store
+from core.store import LocalStore, S3Store
 
 ERASE = ["--embedder", "tiny", "--lm", "tiny-lm", "--quiet"]
 

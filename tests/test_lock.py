@@ -11,11 +11,11 @@ import pytest
 
 from conftest import synthetic_records
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
-from sisa.lock import (LockLost, LockWatch, RunBusy, RunLock, force_unlock, holder_gone, process_alive,
+from core.errors import UnlearnError
+from core.lock import (LockLost, LockWatch, RunBusy, RunLock, force_unlock, holder_gone, process_alive,
                        process_start)
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 HERE = {"host": "h1", "boot_id": "b1", "pid_ns": "pid:[1]"}
 HOLDER = {**HERE, "pid": 10, "pid_start": "99"}

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_records
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 pytestmark = pytest.mark.integration
 

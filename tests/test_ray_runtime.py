@@ -4,7 +4,7 @@ import pytest
 from conftest import synthetic_records
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_ray_delete_retrains_one_shard_and_equals_from_scratch(ray_local, tmp_pa
 def test_actors_that_cannot_fit_fail_with_one_line_instead_of_hanging(ray_local, tmp_path, monkeypatch):
     """Ray leaves an actor that does not fit pending forever; the runtime checks first."""
     from cluster.runtime import RayExecutor, RayPartitionPool
-    from sisa.errors import UnlearnError
+    from core.errors import UnlearnError
 
     records = synthetic_records(8)
     store = LocalStore(str(tmp_path))

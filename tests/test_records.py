@@ -5,8 +5,8 @@ import pytest
 
 from cluster.cli import main
 from conftest import synthetic_records, write_jsonl
-from sisa.errors import UnlearnError
-from sisa.records import load_records
+from core.errors import UnlearnError
+from core.sources import load_records
 
 GOOD = [{"id": "a", "text": "fine film", "label": "pos"}, {"id": "b", "text": "bad film", "label": "neg"}]
 

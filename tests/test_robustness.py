@@ -7,11 +7,11 @@ import pytest
 from cluster.cli import main
 from conftest import synthetic_records, write_jsonl
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
-from sisa.lock import RunLock
-from sisa.records import Record
+from core.errors import UnlearnError
+from core.lock import RunLock
+from core.records import Record
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 CFG = SisaConfig(shards=2, slices=2, model="tiny", batch_size=4, max_length=32)
 
@@ -107,7 +107,7 @@ def test_config_rejects_nonsense(field, value, message):
     ("a,b", "contains a comma"), (" a", "has leading or trailing whitespace"), ("a\u0085", "contains the control character U+0085"),
 ])
 def test_owners_must_be_deletable_from_the_command_line(tmp_path, owner, message):
-    from sisa.records import load_records
+    from core.sources import load_records
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x", "text": "t", "label": "p", "owner": owner}])
     with pytest.raises(UnlearnError, match=re.escape(f"d.jsonl:1: field 'owner' {message}")):

@@ -8,7 +8,7 @@ from conftest import synthetic_records, write_jsonl
 from sisa import plan
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
-from sisa.store import LocalStore
+from core.store import LocalStore
 
 CFG = dict(shards=3, slices=4, model="tiny", epochs="2", batch_size=4, max_length=32, seed=5)
 
@@ -103,7 +103,8 @@ def test_delete_twice_is_harmless_and_unknown_ids_fail_cleanly(tmp_path, capsys)
 
 
 def test_verify_detects_a_tampered_checkpoint(tmp_path, capsys):
-    from sisa.checkpoint import dump_state, load_state, read_metadata
+    from core.tensorfile import read_metadata
+    from sisa.checkpoint import dump_state, load_state
 
     store = LocalStore(str(tmp_path / "s"))
     run = SisaRun.train(store, "r", synthetic_records(24), SisaConfig(**{**CFG, "shards": 2, "slices": 2}))

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import synthetic_records
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 from sisa.run import SisaRun
-from sisa.store import LocalStore, S3Store, open_store
+from core.store import LocalStore, S3Store, open_store
 
 
 def exercise(store):
@@ -186,7 +186,7 @@ def test_create_if_absent_has_one_winner_on_seaweedfs(seaweedfs, s3_bucket):
     """The run lock and its takeover claims rest on this: of racing creators, exactly one wins."""
     import threading
 
-    from sisa.lock import RunBusy, RunLock
+    from core.lock import RunBusy, RunLock
 
     won, start = [], threading.Barrier(8)
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 from .costs import FIELDS, Config, Profile
 from .report import Accuracy, Demand, markdown_table, row, text_table
@@ -473,8 +473,8 @@ def run_profile(args) -> int:
     from dataclasses import replace
 
     from sisa.config import SisaConfig
-    from sisa.records import load_records
-    from sisa.run import with_labels
+    from core.sources import load_records
+    from core.records import with_labels
 
     from .profile import calibrate_run, measure
 
@@ -488,7 +488,7 @@ def run_profile(args) -> int:
         profile = refresh_erase(load_profile(args.refresh_erase, "--refresh-erase"), erase)
         args.out = args.out or profile_path(args.refresh_erase, "--refresh-erase")  # in place, shipped or not
     elif args.run:
-        from sisa.store import open_store
+        from core.store import open_store
 
         profile = calibrate_run(open_store(args.store), args.run, erase, sample=n, repeats=args.repeats,
                                 progress=progress)

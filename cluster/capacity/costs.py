@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 
 # Fields a profile must carry, with what they mean (also the `unlearn profile` docs).
 FIELDS = {

@@ -24,9 +24,9 @@ from fractions import Fraction
 from typing import Callable, Sequence
 
 from sisa.config import SisaConfig
-from sisa.errors import UnlearnError
+from core.errors import UnlearnError
 from sisa.plan import stage_pass_sizes
-from sisa.records import Record
+from core.records import Record
 
 from .costs import Profile
 
@@ -56,7 +56,7 @@ def measure_training(config: SisaConfig, records: Sequence[Record], repeats: int
     """Seconds per example and per stage, checkpoint save, and per-query costs."""
     from sisa.checkpoint import dump_state
     from sisa.shard import get_trainer
-    from sisa.trainer import deterministic
+    from core.determinism import deterministic
 
     if len(records) < 16:
         raise UnlearnError(f"--records {len(records)}: profiling needs at least 16 records")
@@ -87,7 +87,7 @@ def measure_prompt_query(trainer, config: SisaConfig, k: int, repeats: int = 3) 
     model is the in-context learner (profile smollm2-135m for that)."""
     import torch
 
-    from sisa.trainer import deterministic
+    from core.determinism import deterministic
 
     model = trainer.clf.model
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -118,7 +118,7 @@ def measure_deletion(config: SisaConfig, records: Sequence[Record], save_s: floa
     paid per batch from the part paid per retrained shard."""
     from sisa.run import SisaRun
     from sisa.shard import LocalExecutor
-    from sisa.store import LocalStore
+    from core.store import LocalStore
 
     cfg = replace(config, shards=2, slices=2)
     with tempfile.TemporaryDirectory(prefix="unlearn-profile-") as tmp:
@@ -188,7 +188,7 @@ def calibrate_run(store, run_name: str, erase: dict, sample: int = 96, repeats: 
                   progress: Callable[[str], None] = lambda _m: None) -> Profile:
     """A profile for an existing run: its model and configuration, a sample of its
     records (read from the store, never modified), and its real layout."""
-    from sisa.keys import keyed_hash
+    from core.keys import keyed_hash
     from sisa.run import SisaRun
     from sisa.shard import ShardWorker
 

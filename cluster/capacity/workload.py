@@ -15,8 +15,8 @@ from datetime import datetime
 
 import numpy as np
 
-from sisa.errors import UnlearnError
-from sisa.keys import keyed_hash, keyed_uniform
+from core.errors import UnlearnError
+from core.keys import keyed_hash, keyed_uniform
 
 DAY = 86400.0
 MAX_REQUESTS = 1e7  # arrivals are generated one by one: keep a plan to seconds, not hours

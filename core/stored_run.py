@@ -3,7 +3,7 @@
 Storage layout under the run's prefix (the method adds its own object prefixes):
 
     RUN/HEAD                      pointer to the current manifest (the commit)
-    RUN/LOCK                      held while a command mutates the run (sisa/lock.py)
+    RUN/LOCK                      held while a command mutates the run (core/lock.py)
     RUN/locks/                    the lock's heartbeat and takeover claims
     RUN/manifests/<sha256>.json   manifests
     RUN/queue/<id>.json           deletion requests accepted and not yet applied (cluster/)

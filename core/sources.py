@@ -1,9 +1,8 @@
-"""Training records and their validation.
+"""Reading records and texts from files (JSONL, CSV, Parquet, plain text) or named data sets.
 
-Every input is checked completely before anything is written, and each problem is
-reported as one line naming the file, the line (or Parquet row) and the field.
-Values quoted in messages are JSON-encoded with non-ASCII escaped, so an error
-line never carries raw control characters or invalid bytes to the terminal.
+Kept apart from `records` (what a record is and how it is validated) so that the data set
+loaders, which build records, and this module, which can return a data set, never import
+each other.
 """
 from __future__ import annotations
 
@@ -11,98 +10,10 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from .errors import UnlearnError
-
-REQUIRED = ("id", "text", "label")
-MAX_ID_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class Record:
-    id: str
-    text: str
-    label: str
-    owner: str
-
-    def to_json(self) -> dict:
-        return {"id": self.id, "text": self.text, "label": self.label, "owner": self.owner}
-
-
-def quote(value: object) -> str:
-    return json.dumps(value, ensure_ascii=True)
-
-
-def id_problem(value: str) -> str | None:
-    """Why `value` is unsafe as part of a storage key, or None if it is safe."""
-    if value in (".", ".."):
-        return "is a relative path component"
-    if ".." in value:
-        return "contains '..'"
-    for sep in ("/", "\\"):
-        if sep in value:
-            return f"contains the path separator {sep!r}"
-    control = _control_char(value)
-    if control:
-        return control
-    if value != value.strip():
-        return "has leading or trailing whitespace"
-    if len(value) > MAX_ID_LENGTH:
-        return f"is longer than {MAX_ID_LENGTH} characters"
-    return None
-
-
-def _control_char(value: str) -> str | None:
-    for ch in value:
-        if ord(ch) < 32 or ord(ch) == 127 or 0x80 <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
-            return f"contains the control character U+{ord(ch):04X}"
-    return None
-
-
-def owner_problem(value: str) -> str | None:
-    """Owners are hashed, never used as keys, but must survive `--owners a,b` on a command line."""
-    if "," in value:
-        return "contains a comma (owners are given comma-separated to delete)"
-    control = _control_char(value)
-    if control:
-        return control
-    if value != value.strip():
-        return "has leading or trailing whitespace"
-    return None
-
-
-def _field(row: dict, name: str, where: str, *, required: bool = True) -> str | None:
-    if name not in row or row[name] is None:
-        if required:
-            raise UnlearnError(f"{where}: missing field '{name}'")
-        return None
-    value = row[name]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise UnlearnError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    value = str(value)
-    if not value.strip():
-        raise UnlearnError(f"{where}: field '{name}' is empty")
-    return value
-
-
-def record_from_row(row: dict, where: str) -> Record:
-    """Validate one row (a dict from JSON, CSV or Parquet) into a Record."""
-    rid = _field(row, "id", where)
-    problem = id_problem(rid)
-    if problem:
-        raise UnlearnError(f"{where}: field 'id' {problem}: {quote(rid)} is unsafe as a storage key")
-    text = _field(row, "text", where)
-    label = _field(row, "label", where)
-    owner = _field(row, "owner", where, required=False)
-    if owner is None:
-        owner = rid
-    else:
-        problem = owner_problem(owner)
-        if problem:
-            raise UnlearnError(f"{where}: field 'owner' {problem}: {quote(owner)}")
-    return Record(rid, text, label, owner)
+from .records import REQUIRED, Record, field_value, validate_rows
 
 
 def _decode_lines(path: str, raw: bytes) -> list[str]:
@@ -165,19 +76,6 @@ def _parquet_rows(path: str) -> Iterator[tuple[dict, str]]:
         yield row, f"{path}: row {n}"
 
 
-def validate_rows(rows: Iterable[tuple[dict, str]]) -> list[Record]:
-    """Validate rows and reject duplicate ids (naming both places)."""
-    records: list[Record] = []
-    seen: dict[str, str] = {}
-    for row, where in rows:
-        rec = record_from_row(row, where)
-        if rec.id in seen:
-            raise UnlearnError(f"{where}: field 'id': duplicate id {quote(rec.id)} (first at {seen[rec.id]})")
-        seen[rec.id] = where
-        records.append(rec)
-    return records
-
-
 def load_records(spec: str) -> list[Record]:
     """Records from a JSONL, CSV or Parquet file, or a named data set (`dataset:NAME`)."""
     if spec.startswith("dataset:"):
@@ -233,7 +131,7 @@ def load_texts(spec: str) -> list[str]:
             rows = _csv_text_rows(spec, raw)
         else:
             raise UnlearnError(f"{spec}: unknown file type {ext or '(none)'!r}; use .txt, .jsonl, .csv or .parquet")
-    texts = [_field(row, "text", where) for row, where in rows]
+    texts = [field_value(row, "text", where) for row, where in rows]
     if not texts:
         raise UnlearnError(f"{spec}: no texts")
     return texts
