@@ -16,6 +16,7 @@ from fractions import Fraction
 from typing import Iterable, Sequence
 
 from core.keys import keyed_hash, sha256_hex
+from core.records import quote
 
 Layout = list[list[list[str]]]  # layout[shard][slice] = sorted record ids
 
@@ -45,6 +46,24 @@ def build_layout(records: Iterable[tuple[str, str]], seed: int, shards: int, sli
         for ids in shard:
             ids.sort()
     return layout
+
+
+def placement_problems(shard: int, slices: Sequence[tuple[Sequence[str], Sequence[str]]], seed: int,
+                       shards: int) -> list[str]:
+    """How a stored shard's layout differs from what placement by owner gives: `slices` is
+    the manifest's (ids, owners) per slice. A retrain on a wrong layout reproduces the
+    stored digests, so verify must re-derive where each record belongs, not trust it."""
+    problems = []
+    R = len(slices)
+    for j, (ids, owners) in enumerate(slices):
+        for rid, owner in zip(ids, owners):
+            p = place(owner, seed, shards, R)
+            if (p.shard, p.slice) != (shard, j):
+                problems.append(f"record {quote(rid)} (owner {quote(owner)}) is stored in slice {j}; placement by owner "
+                                f"puts it in shard {p.shard}, slice {p.slice}")
+        if list(ids) != sorted(ids):
+            problems.append(f"slice {j}: ids are not in sorted order")
+    return problems
 
 
 def epochs_per_stage(epochs: Fraction, slices: int) -> Fraction:

@@ -27,7 +27,7 @@ from core.tombstones import after_deletion, resolve
 from .aggregate import aggregate, vote_counts
 from .config import SisaConfig
 from .manifest import Manifest
-from .plan import apply_deletion, build_layout, plan_deletion, retrain_fraction, stage_ids
+from .plan import apply_deletion, build_layout, placement_problems, plan_deletion, retrain_fraction, stage_ids
 from .shard import Executor, LocalExecutor, RetrainJob, TrainJob, get_trainer  # noqa: F401 (re-export)
 
 
@@ -164,13 +164,22 @@ class SisaRun(StoredRun):
     # -- verification ----------------------------------------------------------------
     def verify(self, shards: Sequence[int] | None = None, progress: bool = False) -> dict:
         """Retrain the chosen shards from scratch on their retained records and compare
-        every stage's digest with the manifest and with the stored checkpoint tensors."""
+        every stage's digest with the manifest and with the stored checkpoint tensors;
+        and re-derive each record's shard and slice from its owner, since a retrain on a
+        wrong layout would reproduce the stored digests."""
         S = self.config.shards
         chosen = list(range(S)) if shards is None else list(shards)
         for k in chosen:
             if not 0 <= k < S:
                 raise UnlearnError(f"--shard {k}: run {quote(self.name)} has shards 0..{S - 1}")
         report = self._executor(progress).verify([self.manifest.shards[k] for k in chosen])
+        for r in report:
+            entry = self.manifest.shards[r["shard"]]
+            misplaced = placement_problems(entry.shard, [(sl.ids, sl.owners) for sl in entry.slices],
+                                           self.config.seed, S)
+            if misplaced:
+                r["problems"] = misplaced + r["problems"]
+                r["match"] = False
         return {"run": self.name, "exact": all(r["match"] for r in report), "shards": report}
 
     # -- reading -----------------------------------------------------------------------

@@ -86,3 +86,16 @@ def test_retrain_fraction_counts_examples():
     assert plan.retrain_fraction([10, 20, 30], 3, 30) == 1.0
     assert plan.retrain_fraction([30], 1, 30) == 1.0
     assert plan.retrain_fraction([], 4, 0) == 0.0
+
+
+def test_placement_problems_name_a_record_stored_where_its_owner_does_not_place_it():
+    a = plan.place("alice", seed=3, shards=4, slices=2)
+    right = [([], []), ([], [])]
+    right[a.slice] = (["x1"], ["alice"])
+    assert plan.placement_problems(a.shard, right, seed=3, shards=4) == []
+    wrong_slice = [right[1], right[0]]
+    assert "placement by owner puts it in shard" in plan.placement_problems(a.shard, wrong_slice, 3, 4)[0]
+    assert plan.placement_problems((a.shard + 1) % 4, right, 3, 4)  # another shard
+    unsorted = [([], []), ([], [])]
+    unsorted[a.slice] = (["x2", "x1"], ["alice", "alice"])
+    assert plan.placement_problems(a.shard, unsorted, 3, 4) == ["slice %d: ids are not in sorted order" % a.slice]

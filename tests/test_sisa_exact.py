@@ -158,3 +158,17 @@ def test_predict_and_eval(tmp_path, capsys):
         assert p["label"] in ("neg", "pos") and abs(sum(p["probabilities"].values()) - 1) < 1e-4
     ev = cli_json(capsys, "eval", "--run", "r", "--store", store_dir, "--data", data, "--aggregate", "mean")
     assert ev["records"] == 40 and 0 <= ev["accuracy"] <= 1 and len(ev["shards"]) == 2
+
+
+def test_verify_re_derives_placement_and_fails_a_run_trained_on_a_wrong_layout(tmp_path, capsys, monkeypatch):
+    """A retrain on the manifest's layout reproduces its digests even if the layout is wrong
+    (here: every owner one shard off), so verify must place records from their owners."""
+    real = plan.place
+    monkeypatch.setattr(plan, "place", lambda owner, seed, shards, slices: plan.Placement(
+        (real(owner, seed, shards, slices).shard + 1) % shards, real(owner, seed, shards, slices).slice))
+    SisaRun.train(LocalStore(str(tmp_path / "s")), "r", synthetic_records(24),
+                  SisaConfig(**{**CFG, "shards": 2, "slices": 2}))
+    monkeypatch.setattr(plan, "place", real)
+    assert main(["verify", "--run", "r", "--store", str(tmp_path / "s"), "--quiet"]) == 3
+    out = capsys.readouterr().out
+    assert "shard   0: MISMATCH: record" in out and "placement by owner puts it in shard 0" in out
