@@ -4,6 +4,10 @@ Used by the storage tests and handy for trying the S3 backend by hand:
 
     python deploy/seaweedfs.py --dir /tmp/weed     # prints the AWS_* lines to export, Ctrl-C stops
 
+The server never outlives its launcher: Ctrl-C, SIGTERM or SIGHUP stop it (the script
+exits once `weed` is gone), and on Linux `weed` gets SIGTERM from the kernel if the
+process that started it dies any other way (even `kill -9`; see `_die_with_parent`).
+
 The flags are the ones PLATFORM.md found necessary: loopback only, no telemetry,
 no extra ports, logs to stderr, sockets inside the data directory. With
 AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment `weed mini` requires
@@ -49,6 +53,29 @@ def weed_binary() -> str:
     return found
 
 
+def _die_with_parent():
+    """A `preexec_fn` that asks Linux to send `weed` SIGTERM when the thread that started
+    it dies (PR_SET_PDEATHSIG), so that a launcher killed with SIGKILL, or a test session
+    that crashes, leaves no server behind; None where prctl is not available. Start the
+    server from a thread that lives as long as it (the main thread, as the tests do)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class SeaweedFS:
     def __init__(self, directory: str, access_key: str | None = None, secret_key: str | None = None):
         self.dir = directory
@@ -59,10 +86,12 @@ class SeaweedFS:
         self.master_port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.s3_port}"
         self.log_path = os.path.join(directory, "weed.log")
+        self.ports: dict[str, int] = {}  # every port of the running server
 
     def start(self, timeout: float = 60.0) -> "SeaweedFS":
         os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
         ports = {name: free_port() for name in ("volume", "filer", "admin")}
+        self.ports = {"s3": self.s3_port, "master": self.master_port, **ports}
         cmd = [
             weed_binary(), "-logtostderr", "mini",
             f"-dir={os.path.join(self.dir, 'data')}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -77,16 +106,19 @@ class SeaweedFS:
         env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.log_path}")
-            if self._ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout:.0f} s; see {self.log_path}")
+                                     start_new_session=True, preexec_fn=_die_with_parent())
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"weed exited with {self.proc.returncode}; see {self.log_path}")
+                if self._ready():
+                    return self
+                time.sleep(0.2)
+            raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout:.0f} s; see {self.log_path}")
+        except BaseException:  # not ready, or interrupted (Ctrl-C, a signal) while waiting: leave nothing running
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         try:
@@ -124,28 +156,55 @@ class SeaweedFS:
                 self.proc.wait(timeout=10)
         if getattr(self, "_log", None):
             self._log.close()
-        # weed leaves gRPC sockets in the system temp directory that no flag moves
-        for path in glob.glob(os.path.join(tempfile.gettempdir(), "seaweedfs-*grpc*.sock")):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        # weed leaves gRPC sockets in the system temp directory that no flag moves; remove
+        # this server's (named by its gRPC ports, port + 10000), not those of other servers
+        for port in self.ports.values():
+            for path in glob.glob(os.path.join(tempfile.gettempdir(), f"seaweedfs-*grpc-{port + 10000}.sock")):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description="Run a local SeaweedFS S3 server on loopback with auth on.")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # and SIGINT, which Python raises as KeyboardInterrupt
+
+
+class Stopped(Exception):
+    """A stop signal arrived."""
+
+
+def _stop(signum, _frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Run a local SeaweedFS S3 server (weed mini) on loopback with auth on; print the AWS_* lines "
+                    "to export. Ctrl-C, SIGTERM or SIGHUP stop the server; the script exits once it is gone.")
     ap.add_argument("--dir", default=None, help="data directory (default: a new temporary directory)")
-    args = ap.parse_args()
-    server = SeaweedFS(args.dir or tempfile.mkdtemp(prefix="unlearn-weed-")).start()
-    for k, v in server.env().items():
-        print(f"export {k}={v}")
-    print(f"# data in {server.dir}; Ctrl-C stops the server", file=sys.stderr)
+    args = ap.parse_args(argv)
+    for sig in STOP_SIGNALS:  # before start: a signal while weed starts stops it too
+        signal.signal(sig, _stop)
+    server = None
     try:
-        signal.pause()
-    except KeyboardInterrupt:
+        server = SeaweedFS(args.dir or tempfile.mkdtemp(prefix="unlearn-weed-"))
+        server.start()
+        for k, v in server.env().items():
+            print(f"export {k}={v}", flush=True)
+        print(f"# data in {server.dir}; weed pid {server.proc.pid}; Ctrl-C or SIGTERM stops the server",
+              file=sys.stderr, flush=True)
+        while True:
+            signal.pause()
+    except (KeyboardInterrupt, Stopped):
         pass
+    except RuntimeError as exc:  # weed missing, exited or not answering
+        print(f"seaweedfs: error: {exc}", file=sys.stderr)
+        return 1
     finally:
-        server.stop()
+        for sig in (*STOP_SIGNALS, signal.SIGINT):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        if server is not None:
+            server.stop()
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 from core.errors import UnlearnError
 
 from .costs import FIELDS, Config, Profile
-from .report import Accuracy, Demand, markdown_table, row, text_table
+from .report import ACCURACY_SPAN, UNSTABLE, Accuracy, Demand, describe, markdown_table, rank, row, text_table
 from .simulate import BUSY_LIMIT, simulate
 from .workload import (DAY, Workload, from_log, generate, parse_count, parse_duration, parse_list, parse_pattern,
                        parse_rate)
@@ -31,9 +31,10 @@ PLAN_DESCRIPTION = """\
 Simulate a stream of deletion requests through every combination of the options'
 comma lists and print, per configuration: retraining work per request (fraction of one
 full training), p50 and p99 time-to-forget (acceptance to committed deletion), worker
-compute hours a day for deletions, whether the pipeline keeps up, SLA misses, the
-accuracy given up (where a bench measured it) and the holistic cost
-(deletions x U + queries x I, in compute hours a day).
+compute hours a day for deletions, whether the pipeline is stable (not saturated), SLA
+misses, the accuracy given up (where a bench measured it at a comparable number of
+records), the holistic cost (deletions x U + queries x I, in compute hours a day) and
+the rank by that cost of the stable configurations.
 
 Methods: SISA (S shards x R slices: a deletion retrains its shard from its slice on),
 ERASE (a certificate check per deletion; with the fallback probability, re-clustering
@@ -46,9 +47,13 @@ PLAN_EPILOG = f"""\
 values: rates like 500/day, 2/h, 0.1/s, 3/min, 10/week; durations like 0, 90s, 5min,
 1h, 30d, 2w (a bare number is seconds); counts like 1e6; lists are comma-separated.
 
-stable: the pipeline is idle at times in the second half of the horizon (busy < {BUSY_LIMIT:.0%}).
-An unstable one keeps up only by batching ever more requests and retraining whole
-shards back to back: all its workers busy around the clock.
+stable: not saturated, i.e. a deletion batch is applying less than {BUSY_LIMIT:.0%} of the second
+half of the horizon (JSON busy_fraction). A saturated one, marked {UNSTABLE},
+keeps up only by batching ever more requests and retraining whole shards back to back:
+its hours a day are its workers' capacity, not what the rate costs; it is never ranked.
+rank: by holistic cost among the stable configurations that miss no --sla (1: cheapest).
+acc. cost: charged only where the bench measured it on N/{ACCURACY_SPAN:g} to N x {ACCURACY_SPAN:g} records
+(N = --records); else "not at N".
 
 example:
   unlearn plan --rate 500/day --records 1e6 --shards 8,16,32 --slices 1,4,8 \\
@@ -134,13 +139,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--sla", default=None, help="time-to-forget limit; requests over it are counted (e.g. 30d)")
     g.add_argument("--price", default=None, help="price of one compute hour, to print a cost a day")
     g.add_argument("--accuracy", default=os.path.join(RESULTS, "sisa.json"),
-                   help="SISA bench results to charge the accuracy cost of S and R from (default "
-                        "bench/results/sisa.json; `none` to leave it out)")
+                   help="SISA bench results to charge the accuracy cost of S and R from, where they were "
+                        "measured on N/10 to 10N records (N: --records); ERASE's from erase_accuracy.json beside "
+                        "it (default bench/results/sisa.json; `none` to leave it out)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help='print {"configs": [...]} on stdout instead of a table')
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
     g.add_argument("--plot", default=None, help="draw p99 time-to-forget and holistic cost against the rate, one "
-                                                "line per configuration, into this PNG (needs matplotlib)")
+                                                "line and colour per configuration, open markers where it is "
+                                                "saturated, into this PNG (needs matplotlib)")
     g.add_argument("--plot-rates", default=None, help="rates for --plot (default 7 from rate/10 to rate x 10)")
 
 
@@ -180,9 +187,10 @@ def load_accuracy(path: str) -> Accuracy:
     try:
         sisa = {(int(r["shards"]), int(r["slices"])): float(r["accuracy_vote"]) for r in d["rows"]}
         source = f"{os.path.relpath(path, ROOT)}: {d.get('model')}, {d.get('records')} records, {d.get('date')}"
-        return Accuracy(sisa=sisa, single=float(d["single_model_accuracy"]), source=source)
+        records = int(d["records"]) if d.get("records") is not None else None
+        return Accuracy(sisa=sisa, single=float(d["single_model_accuracy"]), source=source, records=records)
     except (KeyError, TypeError, ValueError):
-        raise UnlearnError(f"--accuracy {path}: not SISA bench results (rows of shards, slices, "
+        raise UnlearnError(f"--accuracy {path}: not SISA bench results (records, rows of shards, slices, "
                            f"accuracy_vote)") from None
 
 
@@ -247,12 +255,13 @@ def erase_accuracy(folder: str, sisa: Accuracy) -> Accuracy:
         erase = task["methods"]["erase"]
         calibrated = erase.get("accuracy_calibrated") is not None
         acc = float(erase["accuracy_calibrated"] if calibrated else erase["accuracy"])
+        pool = int(task["pool"]) if task.get("pool") is not None else None
     except (KeyError, TypeError, ValueError, StopIteration):
         raise UnlearnError(f"ERASE results {path}: not erase_accuracy_bench output") from None
     source = (sisa.source + "; " if sisa.source else "") + (
-        f"ERASE: {os.path.relpath(path, ROOT)} ({d.get('lm')}, k={d.get('shots')}, {task.get('test')} queries"
-        f"{', contextual calibration' if calibrated else ''})")
-    return replace(sisa, erase=acc, source=source)
+        f"ERASE: {os.path.relpath(path, ROOT)} ({d.get('lm')}, k={d.get('shots')}, pool of {pool} records, "
+        f"{task.get('test')} queries{', contextual calibration' if calibrated else ''})")
+    return replace(sisa, erase=acc, erase_records=pool, source=source)
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -333,6 +342,7 @@ def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]
     profile, records, demand, accuracy = inputs
     workload = workload_for(args, profile)
     rows = [row(simulate(workload, c, profile, records), demand, accuracy) for c in grid]
+    cheapest = rank(rows)
     notes = list(workload.notes)
     deleted = int(workload.records.sum())
     if deleted > 0.1 * records:
@@ -344,6 +354,7 @@ def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]
                      "queries_per_day": demand.queries_per_day},
         "profile": {"model": profile.model, "machine": profile.machine, "date": profile.date, "path": args.profile},
         "accuracy_source": accuracy.source or None,
+        "cheapest": describe(cheapest) if cheapest else None,
         "configs": rows,
     }
 
@@ -365,21 +376,38 @@ def sweep(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config
     for c, rows in results.items():
         out["lines"].append({"label": label(c), **line_style(c, grid),
                              "p99_s": [x["time_to_forget_p99_s"] for x in rows],
-                             "holistic_hours_per_day": [x["holistic_hours_per_day"] for x in rows]})
+                             "holistic_hours_per_day": [x["holistic_hours_per_day"] for x in rows],
+                             "stable": [x["stable"] for x in rows]})
+    return out
+
+
+# tab10's colours, then tab20's light ones: distinct for up to 20 configurations
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7",
+           "#dbdb8d", "#9edae5"]
+
+
+def colors(grid: list[Config]) -> dict[Config, str]:
+    """One colour per configuration, the same in both panels: the palette in grid order,
+    or, for more than 20 configurations, hues spread evenly around the colour wheel."""
+    import colorsys
+
+    configs = list(dict.fromkeys(grid))
+    if len(configs) <= len(PALETTE):
+        return dict(zip(configs, PALETTE))
+    out = {}
+    for i, c in enumerate(configs):
+        r, g, b = colorsys.hsv_to_rgb(i / len(configs), 0.85 if i % 2 else 0.6, 0.8 if i % 2 else 0.95)
+        out[c] = f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
     return out
 
 
 def line_style(c: Config, grid: list[Config]) -> dict:
-    """Colour by method and size (S or P), line by window, marker by slices and workers,
-    so that 20 lines stay readable."""
-    sizes = sorted({(g.method, g.shards, g.partitions) for g in grid})
+    """Colour by configuration (one each); line style by window and marker by method, as
+    further cues."""
     windows = sorted({g.window_s for g in grid})
-    shapes = sorted({(g.slices, g.workers) for g in grid})
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:cyan"]
-    color = ("black" if c.method == "full"
-             else palette[sizes.index((c.method, c.shards, c.partitions)) % len(palette)])
-    return {"color": color, "linestyle": ["-", "--", ":", "-."][windows.index(c.window_s) % 4],
-            "marker": "osv^Dxp*"[shapes.index((c.slices, c.workers)) % 8]}
+    return {"color": colors(grid)[c], "linestyle": ["-", "--", ":", "-."][windows.index(c.window_s) % 4],
+            "marker": {"sisa": "o", "erase": "s", "full": "D"}[c.method]}
 
 
 def label(c: Config) -> str:
@@ -391,31 +419,52 @@ def label(c: Config) -> str:
     return f"full {w}"
 
 
-def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
+def figure(data: dict, title: str, sla_s: float | None):
+    """The plot's matplotlib figure (Agg): one line per configuration in each panel, in
+    its colour; points where it is saturated drawn as open markers."""
     try:
         import matplotlib
     except ImportError:
         raise UnlearnError("--plot needs matplotlib: pip install 'unlearn[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 6.4))
     x = data["rates_per_day"]
     for line in data["lines"]:
         style = dict(color=line["color"], linestyle=line["linestyle"], marker=line["marker"], ms=4)
-        ax1.plot(x, [max(v, 1e-3) / 3600 for v in line["p99_s"]], label=line["label"], **style)
-        ax2.plot(x, [max(v, 1e-6) for v in line["holistic_hours_per_day"]], **style)
+        ys = ([max(v, 1e-3) / 3600 for v in line["p99_s"]], [max(v, 1e-6) for v in line["holistic_hours_per_day"]])
+        for ax, y in zip((ax1, ax2), ys):
+            ax.plot(x, y, label=line["label"], **style)
+            off = [i for i, ok in enumerate(line.get("stable", [])) if not ok]
+            if off:  # saturated points: open markers over the line
+                ax.plot([x[i] for i in off], [y[i] for i in off], linestyle="none", marker=line["marker"], ms=7,
+                        markerfacecolor="white", markeredgecolor=line["color"], label="_unstable")
+    handles, labels = ax1.get_legend_handles_labels()
+    if any(not ok for line in data["lines"] for ok in line.get("stable", [])):
+        handles.append(Line2D([], [], linestyle="none", marker="o", ms=7, markerfacecolor="white",
+                              markeredgecolor="black"))
+        labels.append(UNSTABLE)
     if sla_s:
-        ax1.axhline(sla_s / 3600, color="red", lw=0.8, label="SLA")
+        handles.append(ax1.axhline(sla_s / 3600, color="black", lw=0.8, linestyle=(0, (6, 3))))
+        labels.append("SLA")
     for ax, ylabel in ((ax1, "p99 time-to-forget (hours)"), (ax2, "compute hours a day (deletions + queries)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("deletion requests a day")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", lw=0.3)
-    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return fig
+
+
+def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(data, title, sla_s)
     try:
         fig.savefig(path, dpi=110)
     except OSError as exc:
@@ -449,8 +498,22 @@ def run_plan(args) -> int:
     print(head + "\n")
     print(markdown_table(out["configs"]) if args.markdown else text_table(out["configs"]))
     notes = list(w["notes"])
+    rows = out["configs"]
+    ranked = sum(r["rank"] is not None for r in rows)
+    unstable = sum(not r["stable"] for r in rows)
+    late = sum(bool(r["stable"] and r["sla_violations"]) for r in rows)
+    notes.append(f"cheapest: {out['cheapest']} (rank 1 of {ranked}: holistic h/day among the stable configurations"
+                 f"{' within the SLA' if args.sla is not None else ''})" if out["cheapest"]
+                 else "cheapest: none ranked (no configuration is stable"
+                      f"{' and within the SLA' if args.sla is not None else ''})")
+    if unstable or late:
+        notes.append(f"not ranked: {unstable} {UNSTABLE}" + (f", {late} over the SLA" if late else "") +
+                     f"; saturated: a batch applying >= {BUSY_LIMIT:.0%} of the second half of the horizon, so "
+                     f"its h/day is its workers' capacity, not what the rate costs")
     if out["accuracy_source"]:
         notes.append(f"acc. cost: single-model accuracy minus the method's, from {out['accuracy_source']}")
+    for note in dict.fromkeys(r["accuracy_note"] for r in rows if r["accuracy_note"]):
+        notes.append(f'acc. cost "not at N" (not measured at this N): {note}')
     notes.append("retrain/req: retraining work per request, fraction of one full training; "
                  "h/day: worker compute hours a day")
     if args.plot:

@@ -24,7 +24,14 @@ import numpy as np
 from .costs import Config, Profile, fallback_probability, full_training_s, makespan, query_s, sisa_jobs
 from .workload import DAY, Workload
 
-BUSY_LIMIT = 0.99  # a pipeline busier than this in the second half never catches up
+# The saturation test. A configuration is saturated (unstable) when a deletion batch is
+# applying during at least BUSY_LIMIT of the second half of the horizon [H/2, H] (its
+# utilisation, `Result.busy_fraction`): the coordinator is never idle, each batch holds
+# what arrived while the previous one ran, and its compute hours and time-to-forget are
+# set by its workers' capacity, not by the rate (more requests only make batches bigger;
+# where a batch costs more with every request, as ERASE's certificates do, the backlog
+# grows without bound). Its hours a day are then no cost estimate to compare or rank.
+BUSY_LIMIT = 0.99
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,8 @@ class Result:
 
     @property
     def busy_fraction(self) -> float:
-        """Share of the second half of the horizon during which a batch was applying."""
+        """Utilisation: the share of the second half of the horizon [H/2, H] during which a
+        batch was applying (one batch at a time, as the coordinator runs them)."""
         lo, hi = self.horizon_s / 2, self.horizon_s
         t = self.trace
         busy = np.clip(np.minimum(t.batch_end_s, hi) - np.maximum(t.batch_start_s, lo), 0, None).sum()
@@ -82,8 +90,9 @@ class Result:
 
     @property
     def stable(self) -> bool:
-        """The pipeline catches up: it is idle at times. A saturated one keeps up only by
-        ever larger batches that retrain whole shards back to back."""
+        """Not saturated: utilisation below BUSY_LIMIT, so the pipeline is idle at times and
+        catches up with the requests. A saturated one keeps up only by ever larger batches
+        that retrain whole shards back to back, its workers busy around the clock."""
         return self.busy_fraction < BUSY_LIMIT
 
 
