@@ -5,14 +5,16 @@
     POST /delete         {"ids": [...]} or {"owners": [...]} -> {"request_id": ...}  (once durable)
     GET  /requests/<id>  -> the request's status and receipt
 
-Everything goes through the run's coordinator actor, so predictions honour the
-quarantine of shards retraining for an acknowledged deletion. Concurrent /predict
-calls are batched into one ensemble pass (`serve.batch`).
+Requests are read and validated by `http_api.py` (limits, strict types, status codes)
+before anything reaches the coordinator. Everything goes through the run's coordinator
+actor, so predictions honour the quarantine of shards retraining for an acknowledged
+deletion. Concurrent /predict calls are batched into one ensemble pass (`serve.batch`).
 """
 from __future__ import annotations
 
-import json
-
+from cluster.http_api import (HttpError, Lookup, Predict, parse_body, public_message, public_receipt, read_body,
+                              route)
+from cluster.requestlog import UnknownRequest
 from cluster.runtime import coordinator_actor
 from core.errors import Unavailable, UnlearnError, one_line
 from core.store import Store
@@ -25,9 +27,10 @@ def _ingress_class():
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class UnlearnIngress:
-        def __init__(self, coordinator, aggregate: str):
+        def __init__(self, coordinator, aggregate: str, store_uri: str = ""):
             self.coordinator = coordinator
             self.aggregate = aggregate
+            self.hide = [store_uri]  # never said over HTTP: errors name the run and keys, not the store
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def _predict(self, batches: list[tuple[list[str], bool]]) -> list[dict]:
@@ -46,40 +49,26 @@ def _ingress_class():
             return results
 
         async def __call__(self, request: Request):
-            path = request.url.path.rstrip("/")
             try:
-                if request.method == "POST" and path == "/predict":
-                    body = await self._json(request)
-                    texts = body.get("texts")
-                    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-                        raise UnlearnError("'texts' must be a non-empty list of non-empty strings")
-                    return JSONResponse(await self._predict((texts, bool(body.get("wait", False)))))
-                if request.method == "POST" and path == "/delete":
-                    body = await self._json(request)
-                    ids, owners = body.get("ids", []), body.get("owners", [])
-                    for name, value in (("ids", ids), ("owners", owners)):
-                        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                            raise UnlearnError(f"'{name}' must be a list of non-empty strings")
-                    request_id = await self.coordinator.submit.remote(ids, owners, bool(body.get("ignore_missing")))
-                    return JSONResponse({"request_id": request_id}, status_code=202)
-                if request.method == "GET" and path.startswith("/requests/"):
-                    return JSONResponse(await self.coordinator.get.remote(path[len("/requests/"):]))
-                return JSONResponse({"error": f"no route {request.method} {path}"}, status_code=404)
+                where = route(request.method, request.url.path)  # before reading: no body for a wrong route
+                if isinstance(where, Lookup):
+                    return JSONResponse(public_receipt(await self.coordinator.get.remote(where.request_id), self.hide))
+                call = parse_body(where, await read_body(request.headers.get("content-length"), request.stream()))
+                if isinstance(call, Predict):
+                    return JSONResponse(await self._predict((list(call.texts), call.wait)))
+                request_id = await self.coordinator.submit.remote(list(call.ids), list(call.owners), call.ignore_missing)
+                return JSONResponse({"request_id": request_id}, status_code=202)
+            except HttpError as exc:
+                return JSONResponse({"error": exc.message}, status_code=exc.status)
             except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray
-                from cluster.requestlog import UnknownRequest
-
                 code = 503 if isinstance(exc, Unavailable) else 404 if isinstance(exc, UnknownRequest) else 400
-                return JSONResponse({"error": one_line(exc)}, status_code=code)
+                return JSONResponse({"error": public_message(one_line(exc), self.hide)}, status_code=code)
+            except Exception as exc:  # a bug or a lost actor: logged here, one line out, no traceback
+                import traceback
 
-        @staticmethod
-        async def _json(request: Request) -> dict:
-            try:
-                body = json.loads(await request.body())
-            except ValueError as exc:
-                raise UnlearnError(f"request body is not JSON ({exc})") from None
-            if not isinstance(body, dict):
-                raise UnlearnError("request body must be a JSON object")
-            return body
+                traceback.print_exc()
+                return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the "
+                                              f"details"}, status_code=500)
 
     return UnlearnIngress
 
@@ -92,5 +81,5 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     coordinator = coordinator_actor(store, run, window_s, actor_cpus)
     coordinator.warm.remote()  # shard models load while Serve starts
     serve.start(http_options={"host": host, "port": port})
-    serve.run(_ingress_class().bind(coordinator, aggregate), name=f"unlearn-{run}", route_prefix="/")
+    serve.run(_ingress_class().bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"

@@ -169,6 +169,39 @@ def test_http_contract(served):
         assert status == 404 and "no request" in out["error"], (bad, status, out)
 
 
+def test_http_input_is_strict_through_the_real_server(served):
+    """What the red team sent, through Ray Serve's proxy: each a 4xx in one line, nothing
+    queued (tests/test_http_input.py has the cases one by one)."""
+    from http.client import HTTPConnection
+
+    url, port = served["url"], int(served["url"].rsplit(":", 1)[1])
+    before = set(queue(served["store"], "r"))
+
+    def send(path, raw, headers=None):
+        conn = HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            conn.request("POST", path, body=raw, headers=headers or {"Content-Length": str(len(raw))},
+                         encode_chunked=headers is not None)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    status, out = http(url, "/delete", {"ids": ["\ud800"]})
+    assert status == 400 and out["error"].startswith("'ids'[0] is not valid Unicode (a lone surrogate U+D800"), out
+    status, out = http(url, "/predict", {"texts": ["great fun"], "wait": "yes"})
+    assert (status, out["error"]) == (400, "'wait' must be true or false, not a string")
+    status, out = send("/predict", b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert (status, out["error"]) == (400, "request body nests arrays or objects deeper than 32 levels")
+    big = json.dumps({"texts": ["x" * (2 << 20)]}).encode()
+    status, out = send("/predict", big)
+    assert (status, out["error"]) == (413, "request body of 2097167 bytes is over the limit of 1048576 bytes")
+    chunks = (big[i:i + (1 << 16)] for i in range(0, len(big), 1 << 16))  # no Content-Length: counted as read
+    status, out = send("/predict", chunks, {"Transfer-Encoding": "chunked"})
+    assert (status, out["error"]) == (413, "request body is over the limit of 1048576 bytes")
+    assert set(queue(served["store"], "r")) == before
+
+
 def test_read_only_commands_never_lock_or_apply_and_serve_withholds(served, tmp_path, capsys):
     """Seen before: `unlearn predict` on Ray took over the server's pending request, said
     "every shard is empty", and left holding the lock. Now, with the lock held by a live
