@@ -9,6 +9,7 @@ from conftest import synthetic_records, write_jsonl
 from core.errors import UnlearnError
 from core.records import quote
 from core.sources import load_records, load_texts
+from core.store import LocalStore, open_store
 
 GOOD = [{"id": "a", "text": "fine film", "label": "pos"}, {"id": "b", "text": "bad film", "label": "neg"}]
 SURROGATE = "\ud800"
@@ -130,3 +131,26 @@ def test_a_hostile_training_file_through_the_cli_leaves_the_store_as_it_was(trai
 def test_quoted_values_in_messages_are_cut_to_one_readable_line():
     assert quote("x" * 100_000) == json.dumps("x" * 100) + "... (100000 characters)"
     assert quote("a\u0007b") == '"a\\u0007b"'
+
+
+# -- store URIs ----------------------------------------------------------------------------------
+
+def test_file_uris_open_the_local_backend(tmp_path):
+    store = open_store(f"file://{tmp_path}/a%20b")
+    assert isinstance(store, LocalStore) and store.root == str(tmp_path / "a b")
+    assert open_store(f"file://localhost{tmp_path}").root == str(tmp_path)
+    assert open_store(f"file:{tmp_path}").root == str(tmp_path)
+    for bad, message in ((f"file://host{tmp_path}", "host 'host' is not this machine"),
+                         ("file://", "expected file:///absolute/path"),
+                         (f"file://{tmp_path}?x=1", "expected file:///absolute/path"),
+                         ("http://x/y", "unsupported scheme")):
+        with pytest.raises(UnlearnError, match=message):
+            open_store(bad)
+
+
+def test_a_file_uri_store_works_through_the_cli(trained, capsys):
+    store, _ = trained
+    code, err = cli(["status", "--run", "other", "--store", f"file://{store}"], capsys)
+    assert (code, err) == (1, [f'unlearn: error: run "other" not found in store {store}'])
+    code, err = cli(["status", "--run", "base", "--store", f"file://elsewhere{store}"], capsys)
+    assert code == 1 and len(err) == 1 and "not this machine" in err[0]
