@@ -15,10 +15,11 @@ from typing import Sequence
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from cluster import options as opt  # noqa: E402
 from core.errors import UnlearnError  # noqa: E402
 
-EPILOG = """storage: --store takes a directory (default $UNLEARN_STORE or ./unlearn-store) or
-s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL,
+EPILOG = """storage: --store takes a directory or file:///directory (default $UNLEARN_STORE or
+./unlearn-store) or s3://bucket/prefix, configured by the standard AWS_* variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)."""
 
 
@@ -34,8 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout", ray: bool = False) -> None:
-    p.add_argument("--run", required=True, help="name of the run (a safe storage key: no '/', '..' or control characters)")
-    p.add_argument("--store", default=None, help="directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
+    p.add_argument("--run", required=True, type=opt.run_name, help="name of the run (a safe storage key: no '/', '..' or control characters)")
+    p.add_argument("--store", default=None, help="directory, file:///directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if ray:
@@ -44,9 +45,9 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
                             "local: every shard in this process, one after another")
         p.add_argument("--address", default=None,
                        help="join this Ray cluster (default $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
-        p.add_argument("--actor-cpus", type=float, default=None,
+        p.add_argument("--actor-cpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_CPUS, above=True), default=None,
                        help="CPUs reserved per shard actor (default: the cluster's CPUs / S, at most 1)")
-        p.add_argument("--actor-gpus", type=float, default=None,
+        p.add_argument("--actor-gpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_GPUS, above=True), default=None,
                        help="GPUs reserved per shard actor of a --device cuda run, fractions allowed "
                             "(default: the cluster's GPUs / S, at most 1)")
 
@@ -68,24 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, ray=True)
     p.add_argument("--data", required=True, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
     p.add_argument("--method", choices=("sisa", "erase"), default="sisa", help="unlearning method (default sisa)")
-    p.add_argument("--shards", type=int, default=4, help="number of shards S (default 4)")
-    p.add_argument("--slices", type=int, default=4, help="slices per shard R (default 4)")
+    p.add_argument("--shards", type=opt.bounded(int, 1, opt.MAX_SHARDS), default=4, help="number of shards S (default 4)")
+    p.add_argument("--slices", type=opt.bounded(int, 1, opt.MAX_SLICES), default=4, help="slices per shard R (default 4)")
     p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
-    p.add_argument("--epochs", default="3", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every keyed random choice (default 0)")
+    p.add_argument("--epochs", type=opt.epochs, default="3", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 3)")
+    p.add_argument("--seed", type=opt.bounded(int, 0, opt.MAX_SEED), default=0, help="seed of every keyed random choice (default 0)")
     p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels in the data, sorted)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, constant (default 3e-3)")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text after truncation (default 64)")
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default 16)")
+    p.add_argument("--lr", type=opt.bounded(float, 0, opt.MAX_LR, above=True), default=3e-3, help="AdamW learning rate, constant (default 3e-3)")
+    p.add_argument("--batch-size", type=opt.bounded(int, 1, opt.MAX_BATCH), default=16, help="batch size (default 16)")
+    p.add_argument("--max-length", type=opt.bounded(int, opt.MIN_LENGTH, opt.MAX_LENGTH), default=64,
+                   help="tokens per text after truncation, at most the model's positions (default 64)")
+    p.add_argument("--lora-r", type=opt.bounded(int, 1, opt.MAX_LORA_R), default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", type=opt.bounded(int, 1, opt.MAX_LORA_ALPHA), default=16, help="LoRA alpha (default 16)")
     e = p.add_argument_group("ERASE options (--method erase)")
-    e.add_argument("--shots", type=int, default=8, help="k: examples in the prompt, one per cluster (default 8)")
-    e.add_argument("--partitions", type=int, default=1,
+    e.add_argument("--shots", type=opt.bounded(int, 1, opt.MAX_SHOTS), default=8, help="k: examples in the prompt, one per cluster (default 8)")
+    e.add_argument("--partitions", type=opt.bounded(int, 1, opt.MAX_PARTITIONS), default=1,
                    help="P: divide-and-conquer partitions, one Ray actor each (default 1)")
-    e.add_argument("--eps", type=float, default=0.05, help="quantisation grid step of the centroids (default 0.05)")
-    e.add_argument("--gamma", type=float, default=0.2, help="balance parameter of quantized k-means (default 0.2)")
-    e.add_argument("--iters", type=int, default=10, help="Lloyd iterations T (default 10)")
+    e.add_argument("--eps", type=opt.bounded(float, 0, opt.MAX_EPS, above=True), default=0.05, help="quantisation grid step of the centroids (default 0.05)")
+    e.add_argument("--gamma", type=opt.bounded(float, 0, 1), default=0.2, help="balance parameter of quantized k-means (default 0.2)")
+    e.add_argument("--iters", type=opt.bounded(int, 1, opt.MAX_ITERS), default=10, help="Lloyd iterations T (default 10)")
     e.add_argument("--no-per-label", dest="per_label", action="store_false",
                    help="cluster all records together (default: each label apart, so every label is in the prompt)")
     e.add_argument("--embedder", default="minilm", help="encoder for the embeddings: minilm (default), tiny, or a folder")
@@ -108,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--owners", help="comma-separated data owners")
     g.add_argument("--owners-file", help="file with one data owner per line")
     p.add_argument("--ignore-missing", action="store_true", help="skip ids/owners the run never held instead of failing")
-    p.add_argument("--window", type=float, default=0.0,
-                   help="batching window in seconds of the run's coordinator when this command creates it (default 0)")
+    p.add_argument("--window", type=opt.bounded(float, 0, opt.MAX_WINDOW_S), default=0.0,
+                   help="batching window in seconds of the run's coordinator when this command creates it "
+                        "(default 0, at most 3600)")
 
     p = sub.add_parser("verify", help="retrain shards from scratch and check the stored state is bit-identical",
                        description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
     _common(p, ray=True)
-    p.add_argument("--shard", type=int, action="append", help="shard to check (repeatable; default all)")
+    p.add_argument("--shard", type=opt.bounded(int, 0, opt.MAX_SHARDS - 1), action="append", help="shard to check (repeatable; default all)")
 
     p = sub.add_parser("drop", help="remove a whole run and every object (and object version) it stored")
     _common(p)
@@ -124,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="POST /predict {\"texts\": [...]}, POST /delete {\"ids\": [...]} or "
                                    "{\"owners\": [...]}, GET /requests/<id>. Runs until interrupted.")
     _common(p, ray=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--host", type=opt.host, default="127.0.0.1",
+                   help="IP address or host name to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=opt.bounded(int, 1, 65535), default=8000, help="HTTP port, 1..65535 (default 8000)")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="ensemble aggregation (default vote)")
-    p.add_argument("--window", type=float, default=0.0, help="batching window of deletions in seconds (default 0)")
+    p.add_argument("--window", type=opt.bounded(float, 0, opt.MAX_WINDOW_S), default=0.0,
+                   help="batching window of deletions in seconds (default 0, at most 3600)")
 
     p = sub.add_parser("requests", help="the run's deletion requests with their status and receipts")
     _common(p)
@@ -174,26 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split(value: str, what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    items = opt.split_values(value)
     if not items:
         raise UnlearnError(f"--{what}: no values given")
     return items
 
 
 def _read_lines_file(path: str) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise UnlearnError(f"{path}: {exc.strerror}") from None
-    ids = []
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise UnlearnError(f"{path}:{n}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
-        if text:
-            ids.append(text)
+    from core.sources import read_lines
+
+    ids = read_lines(path)
     if not ids:
         raise UnlearnError(f"{path}: no values (one id or owner per line)")
     return ids
@@ -267,6 +262,7 @@ def _delete(args, store, run, progress: bool) -> dict:
     ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
     owners = (_split(args.owners, "owners") if args.owners
               else _read_lines_file(args.owners_file) if args.owners_file else [])
+    opt.check_targets(args, ids, owners)
     targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
 
     def waiting(who: str) -> None:
@@ -504,6 +500,7 @@ def train_erase(args, store, progress: bool) -> int:
     if EraseRun.exists(store, args.run):
         raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
     records = load_records(args.data)
+    opt.check_layout(args, records)
     config = with_labels(config, records)
     pool = _erase_pool(args, store, config)
     run = EraseRun.train(store, args.run, records, config, progress=progress, pool=pool)
@@ -594,6 +591,7 @@ def run_command(args) -> int:
     from core.store import open_store
 
     progress = not args.quiet
+    opt.check_options(args)
     store = open_store(args.store)
     if args.command == "train" and args.method == "erase":
         return train_erase(args, store, progress)
@@ -609,10 +607,13 @@ def run_command(args) -> int:
         if SisaRun.exists(store, args.run):
             raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
         records = load_records(args.data)
+        warning = opt.check_layout(args, records)
         config = with_labels(config, records)
         executor = make_executor(args.runtime, store, args.run, config, progress, args.address, args.actor_cpus,
                                  args.actor_gpus)
         run = SisaRun.train(store, args.run, records, config, progress=progress, executor=executor)
+        if warning:  # once trained: a failed command says one line
+            print(f"unlearn: warning: {warning}", file=sys.stderr)
         st = run.status()
         _emit(args, st, _status_text(st))
         return 0
@@ -691,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_command(args)
+    except opt.OptionError as exc:  # a usage error found after parsing: said the way argparse says them
+        print(f"unlearn: error: {args.command}: {exc}; see unlearn {args.command} --help", file=sys.stderr)
+        return 2
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 1

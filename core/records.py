@@ -15,6 +15,8 @@ from .errors import UnlearnError
 
 REQUIRED = ("id", "text", "label")
 MAX_ID_LENGTH = 256
+MAX_INT_DIGITS = 20  # integer ids and labels: up to 64-bit values; longer ones must be strings
+QUOTE_LIMIT = 120  # longer values are cut in messages, which stay one readable line
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,36 @@ class Record:
         return {"id": self.id, "text": self.text, "label": self.label, "owner": self.owner}
 
 
+class LongInteger:
+    """A JSON integer literal longer than MAX_INT_DIGITS, kept unconverted (Python refuses
+    to convert integers of more than 4300 digits, and no id needs more than 20)."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+
 def quote(value: object) -> str:
+    """`value` JSON-encoded with non-ASCII escaped; a long string is cut, with its length."""
+    if isinstance(value, str) and len(value) > QUOTE_LIMIT:
+        return json.dumps(value[:QUOTE_LIMIT - 20], ensure_ascii=True) + f"... ({len(value)} characters)"
     return json.dumps(value, ensure_ascii=True)
+
+
+def unencodable(value: str) -> str | None:
+    """Why `value` cannot be written as UTF-8 (a lone surrogate, as JSON's "\\ud800" or a
+    command line's undecodable bytes give), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate U+{ord(value[exc.start]):04X} (not valid Unicode; it cannot be stored as UTF-8)"
+    return None
 
 
 def id_problem(value: str) -> str | None:
     """Why `value` is unsafe as part of a storage key, or None if it is safe."""
+    bad = unencodable(value)
+    if bad:
+        return bad
     if value in (".", ".."):
         return "is a relative path component"
     if ".." in value:
@@ -60,6 +86,9 @@ def _control_char(value: str) -> str | None:
 
 def owner_problem(value: str) -> str | None:
     """Owners are hashed, never used as keys, but must survive `--owners a,b` on a command line."""
+    bad = unencodable(value)
+    if bad:
+        return bad
     if "," in value:
         return "contains a comma (owners are given comma-separated to delete)"
     control = _control_char(value)
@@ -76,11 +105,18 @@ def field_value(row: dict, name: str, where: str, *, required: bool = True) -> s
             raise UnlearnError(f"{where}: missing field '{name}'")
         return None
     value = row[name]
+    if isinstance(value, LongInteger) or (type(value) is int and abs(value) >= 10 ** MAX_INT_DIGITS):
+        digits = value.digits if isinstance(value, LongInteger) else f"more than {MAX_INT_DIGITS}"
+        raise UnlearnError(f"{where}: field '{name}' is an integer of {digits} digits; integers may have at most "
+                           f"{MAX_INT_DIGITS} digits (give longer values as strings)")
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UnlearnError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
     value = str(value)
     if not value.strip():
         raise UnlearnError(f"{where}: field '{name}' is empty")
+    bad = unencodable(value)
+    if bad:
+        raise UnlearnError(f"{where}: field '{name}' {bad}")
     return value
 
 

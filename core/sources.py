@@ -13,20 +13,64 @@ import os
 from typing import Iterator
 
 from .errors import UnlearnError
-from .records import REQUIRED, Record, field_value, validate_rows
+from .records import REQUIRED, LongInteger, MAX_INT_DIGITS, Record, field_value, quote, validate_rows
+
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as spreadsheets write it: skipped
 
 
 def _decode_lines(path: str, raw: bytes) -> list[str]:
-    lines = raw.split(b"\n")
+    skip = len(BOM) if raw.startswith(BOM) else 0
+    lines = raw[skip:].split(b"\n")
     out = []
     for n, line in enumerate(lines, 1):
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise UnlearnError(
-                f"{path}:{n}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})"
-            ) from None
+            column = exc.start + 1 + (skip if n == 1 else 0)
+            raise UnlearnError(f"{path}:{n}: not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {column})") from None
     return out
+
+
+def read_lines(path: str) -> list[str]:
+    """The non-empty lines of a text file, stripped (`--ids-file`, `--owners-file`)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UnlearnError(f"{path}: {exc.strerror}") from None
+    return [line.strip() for line in _decode_lines(path, raw) if line.strip()]
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+def _integer(literal: str):
+    return LongInteger(literal) if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
+
+
+def parse_json_line(line: str, where: str):
+    """One JSON value, strictly: duplicate keys, integers too long to be ids and nesting
+    deeper than Python's recursion limit are one-line errors naming `where`."""
+    try:
+        return json.loads(line, object_pairs_hook=_object, parse_int=_integer)
+    except json.JSONDecodeError as exc:
+        raise UnlearnError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except _DuplicateKey as exc:
+        raise UnlearnError(f"{where}: duplicate key {quote(exc.args[0])} in a JSON object") from None
+    except RecursionError:
+        raise UnlearnError(f"{where}: JSON nested too deeply") from None
 
 
 def _jsonl_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
@@ -34,12 +78,10 @@ def _jsonl_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
         if not line.strip():
             continue
         where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UnlearnError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        row = parse_json_line(line, where)
         if not isinstance(row, dict):
-            raise UnlearnError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            kind = "int" if isinstance(row, LongInteger) else type(row).__name__
+            raise UnlearnError(f"{where}: expected a JSON object, got {kind}")
         yield row, where
 
 
@@ -72,8 +114,28 @@ def _parquet_rows(path: str) -> Iterator[tuple[dict, str]]:
     for name in REQUIRED:
         if name not in table.column_names:
             raise UnlearnError(f"{path}: missing column '{name}'")
-    for n, row in enumerate(table.to_pylist(), 1):
-        yield row, f"{path}: row {n}"
+    return _parquet_dicts(path, table, (*REQUIRED, "owner"))
+
+
+def _parquet_dicts(path: str, table, names: tuple[str, ...]) -> Iterator[tuple[dict, str]]:
+    """Rows of the named columns; a string that is not valid UTF-8 is named by row and field."""
+    columns = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        try:
+            columns[name] = column.to_pylist()
+        except UnicodeDecodeError:
+            for n in range(len(column)):
+                try:
+                    column[n].as_py()
+                except UnicodeDecodeError as exc:
+                    raise UnlearnError(f"{path}: row {n + 1}: field '{name}' is not valid UTF-8 "
+                                       f"(byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})") from None
+            raise UnlearnError(f"{path}: column '{name}' is not valid UTF-8") from None
+    for n in range(table.num_rows):
+        yield {name: values[n] for name, values in columns.items()}, f"{path}: row {n + 1}"
 
 
 def load_records(spec: str) -> list[Record]:
@@ -139,11 +201,14 @@ def load_texts(spec: str) -> list[str]:
 
 def _csv_text_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
     text = "\n".join(_decode_lines(path, raw))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or "text" not in reader.fieldnames:
-        raise UnlearnError(f"{path}:1: missing column 'text' in the header")
-    for row in reader:
-        yield row, f"{path}:{reader.line_num}"
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        if reader.fieldnames is None or "text" not in reader.fieldnames:
+            raise UnlearnError(f"{path}:1: missing column 'text' in the header")
+        for row in reader:
+            yield row, f"{path}:{reader.line_num}"
+    except csv.Error as exc:
+        raise UnlearnError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
 def _read_parquet(path: str):
@@ -159,5 +224,4 @@ def _parquet_rows_text(path: str) -> Iterator[tuple[dict, str]]:
     table = _read_parquet(path)
     if "text" not in table.column_names:
         raise UnlearnError(f"{path}: missing column 'text'")
-    for n, row in enumerate(table.to_pylist(), 1):
-        yield row, f"{path}: row {n}"
+    return _parquet_dicts(path, table, ("text",))

@@ -363,8 +363,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def local_path(uri: str) -> str:
+    """The directory a `file:` URI names: `file:///abs/path` (or `file:/abs/path`, `file://localhost/abs/path`),
+    percent-escapes decoded, as Ray, pyarrow and fsspec read them. A host other than
+    localhost would be another machine's file system, which this backend cannot reach."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise UnlearnError(f"store {uri!r}: file URIs name a local path (file:///abs/path); host "
+                           f"{parts.netloc!r} is not this machine: mount it and give the directory")
+    if parts.query or parts.fragment or not parts.path.startswith("/"):
+        raise UnlearnError(f"store {uri!r}: expected file:///absolute/path")
+    return unquote(parts.path, errors="surrogateescape")
+
+
 def open_store(uri: str | None = None) -> Store:
-    """`s3://bucket[/prefix]` or a local directory; default $UNLEARN_STORE or ./unlearn-store."""
+    """`s3://bucket[/prefix]`, a local directory or `file:///directory`; default
+    $UNLEARN_STORE or ./unlearn-store."""
     uri = uri or os.environ.get("UNLEARN_STORE") or DEFAULT_STORE
     if uri.startswith("s3://"):
         rest = uri[len("s3://"):]
@@ -372,8 +388,9 @@ def open_store(uri: str | None = None) -> Store:
         if not bucket:
             raise UnlearnError(f"store {uri!r}: missing bucket name (s3://bucket/prefix)")
         return S3Store(bucket, prefix)
-    if "://" in uri:
-        raise UnlearnError(f"store {uri!r}: unsupported scheme; use a directory or s3://bucket/prefix")
-    if os.path.exists(uri) and not os.path.isdir(uri):
+    path = local_path(uri) if uri[:6].lower() == "file:/" else uri
+    if "://" in path:
+        raise UnlearnError(f"store {uri!r}: unsupported scheme; use a directory, file:///directory or s3://bucket/prefix")
+    if os.path.exists(path) and not os.path.isdir(path):
         raise UnlearnError(f"store {uri!r}: exists and is not a directory")
-    return LocalStore(uri)
+    return LocalStore(path)

@@ -33,10 +33,15 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_run_name(name: str) -> None:
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run (it is the prefix of every key of the run), or None."""
     if not name:
-        raise UnlearnError("--run: empty run name")
-    problem = id_problem(name)
+        return "is empty"
+    return id_problem(name)
+
+
+def check_run_name(name: str) -> None:
+    problem = run_name_problem(name)
     if problem:
         raise UnlearnError(f"--run {quote(name)}: {problem}")
 

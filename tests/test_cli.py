@@ -36,10 +36,14 @@ def test_unknown_run_is_one_line(tmp_path):
 
 def test_bad_run_name_and_config(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(6))
-    assert main(["train", "--data", data, "--run", "../x", "--store", str(tmp_path / "s")]) == 1
-    assert "--run \"../x\": contains '..'" in capsys.readouterr().err
-    assert main(["train", "--data", data, "--run", "x", "--store", str(tmp_path / "s"), "--shards", "0"]) == 1
-    assert "config field 'shards': must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # option values are usage errors (exit 2)
+        main(["train", "--data", data, "--run", "../x", "--store", str(tmp_path / "s")])
+    assert exc.value.code == 2
+    assert "argument --run: \"../x\" contains '..'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", data, "--run", "x", "--store", str(tmp_path / "s"), "--shards", "0"])
+    assert exc.value.code == 2
+    assert "argument --shards: must be an integer in 1..10000, got 0" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

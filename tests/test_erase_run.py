@@ -82,9 +82,10 @@ def test_bad_erase_input_is_one_line_and_leaves_the_store_unchanged(tmp_path, ca
     assert capsys.readouterr().err.strip().splitlines() == [
         "unlearn: error: config field 'shots': 1 shots cannot show each of the 2 labels; "
         "raise --shots or pass --no-per-label"]
-    assert main(["train", "--method", "erase", "--data", data, "--run", "e", "--store", str(store),
-                 "--eps", "0", *TINY]) == 1
-    assert "config field 'eps': must be > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # option values are usage errors (exit 2)
+        main(["train", "--method", "erase", "--data", data, "--run", "e", "--store", str(store), "--eps", "0", *TINY])
+    assert exc.value.code == 2
+    assert "argument --eps: must be a number in (0, 1], got 0" in capsys.readouterr().err
     assert not store.exists() or not any(p.is_file() for p in store.rglob("*"))
     assert main(["train", "--method", "erase", "--data", data, "--run", "e", "--store", str(store),
                  "--shots", "2", *TINY]) == 0
