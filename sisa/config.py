@@ -49,8 +49,12 @@ class SisaConfig:
         if self.slices < 1:
             raise bad("slices", f"must be >= 1, got {self.slices}")
         try:
+            # a decimal is bounded as a float first: Fraction("1e999999999") would build
+            # a power of ten with a billion digits (a hang, not an error)
+            if "/" not in self.epochs and not 0 < float(self.epochs) <= 1000:
+                raise bad("epochs", f"must be in (0, 1000], got {self.epochs}")
             e = Fraction(self.epochs)
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError, OverflowError):
             raise bad("epochs", f"not a number: {self.epochs!r}") from None
         if not 0 < e <= 1000:
             raise bad("epochs", f"must be in (0, 1000], got {self.epochs}")

@@ -350,3 +350,17 @@ def test_a_file_uri_store_works_through_the_cli(trained, capsys):
     assert (code, err) == (1, [f'unlearn: error: run "other" not found in store {store}'])
     code, err = cli(["status", "--run", "base", "--store", f"file://elsewhere{store}"], capsys)
     assert code == 1 and len(err) == 1 and "not this machine" in err[0]
+
+
+@pytest.mark.parametrize("epochs", ["1e999999999", "-1e999999999", "1e-999999999", "nan", "inf"])
+def test_sisa_config_refuses_huge_exponents_at_once_as_a_library_too(epochs):
+    """Not only the CLI: a notebook building SisaConfig(epochs=...) must not hang."""
+    import time
+
+    from core.errors import UnlearnError
+    from sisa.config import SisaConfig
+
+    start = time.monotonic()
+    with pytest.raises(UnlearnError, match="config field 'epochs'"):
+        SisaConfig(epochs=epochs)
+    assert time.monotonic() - start < 1
