@@ -687,10 +687,29 @@ def run_command(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Output into a closed pipe (`unlearn ... | head -1`) ends the
+    command quietly with status 1, as Python's documentation recommends."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help and usage errors: their text may meet a closed pipe too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return run_command(args)
+    except BrokenPipeError:
+        raise
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 1

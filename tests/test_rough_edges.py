@@ -1,0 +1,82 @@
+"""Rough edges a new user hit: receipts as an audit trail, predict's output, the test
+model, warnings and broken pipes, and a requests/ folder that grows without bound."""
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from cluster.cli import main
+from conftest import synthetic_records
+from core.store import LocalStore
+from sisa.config import SisaConfig
+from sisa.run import SisaRun
+
+UNLEARN = os.path.join(os.path.dirname(sys.executable), "unlearn")
+RECORDS = synthetic_records(24)
+CFG = SisaConfig(shards=3, slices=1, model="tiny", batch_size=8, max_length=16, epochs="1")
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edges")
+    SisaRun.train(LocalStore(str(root / "s")), "r", RECORDS, CFG)
+    return root / "s"
+
+
+@pytest.fixture
+def store(trained_once, tmp_path):
+    """A fresh copy of the trained run for each test (training once is the slow part)."""
+    shutil.copytree(trained_once, tmp_path / "s")
+    return str(tmp_path / "s")
+
+
+def cli(capsys, *argv):
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def stored_log_bytes(store: str) -> bytes:
+    """Every byte of the run's request log as stored (receipts and the day index)."""
+    out = b""
+    for dirpath, _dirs, files in os.walk(os.path.join(store, "r", "requests")):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out += f.read()
+    return out
+
+
+# -- 4. noise ---------------------------------------------------------------------------------
+def test_in_context_prediction_uses_the_current_cache_api():
+    import torch
+
+    from erase.icl import InContextClassifier
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clf = InContextClassifier("tiny-lm", labels=["neg", "pos"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for use_cache in (True, False):
+                clf.predict_proba([("good", "pos"), ("bad", "neg")], ["fine", "awful film"], use_cache=use_cache)
+    finally:
+        torch.set_num_threads(before)
+    assert [str(w.message) for w in caught if "deprecated" in str(w.message)] == []
+
+
+def test_output_into_a_closed_pipe_exits_quietly():
+    read, write = os.pipe()
+    os.close(read)  # the reader (`| head -1`) is gone before anything is written
+    try:
+        proc = subprocess.run([UNLEARN, "plan", "--rate", "1/day", "--records", "100", "--shards", "1", "--slices", "1",
+                               "--profile", "tiny"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert proc.stderr == "" and proc.returncode == 1
+
+
