@@ -440,17 +440,54 @@ def _warn_problems(serving) -> None:
         print(f"unlearn: warning: {line}", file=sys.stderr)
 
 
+def _note_test_model(run) -> None:
+    """One line on stderr when the run's model is a random network made for tests."""
+    config = run.manifest.config
+    model = getattr(config, "lm", None) if run.manifest.method == "erase" else getattr(config, "model", None)
+    if model in ("tiny", "tiny-lm"):
+        print(f"unlearn: note: run {run.manifest.run} uses the test model {model!r}, a fixed random network: "
+              f"its predictions and accuracy mean nothing", file=sys.stderr)
+
+
+def _decision(p: dict, aggregate: str, voters: int) -> str:
+    """How a SISA ensemble reached a label: the votes, and for mean/weighted the probabilities
+    that decided (they can disagree with the votes)."""
+    names = list(p["votes"])
+    order = sorted(names, key=lambda n: (-p["votes"][n], names.index(n)))
+    votes = ", ".join(f"{n} {p['votes'][n]}/{voters}" for n in order)
+    probs = ", ".join(f"{n} {p['probabilities'][n]:.3f}" for n in order)
+    if aggregate != "vote":
+        return f"{aggregate} probability {probs} (votes {votes})"
+    top = [n for n in names if p["votes"][n] == p["votes"][order[0]]]
+    tie = f"; tie broken by mean probability ({probs})" if len(top) > 1 else ""
+    return f"votes {votes}{tie}"
+
+
+def _predict_text(out: dict) -> str:
+    lines = []
+    for p in out["predictions"]:
+        if "votes" in p:  # SISA: an ensemble of shard models
+            how = _decision(p, out.get("aggregate", "vote"), len(out.get("shards", [])))
+        else:  # ERASE: one model's label probabilities
+            how = "probability " + ", ".join(f"{k} {v:.3f}" for k, v in p["probabilities"].items())
+        lines.append(f"{p['label']}\t{how}\t{p['text'][:60]}")
+    return "\n".join(lines)
+
+
 def _predict(args, store, run) -> int:
     from core.sources import load_texts
 
     texts = load_texts(args.input)
+    _note_test_model(run)
     serving, serve = _serving(args, store, run)
     out = serving.predict(texts, serve, getattr(args, "aggregate", "vote"), args.wait)
     out.pop("probs", None)
     _warn_problems(serving)
-    lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
-             for p in out["predictions"]]
-    _emit(args, out, "\n".join(lines))
+    if not args.json and out.get("quarantined"):
+        what = "prompt examples" if run.manifest.method == "erase" else "shards"
+        print(f"unlearn: {what} {out['quarantined']} withheld (an acknowledged deletion is being applied); "
+              f"answered without them", file=sys.stderr)
+    _emit(args, out, _predict_text(out))
     return 0
 
 
@@ -464,6 +501,7 @@ def _evaluate(args, store, run) -> dict:
 
     records = load_records(args.data)
     check_labels(run.config, records)
+    _note_test_model(run)
     texts = [r.text for r in records]
     serving, serve = _serving(args, store, run)
     if run.manifest.method == "erase":

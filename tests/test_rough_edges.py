@@ -1,6 +1,8 @@
 """Rough edges a new user hit: receipts as an audit trail, predict's output, the test
 model, warnings and broken pipes, and a requests/ folder that grows without bound."""
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import warnings
 import pytest
 
 from cluster.cli import main
-from conftest import synthetic_records
+from conftest import synthetic_records, write_jsonl
 from core.store import LocalStore
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
@@ -48,6 +50,42 @@ def stored_log_bytes(store: str) -> bytes:
             with open(os.path.join(dirpath, name), "rb") as f:
                 out += f.read()
     return out
+
+
+# -- 2, 3. predict and eval output ---------------------------------------------------------
+def test_predict_plain_output_shows_the_votes_that_decided(store, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("good great film\nbad awful plot\n")
+    code, out, err = cli(capsys, "predict", "--run", "r", "--store", store, "--input", str(texts), "--quiet")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2
+    for line in lines:
+        label, how, _text = line.split("\t")
+        m = re.fullmatch(r"votes (pos|neg) (\d)/3, (pos|neg) (\d)/3(; tie broken by mean probability .*)?", how)
+        assert m and int(m[2]) + int(m[4]) == 3 and m[2] >= m[4] and (label == m[1] or m[5])
+    assert "test model 'tiny'" in err
+    code, out, _ = cli(capsys, "predict", "--run", "r", "--store", store, "--input", str(texts), "--quiet",
+                       "--aggregate", "mean")
+    assert re.match(r"(pos|neg)\tmean probability (pos|neg) [01]\.\d{3}, (pos|neg) [01]\.\d{3} \(votes ", out)
+    code, out, _ = cli(capsys, "predict", "--run", "r", "--store", store, "--input", str(texts), "--json")
+    preds = json.loads(out)["predictions"]
+    assert set(preds[0]) >= {"label", "probabilities", "votes", "text"}
+
+
+def test_a_vote_that_disagrees_with_the_mean_probability_reads_as_a_vote():
+    from cluster.cli import _predict_text
+
+    out = {"aggregate": "vote", "shards": [0, 1, 2], "predictions": [
+        {"text": "t", "label": "neg", "probabilities": {"neg": 0.4, "pos": 0.6}, "votes": {"neg": 2, "pos": 1}}]}
+    assert _predict_text(out) == "neg\tvotes neg 2/3, pos 1/3\tt"
+
+
+def test_eval_on_the_tiny_model_says_it_is_a_random_test_model(store, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:6])
+    code, out, err = cli(capsys, "eval", "--run", "r", "--store", store, "--data", data, "--json", "--quiet")
+    assert code == 0 and "accuracy" in json.loads(out)
+    assert err.strip().splitlines() == ["unlearn: note: run r uses the test model 'tiny', a fixed random network: "
+                                        "its predictions and accuracy mean nothing"]
 
 
 # -- 4. noise ---------------------------------------------------------------------------------
