@@ -267,7 +267,9 @@ def _delete(args, store, run, progress: bool) -> dict:
     ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
     owners = (_split(args.owners, "owners") if args.owners
               else _read_lines_file(args.owners_file) if args.owners_file else [])
-    targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
+    from core.receipts import not_found
+
+    targets, already, unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
 
     def waiting(who: str) -> None:
         print(f"unlearn: another process applies this run's deletions ({who.split(': ', 1)[-1].split(';')[0]}); "
@@ -292,7 +294,18 @@ def _delete(args, store, run, progress: bool) -> dict:
         raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
     for warning in req["warnings"]:
         print(f"unlearn: warning: {warning}", file=sys.stderr)
-    return {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
+    # the printed receipt names what was asked and found; the stored one keeps counts only
+    return {"run": args.run, **req, "ids": sorted(targets), "owners": owners, "already_deleted": already,
+            "not_found": not_found(ids, owners, unknown)}
+
+
+def _receipt_text(receipt: dict, text: str) -> str:
+    """The end of a printed delete receipt: what was requested but not deleted now."""
+    if receipt["already_deleted"]:
+        text += f"; already deleted before: {', '.join(receipt['already_deleted'])}"
+    if receipt["not_found"]:
+        text += f"; not found (never in the run, skipped): {', '.join(receipt['not_found'])}"
+    return text
 
 
 def _apply_until(coordinator, finished, progress: bool, waiting, attempts: int = 3):
@@ -398,6 +411,8 @@ def _requests(args, store) -> int:
     log = [r.to_json() for r in entries]
     lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
              + (f"{'partitions' if r['details'] else 'shards'} {r['shards']}  {r['records_deleted']} records"
+                + (f", {r['already_deleted_count']} already deleted" if r["already_deleted_count"] else "")
+                + (f", {r['not_found_count']} not found" if r["not_found_count"] else "")
                 if r["status"] == "done"
                 else (r["reason"] or (f"attempt {r['attempts']}: {r['last_error']}" if r["last_error"] else "")))
              for r in log] or [f"run {args.run}: no deletion requests"]
@@ -586,10 +601,9 @@ def erase_command(args, store, progress: bool) -> int:
                 f"certificate held for {d.get('certified', 0)}, re-clustered {d.get('reclustered_partitions', [])}"
                 f"{', root re-fit' if d.get('root_refit') else ''}; selection "
                 f"{'CHANGED' if d.get('selection_changed') else 'unchanged'}; purged {receipt['purged_objects']} objects")
+        text = _receipt_text(receipt, text)
         if d.get("selection_changed"):
             text += "\nprompt examples now: " + " ".join(receipt["selected_ids"])
-        if receipt["already_deleted"]:
-            text += f"; already deleted before: {receipt['already_deleted']}"
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
@@ -691,9 +705,7 @@ def run_command(args) -> int:
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
                 + "; "
                 f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
-        if receipt["already_deleted"]:
-            text += f"; already deleted before: {receipt['already_deleted']}"
-        _emit(args, receipt, text)
+        _emit(args, receipt, _receipt_text(receipt, text))
         return 0
     if args.command == "verify":
         report = _unchanged_during(store, args.run, lambda: run.verify(shards=args.shard, progress=progress))

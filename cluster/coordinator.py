@@ -274,8 +274,8 @@ class Coordinator:
         run.manifest = run.read_head(self.store, self.run)
         per_request = {}
         for req in batch:  # which shards (partitions) each request's own records live in, before the batch
-            targets, already, _unknown = run.resolve(req.ids, req.owners)
-            per_request[req.request_id] = (run.units_of(targets), len(targets), len(already))
+            targets, already, unknown = run.resolve(req.ids, req.owners)
+            per_request[req.request_id] = (run.units_of(targets), len(targets), len(already), len(unknown))
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress, lock=lock)
@@ -284,10 +284,10 @@ class Coordinator:
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
         for req in batch:
-            units, n_targets, n_already = per_request[req.request_id]
+            units, n_targets, n_already, n_unknown = per_request[req.request_id]
             req.status, req.completed, req.seconds, req.last_error = "done", finished, seconds, None
             req.batch = [r.request_id for r in batch]
-            req.records_deleted, req.already_deleted = n_targets, n_already
+            req.records_deleted, req.already_deleted_count, req.not_found_count = n_targets, n_already, n_unknown
             req.shards = units
             if run.manifest.method == "sisa":
                 req.stages_redone = {str(k): receipt.stages_redone.get(str(k), []) for k in units}

@@ -48,7 +48,8 @@ class DeletionRequest:
     last_error: str | None = None  # the latest transient error; the request stays queued
     batch: list[str] = field(default_factory=list)  # request ids applied together
     records_deleted: int = 0
-    already_deleted: int = 0
+    already_deleted_count: int = 0  # requested ids/owners an earlier request removed
+    not_found_count: int = 0  # requested ids/owners the run never held (--ignore-missing)
     shards: list[int] = field(default_factory=list)  # SISA shards, or ERASE partitions, holding its records
     stages_redone: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
@@ -70,6 +71,9 @@ class DeletionRequest:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         known = {f.name: f for f in fields(cls)}
+        if isinstance(d.get("already_deleted"), int) and "already_deleted_count" not in d:
+            d = {**d, "already_deleted_count": d["already_deleted"]}  # written before the rename
+            del d["already_deleted"]
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown field {unknown[0]!r}")
@@ -100,7 +104,8 @@ def _is(value, kind) -> bool:
 
 _TYPES = {"request_id": str, "accepted": str, "status": str, "ids": "str*", "owners": "str*", "units": "unit*",
           "requested": dict, "ignore_missing": bool, "attempts": "int", "last_error": (str, type(None)),
-          "batch": "str*", "records_deleted": "int", "already_deleted": "int", "shards": "unit*",
+          "batch": "str*", "records_deleted": "int", "already_deleted_count": "int", "not_found_count": "int",
+          "shards": "unit*",
           "stages_redone": dict, "digests": dict, "version": ("int", type(None)), "retrain_fraction": "num",
           "purged_objects": "int", "warnings": "str*", "completed": (str, type(None)),
           "seconds": ("num", type(None)), "reason": (str, type(None)), "details": dict}

@@ -11,6 +11,7 @@ import warnings
 import pytest
 
 from cluster.cli import main
+from cluster.requestlog import RequestLog
 from conftest import synthetic_records, write_jsonl
 from core.store import LocalStore
 from sisa.config import SisaConfig
@@ -50,6 +51,53 @@ def stored_log_bytes(store: str) -> bytes:
             with open(os.path.join(dirpath, name), "rb") as f:
                 out += f.read()
     return out
+
+
+# -- 1. receipts ----------------------------------------------------------------------------
+def test_owners_file_receipt_names_the_owners_and_the_stored_one_does_not(store, tmp_path, capsys):
+    owners = tmp_path / "owners.txt"
+    owners.write_text("owner001\nowner002\n")
+    code, out, _err = cli(capsys, "delete", "--run", "r", "--store", store, "--owners-file", str(owners),
+                          "--json", "--quiet")
+    receipt = json.loads(out)
+    assert code == 0 and receipt["owners"] == ["owner001", "owner002"]
+    assert receipt["ids"] == ["r0003", "r0004", "r0005", "r0006", "r0007", "r0008"]
+    log = stored_log_bytes(store)
+    assert log and b"owner001" not in log and b"r0003" not in log
+
+
+def test_already_deleted_is_a_list_when_printed_and_a_count_when_stored(store, capsys):
+    assert cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0000", "--quiet")[0] == 0
+    code, out, _ = cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0000", "--json", "--quiet")
+    receipt = json.loads(out)
+    assert code == 0 and receipt["already_deleted"] == ["r0000"] and receipt["already_deleted_count"] == 1
+    code, out, _ = cli(capsys, "requests", "--run", "r", "--store", store, "--json")
+    entries = json.loads(out)["requests"]
+    assert [e["already_deleted_count"] for e in entries] == [0, 1]
+    assert all("already_deleted" not in e for e in entries)  # one name, one type
+    code, text, _ = cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0000", "--quiet")
+    assert "already deleted before: r0000" in text
+    assert b"r0000" not in stored_log_bytes(store)
+
+
+def test_ignore_missing_names_what_was_not_found_and_stores_a_count(store, capsys):
+    code, out, _ = cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0001,nope,r0002,gone",
+                       "--ignore-missing", "--json", "--quiet")
+    receipt = json.loads(out)
+    assert code == 0 and receipt["ids"] == ["r0001", "r0002"]
+    assert receipt["not_found"] == ["nope", "gone"] and receipt["not_found_count"] == 2
+    stored = RequestLog(LocalStore(store), "r").get(receipt["request_id"])
+    assert (stored.not_found_count, stored.records_deleted, stored.ids) == (2, 2, [])
+    assert b"nope" not in stored_log_bytes(store)
+    code, text, _ = cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0005,nope", "--ignore-missing",
+                        "--quiet")
+    assert code == 0 and "not found (never in the run, skipped): nope" in text
+
+
+def test_library_receipt_lists_not_found(store):
+    receipt = SisaRun.open(LocalStore(store), "r").delete(ids=["nope"], owners=["owner003", "nobody"],
+                                                          ignore_missing=True)
+    assert receipt.not_found == ["nope", "nobody"] and receipt.ids == ["r0009", "r0010", "r0011"]
 
 
 # -- 2, 3. predict and eval output ---------------------------------------------------------
