@@ -405,15 +405,26 @@ def _requests(args, store) -> int:
     """The log, read-only: queued requests (with the ids they name) and receipts."""
     from cluster.requestlog import RequestLog
 
+    from core.stored_run import run_method
+
     entries, problems = RequestLog(store, args.run).entries()
     for line in problems:
         print(f"unlearn: warning: {line}", file=sys.stderr)
+    try:
+        units = "partitions" if run_method(store, args.run) == "erase" else "shards"
+    except (UnlearnError, KeyError):  # the log stays readable without the manifest
+        units = None
     log = [r.to_json() for r in entries]
+
+    def done(r: dict) -> str:
+        text = (f"{units or ('partitions' if r['details'] else 'shards')} {r['shards']}  "
+                f"{r['records_deleted']} records")
+        text += f", {r['already_deleted_count']} already deleted" if r["already_deleted_count"] else ""
+        text += f", {r['not_found_count']} not found" if r["not_found_count"] else ""
+        return text + ("  (receipt compacted: counts only)" if r["compacted"] else "")
+
     lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
-             + (f"{'partitions' if r['details'] else 'shards'} {r['shards']}  {r['records_deleted']} records"
-                + (f", {r['already_deleted_count']} already deleted" if r["already_deleted_count"] else "")
-                + (f", {r['not_found_count']} not found" if r["not_found_count"] else "")
-                if r["status"] == "done"
+             + (done(r) if r["status"] == "done"
                 else (r["reason"] or (f"attempt {r['attempts']}: {r['last_error']}" if r["last_error"] else "")))
              for r in log] or [f"run {args.run}: no deletion requests"]
     _emit(args, {"run": args.run, "requests": log, "unreadable": problems}, "\n".join(lines))

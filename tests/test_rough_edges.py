@@ -6,13 +6,16 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
 
 from cluster.cli import main
-from cluster.requestlog import RequestLog
+from cluster.coordinator import Coordinator
+from cluster.requestlog import DeletionRequest, RequestLog, UnknownRequest
 from conftest import synthetic_records, write_jsonl
+from core.errors import UnlearnError
 from core.store import LocalStore
 from sisa.config import SisaConfig
 from sisa.run import SisaRun
@@ -166,3 +169,106 @@ def test_output_into_a_closed_pipe_exits_quietly():
     assert proc.stderr == "" and proc.returncode == 1
 
 
+# -- 5. the requests/ folder --------------------------------------------------------------------
+def test_old_receipts_are_compacted_and_still_answer(store, capsys):
+    s = LocalStore(store)
+    coord = Coordinator(s, "r", receipts_kept=2)
+    first = coord.submit(ids=["r0000"])
+    coord.apply_due()
+    rids = [first]
+    for _ in range(5):  # already deleted: receipts without retraining
+        rids.append(coord.submit(ids=["r0000"], owners=["owner004"] if len(rids) == 1 else []))
+        coord.apply_due()
+    receipts = os.listdir(os.path.join(store, "r", "requests"))
+    # folded down to 2 whenever more than 2 + a tenth (at least 1) were whole: at 4 and at 6
+    assert sorted(receipts) == sorted([f"{r}.json" for r in rids[-2:]] + ["index"])
+    old = coord.get(first)
+    assert old.status == "done" and old.compacted and old.records_deleted == 1 and old.shards
+    assert old.digests == {} and old.version == 2
+    assert coord.get(rids[1]).records_deleted == 3 and coord.get(rids[2]).already_deleted_count == 1
+    assert [r.request_id for r in coord.log()] == rids
+    code, out, _ = cli(capsys, "requests", "--run", "r", "--store", store)
+    assert code == 0 and out.count("receipt compacted") == 4 and len(out.strip().splitlines()) == 6
+    log = stored_log_bytes(store)
+    assert b"r0000" not in log and b"owner004" not in log
+    with pytest.raises(UnknownRequest):
+        coord.get(f"{int(first[:20]) + 1:020d}-00000000")  # a well-formed id that was never a request
+
+
+def test_compaction_never_touches_the_queue_and_survives_a_crash(store):
+    s = LocalStore(store)
+    log = RequestLog(s, "r")
+    for n in range(4):
+        req = DeletionRequest(request_id=f"{n + 1:020d}-0000000{n}", accepted="2026-01-01T00:00:00+00:00",
+                              status="done", records_deleted=n)
+        log.finish(req)
+    queued = DeletionRequest(request_id=f"{9:020d}-00000009", accepted="2026-01-01T00:00:00+00:00", ids=["r0001"])
+    log.append(queued)
+    real_delete = s.delete
+
+    def crash(key):
+        raise RuntimeError("killed")
+
+    s.delete = crash  # killed after the index was written, before any receipt went
+    with pytest.raises(RuntimeError):
+        log.compact(kept=1)
+    s.delete = real_delete
+    entries, problems = log.entries()
+    assert problems == [] and [r.records_deleted for r in entries[:4]] == [0, 1, 2, 3]
+    assert not entries[0].compacted  # the whole receipt wins while both exist
+    assert log.compact(kept=1) == 3  # the next holder finishes the job
+    entries, _ = log.entries()
+    assert [r.compacted for r in entries] == [True, True, True, False, False]
+    assert log.get(queued.request_id).ids == ["r0001"] and log.get(queued.request_id).status == "pending"
+    # a queue entry whose receipt was written (and then compacted) before a crash took its
+    # cleanup is dropped by the next holder, not applied a second time
+    log.append(DeletionRequest(request_id=entries[0].request_id, accepted="x", ids=["r0002"]))
+    done = Coordinator(s, "r").apply_due()
+    assert [r.request_id for r in done] == [queued.request_id] and done[0].records_deleted == 1
+    assert log.queued_keys() == [] and log.get(entries[0].request_id).compacted
+
+
+def test_a_damaged_receipt_index_is_one_line(store):
+    s = LocalStore(store)
+    log = RequestLog(s, "r")
+    for n in range(3):
+        log.finish(DeletionRequest(request_id=f"{n + 1:020d}-0000000{n}", accepted="x", status="done"))
+    log.compact(kept=1)
+    (key,) = log.index_keys()
+    path = os.path.join(store, key)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data.replace(b'"day": "1970-01-01"', b'"day": "1970-01-02"'))  # a flipped bit
+    entries, problems = log.entries()
+    assert len(entries) == 1 and problems == ['run "r": receipt index "1970-01-01" is damaged '
+                                              '(its content does not match its checksum); skipped']
+    with pytest.raises(UnlearnError, match='receipt index "1970-01-01" is damaged'):
+        log.get(f"{1:020d}-00000000")
+    for n in (5, 6):
+        log.finish(DeletionRequest(request_id=f"{n:020d}-0000000{n}", accepted="x", status="done"))
+    with pytest.raises(UnlearnError, match="receipts not compacted"):  # never written over
+        log.compact(kept=1)
+    assert len(log.receipt_keys()) == 3
+
+
+def test_receipts_written_before_the_rename_are_read(store):
+    s = LocalStore(store)
+    rid = f"{1:020d}-00000001"
+    s.put(f"r/requests/{rid}.json", json.dumps({"request_id": rid, "accepted": "x", "status": "done",
+                                                "already_deleted": 2}).encode())
+    assert RequestLog(s, "r").get(rid).already_deleted_count == 2
+
+
+def test_temporary_files_in_requests_are_swept_by_the_next_delete(store, capsys):
+    root = os.path.join(store, "r")
+    planted = [os.path.join(root, "requests", ".tmp-killed"), os.path.join(root, "data", ".tmp-killed"),
+               os.path.join(root, ".tmp-head")]
+    os.makedirs(os.path.dirname(planted[0]), exist_ok=True)
+    for path in planted:
+        with open(path, "w") as f:
+            f.write('{"ids": ["r0003"]}')
+    old = time.time() - 600
+    os.utime(planted[2], (old, old))  # a killed HEAD write, minutes ago
+    assert cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0003", "--quiet")[0] == 0
+    assert [p for p in planted if os.path.exists(p)] == []
