@@ -263,7 +263,9 @@ def _delete(args, store, run, progress: bool) -> dict:
     owners = (_split(args.owners, "owners") if args.owners
               else _read_lines_file(args.owners_file) if args.owners_file else [])
     opt.check_targets(args, ids, owners)
-    targets, already, _unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
+    from core.receipts import not_found
+
+    targets, already, unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates
 
     def waiting(who: str) -> None:
         print(f"unlearn: another process applies this run's deletions ({who.split(': ', 1)[-1].split(';')[0]}); "
@@ -288,7 +290,18 @@ def _delete(args, store, run, progress: bool) -> dict:
         raise UnlearnError(f"request {request_id} {req['status']}: {req['reason']}")
     for warning in req["warnings"]:
         print(f"unlearn: warning: {warning}", file=sys.stderr)
-    return {"run": args.run, **req, "ids": sorted(targets), "already_deleted": already}
+    # the printed receipt names what was asked and found; the stored one keeps counts only
+    return {"run": args.run, **req, "ids": sorted(targets), "owners": owners, "already_deleted": already,
+            "not_found": not_found(ids, owners, unknown)}
+
+
+def _receipt_text(receipt: dict, text: str) -> str:
+    """The end of a printed delete receipt: what was requested but not deleted now."""
+    if receipt["already_deleted"]:
+        text += f"; already deleted before: {', '.join(receipt['already_deleted'])}"
+    if receipt["not_found"]:
+        text += f"; not found (never in the run, skipped): {', '.join(receipt['not_found'])}"
+    return text
 
 
 def _apply_until(coordinator, finished, progress: bool, waiting, attempts: int = 3):
@@ -388,13 +401,26 @@ def _requests(args, store) -> int:
     """The log, read-only: queued requests (with the ids they name) and receipts."""
     from cluster.requestlog import RequestLog
 
+    from core.stored_run import run_method
+
     entries, problems = RequestLog(store, args.run).entries()
     for line in problems:
         print(f"unlearn: warning: {line}", file=sys.stderr)
+    try:
+        units = "partitions" if run_method(store, args.run) == "erase" else "shards"
+    except (UnlearnError, KeyError):  # the log stays readable without the manifest
+        units = None
     log = [r.to_json() for r in entries]
+
+    def done(r: dict) -> str:
+        text = (f"{units or ('partitions' if r['details'] else 'shards')} {r['shards']}  "
+                f"{r['records_deleted']} records")
+        text += f", {r['already_deleted_count']} already deleted" if r["already_deleted_count"] else ""
+        text += f", {r['not_found_count']} not found" if r["not_found_count"] else ""
+        return text + ("  (receipt compacted: counts only)" if r["compacted"] else "")
+
     lines = [f"{r['request_id']}  {r['status']:<8}  accepted {r['accepted']}  "
-             + (f"{'partitions' if r['details'] else 'shards'} {r['shards']}  {r['records_deleted']} records"
-                if r["status"] == "done"
+             + (done(r) if r["status"] == "done"
                 else (r["reason"] or (f"attempt {r['attempts']}: {r['last_error']}" if r["last_error"] else "")))
              for r in log] or [f"run {args.run}: no deletion requests"]
     _emit(args, {"run": args.run, "requests": log, "unreadable": problems}, "\n".join(lines))
@@ -436,17 +462,54 @@ def _warn_problems(serving) -> None:
         print(f"unlearn: warning: {line}", file=sys.stderr)
 
 
+def _note_test_model(run) -> None:
+    """One line on stderr when the run's model is a random network made for tests."""
+    config = run.manifest.config
+    model = getattr(config, "lm", None) if run.manifest.method == "erase" else getattr(config, "model", None)
+    if model in ("tiny", "tiny-lm"):
+        print(f"unlearn: note: run {run.manifest.run} uses the test model {model!r}, a fixed random network: "
+              f"its predictions and accuracy mean nothing", file=sys.stderr)
+
+
+def _decision(p: dict, aggregate: str, voters: int) -> str:
+    """How a SISA ensemble reached a label: the votes, and for mean/weighted the probabilities
+    that decided (they can disagree with the votes)."""
+    names = list(p["votes"])
+    order = sorted(names, key=lambda n: (-p["votes"][n], names.index(n)))
+    votes = ", ".join(f"{n} {p['votes'][n]}/{voters}" for n in order)
+    probs = ", ".join(f"{n} {p['probabilities'][n]:.3f}" for n in order)
+    if aggregate != "vote":
+        return f"{aggregate} probability {probs} (votes {votes})"
+    top = [n for n in names if p["votes"][n] == p["votes"][order[0]]]
+    tie = f"; tie broken by mean probability ({probs})" if len(top) > 1 else ""
+    return f"votes {votes}{tie}"
+
+
+def _predict_text(out: dict) -> str:
+    lines = []
+    for p in out["predictions"]:
+        if "votes" in p:  # SISA: an ensemble of shard models
+            how = _decision(p, out.get("aggregate", "vote"), len(out.get("shards", [])))
+        else:  # ERASE: one model's label probabilities
+            how = "probability " + ", ".join(f"{k} {v:.3f}" for k, v in p["probabilities"].items())
+        lines.append(f"{p['label']}\t{how}\t{p['text'][:60]}")
+    return "\n".join(lines)
+
+
 def _predict(args, store, run) -> int:
     from core.sources import load_texts
 
     texts = load_texts(args.input)
+    _note_test_model(run)
     serving, serve = _serving(args, store, run)
     out = serving.predict(texts, serve, getattr(args, "aggregate", "vote"), args.wait)
     out.pop("probs", None)
     _warn_problems(serving)
-    lines = [f"{p['label']}\t" + " ".join(f"{k}={v:.3f}" for k, v in p["probabilities"].items()) + f"\t{p['text'][:60]}"
-             for p in out["predictions"]]
-    _emit(args, out, "\n".join(lines))
+    if not args.json and out.get("quarantined"):
+        what = "prompt examples" if run.manifest.method == "erase" else "shards"
+        print(f"unlearn: {what} {out['quarantined']} withheld (an acknowledged deletion is being applied); "
+              f"answered without them", file=sys.stderr)
+    _emit(args, out, _predict_text(out))
     return 0
 
 
@@ -460,6 +523,7 @@ def _evaluate(args, store, run) -> dict:
 
     records = load_records(args.data)
     check_labels(run.config, records)
+    _note_test_model(run)
     texts = [r.text for r in records]
     serving, serve = _serving(args, store, run)
     if run.manifest.method == "erase":
@@ -545,10 +609,9 @@ def erase_command(args, store, progress: bool) -> int:
                 f"certificate held for {d.get('certified', 0)}, re-clustered {d.get('reclustered_partitions', [])}"
                 f"{', root re-fit' if d.get('root_refit') else ''}; selection "
                 f"{'CHANGED' if d.get('selection_changed') else 'unchanged'}; purged {receipt['purged_objects']} objects")
+        text = _receipt_text(receipt, text)
         if d.get("selection_changed"):
             text += "\nprompt examples now: " + " ".join(receipt["selected_ids"])
-        if receipt["already_deleted"]:
-            text += f"; already deleted before: {receipt['already_deleted']}"
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
@@ -654,9 +717,7 @@ def run_command(args) -> int:
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
                 + "; "
                 f"{receipt['retrain_fraction']:.3f} of a full training; purged {receipt['purged_objects']} objects")
-        if receipt["already_deleted"]:
-            text += f"; already deleted before: {receipt['already_deleted']}"
-        _emit(args, receipt, text)
+        _emit(args, receipt, _receipt_text(receipt, text))
         return 0
     if args.command == "verify":
         report = _unchanged_during(store, args.run, lambda: run.verify(shards=args.shard, progress=progress))
@@ -688,6 +749,23 @@ def run_command(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Output into a closed pipe (`unlearn ... | head -1`) ends the
+    command quietly with status 1, as Python's documentation recommends."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help and usage errors: their text may meet a closed pipe too
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -695,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except opt.OptionError as exc:  # a usage error found after parsing: said the way argparse says them
         print(f"unlearn: error: {args.command}: {exc}; see unlearn {args.command} --help", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ from core.store import Store
 from .methods import open_run
 from .quarantine import Serving
 from .requestlog import STATUSES, DeletionRequest, RequestLog  # noqa: F401 (re-export)
+from .requestlog import receipts_kept as receipts_kept_default
 
 
 def _iso(t: float) -> str:
@@ -65,12 +66,15 @@ class Coordinator:
     """Intake and application of one run's deletions. Thread-safe."""
 
     def __init__(self, store: Store, run: str, run_factory: Callable[[], object] | None = None,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, receipts_kept: int | None = None):
         """`run_factory()` returns the run object to apply deletions with (a SisaRun with
-        its executor, an EraseRun with its partition pool); default: in this process."""
+        its executor, an EraseRun with its partition pool); default: in this process.
+        `receipts_kept`: receipts kept whole, older ones are compacted (default
+        `$UNLEARN_RECEIPTS_KEPT` or 1000; see requestlog.py)."""
         self.store = store
         self.run = run
         self.window_s = window_s
+        self.receipts_kept = receipts_kept if receipts_kept is not None else receipts_kept_default()
         self.run_factory = run_factory or (lambda: open_run(store, run))
         self.requests = RequestLog(store, run)
         self.serving = Serving(store, run)
@@ -186,15 +190,28 @@ class Coordinator:
                 req.warnings = [*req.warnings, took_over]
             self.requests.update(req)
         try:
-            return self._apply(batch, progress, lock)
+            done = self._apply(batch, progress, lock)
         except BaseException as exc:
             if isinstance(exc, LockLost):
                 raise  # the new holder owns these entries now: not ours to rewrite
             if is_permanent(exc) and len(batch) > 1:
                 # one damaged object must not fail the others: apply each request alone
-                return self._apply_one_by_one(batch, progress, lock)
+                done = self._apply_one_by_one(batch, progress, lock)
+                self._compact(lock)
+                return done
             self._settle(batch, exc, lock)
             raise
+        self._compact(lock)
+        return done
+
+    def _compact(self, lock: RunLock) -> None:
+        """Keep the receipts folder bounded (requestlog.compact). The batch is committed and
+        receipted already: a failure here is a warning, and the next batch tries again."""
+        try:
+            self.requests.compact(self.receipts_kept, check=lock.check)
+        except Exception as exc:
+            print(f"unlearn: warning: run {self.run}: old receipts not compacted yet "
+                  f"({one_line(exc) if str(exc) else type(exc).__name__})", file=sys.stderr, flush=True)
 
     def _apply_one_by_one(self, batch: list[DeletionRequest], progress: bool, lock: RunLock) -> list[DeletionRequest]:
         done, failed = [], None
@@ -231,9 +248,12 @@ class Coordinator:
             pass
 
     def _sweep(self) -> None:
-        """Temporary files that killed writers of the log left (they may name deleted ids)."""
-        for sub in ("queue/", "requests/", "locks/"):
-            for key in self.store.stale_temporary(f"{self.run}/{sub}", older_than_s=120):
+        """Temporary files that killed writers left (they may name deleted ids): anywhere in
+        the run once two minutes old (any process appends to the queue or tries the lock, so
+        a younger one may be a write in progress); in `requests/` at once, since only the
+        lock holder, which is us, writes there."""
+        for prefix, age in ((f"{self.run}/", 120), (f"{self.run}/requests/", 0)):
+            for key in self.store.stale_temporary(prefix, older_than_s=age):
                 self.store.delete(key)
 
     def discard_damaged(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
@@ -274,8 +294,8 @@ class Coordinator:
         run.manifest = run.read_head(self.store, self.run)
         per_request = {}
         for req in batch:  # which shards (partitions) each request's own records live in, before the batch
-            targets, already, _unknown = run.resolve(req.ids, req.owners)
-            per_request[req.request_id] = (run.units_of(targets), len(targets), len(already))
+            targets, already, unknown = run.resolve(req.ids, req.owners)
+            per_request[req.request_id] = (run.units_of(targets), len(targets), len(already), len(unknown))
         ids = sorted({i for r in batch for i in r.ids})
         owners = sorted({o for r in batch for o in r.owners})
         receipt = run.delete(ids=ids, owners=owners, ignore_missing=True, progress=progress, lock=lock)
@@ -284,10 +304,10 @@ class Coordinator:
         finished = _iso(time.time())
         seconds = round(time.perf_counter() - t0, 3)
         for req in batch:
-            units, n_targets, n_already = per_request[req.request_id]
+            units, n_targets, n_already, n_unknown = per_request[req.request_id]
             req.status, req.completed, req.seconds, req.last_error = "done", finished, seconds, None
             req.batch = [r.request_id for r in batch]
-            req.records_deleted, req.already_deleted = n_targets, n_already
+            req.records_deleted, req.already_deleted_count, req.not_found_count = n_targets, n_already, n_unknown
             req.shards = units
             if run.manifest.method == "sisa":
                 req.stages_redone = {str(k): receipt.stages_redone.get(str(k), []) for k in units}

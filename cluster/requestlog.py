@@ -4,6 +4,15 @@
                                     and what they quarantine (`units`)
     RUN/requests/<request id>.json  the receipt once applied: counts, shards, digests;
                                     never the ids or owners
+    RUN/requests/index/<day>.json   receipts compacted: one row of counts per older request
+                                    (`compact`), by the UTC day its id was accepted
+
+The newest `kept` receipts (default 1000, `$UNLEARN_RECEIPTS_KEPT`) stay whole; the lock
+holder folds older ones into their day's index once there are a tenth more, so the folder
+holds a bounded number of receipts plus one small object a day. A compacted request still
+answers `done` with its counts, shards, stages and version (`compacted: true`); its digests,
+details and warnings are gone. The index is written before the receipts go, so every
+request is in the queue, a receipt or the index at every moment.
 
 Any process may append to the queue (that write is the acknowledgement: durable first).
 Only the holder of the run lock rewrites a queued entry (applying, pending again after a
@@ -22,6 +31,7 @@ removes it once it is restored or resubmitted.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -48,7 +58,8 @@ class DeletionRequest:
     last_error: str | None = None  # the latest transient error; the request stays queued
     batch: list[str] = field(default_factory=list)  # request ids applied together
     records_deleted: int = 0
-    already_deleted: int = 0
+    already_deleted_count: int = 0  # requested ids/owners an earlier request removed
+    not_found_count: int = 0  # requested ids/owners the run never held (--ignore-missing)
     shards: list[int] = field(default_factory=list)  # SISA shards, or ERASE partitions, holding its records
     stages_redone: dict = field(default_factory=dict)
     digests: dict = field(default_factory=dict)
@@ -60,6 +71,7 @@ class DeletionRequest:
     seconds: float | None = None
     reason: str | None = None  # why it failed (permanent causes only)
     details: dict = field(default_factory=dict)  # method-specific receipt (ERASE: certificate, new selection)
+    compacted: bool = False  # read from the day index: counts only, no digests, details or warnings
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,6 +82,9 @@ class DeletionRequest:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         known = {f.name: f for f in fields(cls)}
+        if isinstance(d.get("already_deleted"), int) and "already_deleted_count" not in d:
+            d = {**d, "already_deleted_count": d["already_deleted"]}  # written before the rename
+            del d["already_deleted"]
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown field {unknown[0]!r}")
@@ -100,10 +115,36 @@ def _is(value, kind) -> bool:
 
 _TYPES = {"request_id": str, "accepted": str, "status": str, "ids": "str*", "owners": "str*", "units": "unit*",
           "requested": dict, "ignore_missing": bool, "attempts": "int", "last_error": (str, type(None)),
-          "batch": "str*", "records_deleted": "int", "already_deleted": "int", "shards": "unit*",
+          "batch": "str*", "records_deleted": "int", "already_deleted_count": "int", "not_found_count": "int",
+          "shards": "unit*",
           "stages_redone": dict, "digests": dict, "version": ("int", type(None)), "retrain_fraction": "num",
           "purged_objects": "int", "warnings": "str*", "completed": (str, type(None)),
-          "seconds": ("num", type(None)), "reason": (str, type(None)), "details": dict}
+          "seconds": ("num", type(None)), "reason": (str, type(None)), "details": dict, "compacted": bool}
+
+# what a compacted request keeps (a row of its day's index): counts and where its records were
+INDEX_COLUMNS = ("request_id", "accepted", "completed", "requested", "ignore_missing", "attempts",
+                 "records_deleted", "already_deleted_count", "not_found_count", "shards", "stages_redone",
+                 "version", "retrain_fraction", "purged_objects", "seconds")
+KEPT_DEFAULT = 1000
+
+
+def receipts_kept() -> int:
+    """How many receipts stay whole (`$UNLEARN_RECEIPTS_KEPT`, default 1000)."""
+    value = os.environ.get("UNLEARN_RECEIPTS_KEPT", "")
+    try:
+        kept = int(value) if value else KEPT_DEFAULT
+    except ValueError:
+        raise UnlearnError(f"UNLEARN_RECEIPTS_KEPT={value!r}: not a whole number") from None
+    if kept < 1:
+        raise UnlearnError(f"UNLEARN_RECEIPTS_KEPT={value!r}: must be >= 1")
+    return kept
+
+
+def day_of(request_id: str) -> str:
+    """The UTC day a request was accepted, from its id (nanoseconds since the epoch)."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(int(request_id[:20]) / 1e9, timezone.utc).date().isoformat()
 
 
 def encode(req: DeletionRequest) -> bytes:
@@ -112,9 +153,10 @@ def encode(req: DeletionRequest) -> bytes:
     return json.dumps({**body, "check": sha256_hex(_canonical(body))}, sort_keys=True).encode()
 
 
-def decode(data: bytes, name: str, need_check: bool = True) -> DeletionRequest:
-    """ValueError naming what is wrong if the entry is damaged. `name`: the request id its
-    key says. Receipts written before checks existed have none (`need_check=False`)."""
+def checked_json(data: bytes, need_check: bool = True) -> dict:
+    """A stored JSON object without its `check`, after comparing the two; ValueError naming
+    what is wrong if it is damaged. Receipts written before checks existed have none
+    (`need_check=False`)."""
     try:
         d = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -126,6 +168,13 @@ def decode(data: bytes, name: str, need_check: bool = True) -> DeletionRequest:
         raise ValueError("no checksum")
     if check is not None and check != sha256_hex(_canonical(d)):
         raise ValueError("its content does not match its checksum")
+    return d
+
+
+def decode(data: bytes, name: str, need_check: bool = True) -> DeletionRequest:
+    """ValueError naming what is wrong if the entry is damaged. `name`: the request id its
+    key says."""
+    d = checked_json(data, need_check)
     try:
         req = DeletionRequest.from_json(d)
     except TypeError as exc:
@@ -158,6 +207,17 @@ class RequestLog:
     def receipt_key(self, request_id: str) -> str:
         return f"{self.run}/requests/{request_id}.json"
 
+    def index_key(self, day: str) -> str:
+        return f"{self.run}/requests/index/{day}.json"
+
+    def receipt_keys(self) -> list[str]:
+        """Every whole receipt (the day index objects live one folder down)."""
+        prefix = f"{self.run}/requests/"
+        return [k for k in self.store.list(prefix) if "/" not in k[len(prefix):]]
+
+    def index_keys(self) -> list[str]:
+        return self.store.list(f"{self.run}/requests/index/")
+
     @staticmethod
     def _id_of(key: str) -> str:
         return key.rsplit("/", 1)[1].removesuffix(".json")
@@ -167,7 +227,32 @@ class RequestLog:
         data = self.store.get(key)
         return decode(data, self._id_of(key), need_check=key.startswith(f"{self.run}/queue/"))
 
+    def _read_index(self, key: str) -> dict[str, DeletionRequest]:
+        """The compacted requests of one day, by id. KeyError if absent; ValueError if damaged."""
+        d = checked_json(self.store.get(key))
+        columns, rows = d.get("columns"), d.get("rows")
+        if not (isinstance(columns, list) and set(columns) <= set(INDEX_COLUMNS) and "request_id" in columns
+                and isinstance(rows, list) and all(isinstance(r, list) and len(r) == len(columns) for r in rows)):
+            raise ValueError("not a receipt index")
+        out = {}
+        for row in rows:
+            try:
+                req = DeletionRequest.from_json({**dict(zip(columns, row)), "status": "done", "compacted": True})
+            except TypeError as exc:
+                raise ValueError(str(exc)) from None
+            out[req.request_id] = req
+        return out
+
+    def _index_of(self, request_id: str) -> DeletionRequest | None:
+        """The compacted row of one request (None if its day has none); ValueError if damaged."""
+        try:
+            return self._read_index(self.index_key(day_of(request_id))).get(request_id)
+        except KeyError:
+            return None
+
     def _unreadable(self, key: str, exc: Exception) -> str:
+        if key.startswith(f"{self.run}/requests/index/"):
+            return f"run {quote(self.run)}: receipt index {quote(self._id_of(key))} is damaged ({exc}); skipped"
         return f"run {quote(self.run)}: request log entry {quote(self._id_of(key))} is damaged ({exc}); skipped"
 
     # -- writing -----------------------------------------------------------------------------
@@ -193,6 +278,46 @@ class RequestLog:
     def drop_queued(self, request_id: str) -> None:
         self.store.delete(self.queue_key(request_id))
 
+    def compact(self, kept: int, check=None) -> int:
+        """Lock holder only: once more than `kept` + a tenth receipts are whole, fold the
+        oldest into their day's index until `kept` are left. The index is written (and read
+        back) before a receipt goes, so a crash or a second folder never loses a request.
+        `check()` (the run lock's) runs before every write. Returns the receipts folded."""
+        keys = self.receipt_keys()
+        if len(keys) <= kept + max(1, kept // 10):
+            return 0
+        by_day: dict[str, list[DeletionRequest]] = {}
+        for key in keys[:len(keys) - kept]:  # oldest first: ids start with the acceptance time
+            try:
+                req = self._read(key)
+            except (KeyError, ValueError):
+                continue  # gone meanwhile, or damaged: a damaged receipt stays where it is, reported
+            by_day.setdefault(day_of(req.request_id), []).append(req)
+        folded = 0
+        for day, reqs in sorted(by_day.items()):
+            key = self.index_key(day)
+            try:
+                rows = self._read_index(key)
+            except KeyError:
+                rows = {}
+            except ValueError as exc:  # never write over a damaged index: it would lose its rows
+                raise UnlearnError(f"{self._unreadable(key, exc).removesuffix('; skipped')}; receipts not "
+                                   f"compacted") from None
+            rows.update({r.request_id: r for r in reqs})
+            body = {"day": day, "columns": list(INDEX_COLUMNS),
+                    "rows": [[getattr(r, c) for c in INDEX_COLUMNS] for _, r in sorted(rows.items())]}
+            if check is not None:
+                check()
+            self.store.put(key, json.dumps({**body, "check": sha256_hex(_canonical(body))}).encode())
+            self.store.prune_versions(key)
+            now = self._read_index(key)
+            for req in reqs:
+                if req.request_id in now:  # a receipt goes only once its row is readable
+                    rkey = self.receipt_key(req.request_id)
+                    self.store.delete(rkey)
+                    folded += 1
+        return folded
+
     # -- reading -----------------------------------------------------------------------------
     def queued_keys(self) -> list[str]:
         return self.store.list(f"{self.run}/queue/")
@@ -210,36 +335,51 @@ class RequestLog:
         return sorted(out, key=lambda r: r.request_id), problems
 
     def receipt(self, request_id: str) -> DeletionRequest | None:
+        """Its receipt, whole or compacted; None if it has none (yet)."""
         try:
             return self._read(self.receipt_key(request_id))
         except KeyError:
-            return None
+            return self._index_of(request_id)
 
     def get(self, request_id: str) -> DeletionRequest:
         """The receipt if the request is done, else its queue entry."""
         if not valid_request_id(request_id):
             raise UnknownRequest(f"run {quote(self.run)}: no request {quote(request_id)}")
-        for key in (self.receipt_key(request_id), self.queue_key(request_id)):
+        # A request moves queue -> receipt -> index, each written before the last goes: read in
+        # that order and once more, so one that moves meanwhile is still found.
+        receipt, queue, index = self.receipt_key(request_id), self.queue_key(request_id), None
+        for key in (receipt, queue, index, receipt, index):
             try:
-                return self._read(key)
+                found = self._index_of(request_id) if key is None else self._read(key)
             except KeyError:
                 continue
             except ValueError as exc:
-                raise UnlearnError(self._unreadable(key, exc).removesuffix("; skipped")) from None
+                where = self.index_key(day_of(request_id)) if key is None else key
+                raise UnlearnError(self._unreadable(where, exc).removesuffix("; skipped")) from None
+            if found is not None:
+                return found
         raise UnknownRequest(f"run {quote(self.run)}: no request {quote(request_id)}")
 
     def entries(self) -> tuple[list[DeletionRequest], list[str]]:
         """Every request, done or queued, in acceptance order; and the unreadable ones."""
         queued, problems = self.queued()
         done = {}
-        for key in self.store.list(f"{self.run}/requests/"):
+        for key in self.receipt_keys():
             try:
                 req = self._read(key)
             except KeyError:
-                continue
+                continue  # compacted meanwhile: its row is in the index, read next
             except ValueError as exc:
                 problems.append(self._unreadable(key, exc))
                 continue
             done[req.request_id] = req
-        merged = {**{r.request_id: r for r in queued}, **done}
+        compacted = {}
+        for key in self.index_keys():
+            try:
+                compacted.update(self._read_index(key))
+            except KeyError:
+                continue
+            except ValueError as exc:
+                problems.append(self._unreadable(key, exc))
+        merged = {**{r.request_id: r for r in queued}, **compacted, **done}
         return sorted(merged.values(), key=lambda r: r.request_id), problems

@@ -200,7 +200,7 @@ class InContextClassifier:
         import torch
 
         out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return [(layer.keys, layer.values) for layer in out.cache.layers]
 
     def _fresh_cache(self, past: list[tuple], rows: int):
         """A new DynamicCache holding the prefix for `rows` rows (expand is a view; the cache's
@@ -231,12 +231,12 @@ class InContextClassifier:
         last = qlen - 1 + (ids.shape[1] - Q)  # each row's last query token in this input
         keep, column = torch.unique(last, return_inverse=True)  # output layer only where it is scored
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(B, -1),
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                         cache=cache, use_cache=True, logits_to_keep=keep)
         first = torch.log_softmax(out.logits[torch.arange(B), column].float(), dim=-1)  # [B, V]
         scores = torch.stack([first[:, v[0]] for v in self.verb_ids], dim=1).double()  # [B, L]
         M = max(len(v) for v in self.verb_ids) - 1
         if M > 0:  # later verbalizer tokens: one row per (query, label) on top of the query's cache
-            cache = out.past_key_values
+            cache = out.cache
             cache.batch_repeat_interleave(L)
             verb = torch.full((B * L, M), self.pad_id, dtype=torch.long)
             vmask = torch.zeros((B * L, M), dtype=torch.long)
@@ -245,7 +245,7 @@ class InContextClassifier:
                 vmask[l::L, :len(v) - 1] = 1
             mask2 = torch.cat([mask.repeat_interleave(L, dim=0), vmask], dim=1)
             pos2 = P + qlen.repeat_interleave(L)[:, None] + torch.arange(M)[None, :]
-            out2 = self.model(input_ids=verb, attention_mask=mask2, position_ids=pos2, past_key_values=cache,
+            out2 = self.model(input_ids=verb, attention_mask=mask2, position_ids=pos2, cache=cache,
                               use_cache=True)
             logp = torch.log_softmax(out2.logits.float(), dim=-1).reshape(B, L, M, -1)
             for l, v in enumerate(self.verb_ids):

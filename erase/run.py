@@ -29,7 +29,7 @@ import numpy as np
 from core.errors import ObjectMissing, UnlearnError
 from core.keys import keyed_hash, sha256_hex
 from core.lock import RunLock
-from core.receipts import DeletionReceipt
+from core.receipts import DeletionReceipt, not_found
 from core.records import Record, quote, with_labels
 from core.slices import decode_slice, encode_slice
 from core.store import Store
@@ -264,7 +264,7 @@ class EraseRun(StoredRun):
         old = self.manifest
         receipt = DeletionReceipt(run=self.name, ids=sorted(targets), already_deleted=already, shards=[],
                                   stages_redone={}, digests={}, retrain_fraction=0.0, purged_objects=0,
-                                  version=old.version, seconds=0.0)
+                                  version=old.version, seconds=0.0, not_found=not_found(ids, owners, unknown))
         if not targets:
             receipt.seconds = round(time.perf_counter() - t0, 3)
             return receipt

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.errors import UnlearnError
 from core.lock import RunLock
-from core.receipts import DeletionReceipt
+from core.receipts import DeletionReceipt, not_found
 from core.records import Record, quote, with_labels
 from core.store import Store
 from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
@@ -128,7 +128,7 @@ class SisaRun(StoredRun):
         plan = plan_deletion(old.layout(), targets)
         receipt = DeletionReceipt(run=self.name, ids=sorted(targets), already_deleted=already, shards=[],
                                   stages_redone={}, digests={}, retrain_fraction=0.0, purged_objects=0,
-                                  version=old.version, seconds=0.0)
+                                  version=old.version, seconds=0.0, not_found=not_found(ids, owners, unknown))
         if not plan:
             receipt.seconds = round(time.perf_counter() - t0, 3)
             return receipt

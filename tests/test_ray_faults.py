@@ -190,5 +190,5 @@ def test_coordinator_exits_after_commit_before_the_receipt(served, tmp_path):
     req = wait_request(handle, request_id, timeout_s=180)
     # the deletion was committed before the exit; the replay finds it done and says so
     assert req["status"] == "done" and ray_get(handle.pid.remote()) != pid
-    assert req["records_deleted"] + req["already_deleted"] == 1
+    assert req["records_deleted"] + req["already_deleted_count"] == 1
     assert_equals_from_scratch(served, tmp_path)
