@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-import cluster  # noqa: F401  (sets the loopback/auth environment before ray is imported)
+import cluster  # noqa: F401  (sets the loopback environment before ray is imported)
+from cluster import netguard
 from sisa.config import SisaConfig
 from core.errors import UnlearnError, one_line
 from sisa.manifest import ShardEntry
@@ -29,22 +30,49 @@ NAMESPACE = "unlearn"
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
-    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback. Idempotent."""
+    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback. Idempotent.
+
+    A cluster started here binds every socket to 127.0.0.1 (the Serve replicas' too, through
+    `cluster.netguard`) and refuses clients without its token, a fresh random one kept in
+    this process's environment. Joining a cluster on loopback (`--address 127.0.0.1:...`)
+    keeps the replicas on loopback too; its token is the user's (RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH, with RAY_AUTH_MODE=token, as Ray documents)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    if not address or _on_loopback(address):
+        problem = netguard.check()
+        if problem:
+            print(f"unlearn: warning: Ray Serve replicas may listen on every interface: {problem}",
+                  file=sys.stderr, flush=True)
+        kwargs["runtime_env"] = {"worker_process_setup_hook": netguard.HOOK}
     try:
         if address:
             ray.init(address=address, **kwargs)
         else:
+            netguard.use_fresh_token()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(os.environ.get("UNLEARN_OBJECT_STORE_MB", "512")) * 2**20, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """('127.0.0.1', 6379) from '127.0.0.1:6379', 'ray://h:10001' or '[::1]:6379'; None for
+    what is not host:port ('auto')."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _on_loopback(address: str) -> bool:
+    hp = _host_port(address)
+    return hp is not None and (hp[0] == "localhost" or hp[0] == "::1" or hp[0].startswith("127."))
 
 
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
@@ -483,8 +511,12 @@ def _coordinator_actor_class():
     return CoordinatorActor
 
 
-def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None):
-    """The run's named coordinator actor, created if no live one exists in this Ray cluster."""
+def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None,
+                      address: str | None = None):
+    """The run's named coordinator actor, created if no live one exists in this Ray cluster
+    (joined or started first, if this process has none yet: never Ray's own implicit start,
+    which would bind no token, print Ray's logs and start its dashboard)."""
+    init_ray(address)
     cls = _coordinator_actor_class()
     return cls.options(name=f"{run}/coordinator", namespace=NAMESPACE, get_if_exists=True).remote(
         store.uri, run, window_s, actor_cpus)
