@@ -51,6 +51,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         kwargs["runtime_env"] = {"worker_process_setup_hook": netguard.HOOK}
     try:
         if address:
+            probe_cluster(address)
             ray.init(address=address, **kwargs)
         else:
             netguard.use_fresh_token()
@@ -73,6 +74,48 @@ def _host_port(address: str) -> tuple[str, int] | None:
 def _on_loopback(address: str) -> bool:
     hp = _host_port(address)
     return hp is not None and (hp[0] == "localhost" or hp[0] == "::1" or hp[0].startswith("127."))
+
+
+def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, where ray.init would retry for minutes and fill the
+    terminal with its own log lines: nothing listens at `address`, it is not a Ray
+    cluster, or it refuses our token."""
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__.replace("Error", " error").lower()
+        raise UnlearnError(f"cannot join the Ray cluster at {address}: nothing answers there ({reason}); "
+                           f"start it first (`ray start --head`), or check --address / RAY_ADDRESS") from None
+    if address.startswith("ray://"):
+        return  # Ray Client: no GCS to ask
+    try:
+        import grpc
+        from ray._raylet import AuthenticationTokenLoader
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray: let ray.init find out
+        return
+    netguard._reload_token()
+    loader = AuthenticationTokenLoader.instance()
+    metadata = list(loader.get_token_for_http_header().items()) if loader.has_token() else []
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                have = "a token that is not its token" if metadata else "no token"
+                raise UnlearnError(f"cannot join the Ray cluster at {address}: it requires token authentication "
+                                   f"and this process has {have}: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                                   f"(or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+            raise UnlearnError(f"cannot join the Ray cluster at {address}: it does not answer as a Ray cluster "
+                               f"({code.name.lower()}); check --address / RAY_ADDRESS (the head's GCS port, "
+                               f"6379 by default)") from None
 
 
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
