@@ -118,11 +118,44 @@ def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
                                f"6379 by default)") from None
 
 
+RESOURCE_UNIT = 1e-4  # Ray counts resources in steps of 1/10,000
+
+
+def actor_share(total: float, n: int, cap: float = 1.0) -> float:
+    """An equal share of `total` (CPUs or GPUs) for each of `n` actors, at most `cap`,
+    rounded down to Ray's resource unit so that all n always fit (2 CPUs, 3 actors: 0.6666
+    each; rounding to 0.667 would need 2.001)."""
+    steps = int(min(cap, total / max(1, n)) / RESOURCE_UNIT + 1e-6)
+    return max(1, steps) / 10_000
+
+
+def fit_problem(n: int, cpus: float, gpus: float, free: dict, total: dict) -> tuple[str, bool] | None:
+    """None if `n` new actors of `cpus` CPUs and `gpus` GPUs each fit in the `free`
+    resources, else (why not, whether they never can): more than the cluster has in all
+    (no wait helps), or more than is free now."""
+    need = {"CPU": cpus * n, "GPU": gpus * n}
+    kinds = ["CPU", "GPU"] if gpus else ["CPU"]
+    if all(need[k] <= free.get(k, 0.0) + 1e-6 for k in kinds):
+        return None
+    want = f"{n} new actors x {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+    have = " and ".join(f"{free.get(k, 0.0):g} {k}s" for k in kinds)
+    short = [k for k in kinds if need[k] > total.get(k, 0.0) + 1e-6]
+    if short:
+        k = short[0]
+        option = "--actor-cpus" if k == "CPU" else "--actor-gpus"
+        return (f"{want} do not fit in the Ray cluster's free {have}: it has {total.get(k, 0.0):g} {k}s in all; "
+                f"pass {option} {actor_share(total.get(k, 0.0), n):g} or less"), True
+    held = " and ".join(f"{total.get(k, 0.0) - free.get(k, 0.0):g} {k}s" for k in kinds)
+    return (f"{want} do not fit in the Ray cluster's free {have}: other actors on it hold {held} "
+            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them"), False
+
+
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
     """Check, before creating the named actors that do not exist yet, that the cluster has
     the CPUs and GPUs free for them: Ray would leave an actor that does not fit pending
     forever, and the command would hang without a word. Resources of actors that just
-    ended take a moment to show as free, so this waits up to `wait_s` before failing."""
+    ended take a moment to show as free, so this waits up to `wait_s` before failing
+    (not when the cluster is too small in all)."""
     import time
 
     import ray
@@ -137,17 +170,13 @@ def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: fl
         return
     deadline = time.monotonic() + wait_s
     while True:
-        free = ray.available_resources()
-        free_cpu, free_gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
-        fits = cpus * len(missing) <= free_cpu + 1e-6 and gpus * len(missing) <= free_gpu + 1e-6
-        if fits or time.monotonic() > deadline:
-            break
+        problem = fit_problem(len(missing), cpus, gpus, ray.available_resources(), ray.cluster_resources())
+        if problem is None:
+            return
+        why, never = problem
+        if never or time.monotonic() > deadline:
+            raise UnlearnError(why)
         time.sleep(0.5)
-    if not fits:
-        want = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
-        raise UnlearnError(f"{len(missing)} new actors x {want} do not fit in the Ray cluster's free {free_cpu:g} CPUs"
-                           + (f" and {free_gpu:g} GPUs" if gpus else "")
-                           + " (actors of other runs hold the rest): pass a smaller --actor-cpus, or stop them")
 
 
 def _shard_actor_class():
@@ -226,7 +255,7 @@ class RayExecutor:
         self._shared_ref = None
         resources = ray.cluster_resources()
         if actor_cpus is None:
-            actor_cpus = round(min(1.0, resources.get("CPU", 1.0) / max(1, config.shards)), 3)
+            actor_cpus = actor_share(resources.get("CPU", 1.0), config.shards)
         self.actor_cpus = actor_cpus
         self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
         self._actors: dict[int, object] = {}
@@ -318,7 +347,7 @@ def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | N
         return 0.0
     if cluster_gpus <= 0:
         raise UnlearnError("this run trains on device cuda, but the Ray cluster has no GPUs")
-    gpus = requested if requested is not None else round(min(1.0, cluster_gpus / max(1, config.shards)), 3)
+    gpus = requested if requested is not None else actor_share(cluster_gpus, config.shards)
     if not 0 < gpus <= cluster_gpus:
         raise UnlearnError(f"--actor-gpus {gpus:g}: must be > 0 and at most the cluster's {cluster_gpus:g} GPUs")
     return gpus
@@ -378,7 +407,7 @@ def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) 
     import ray
 
     if actor_cpus is None:  # half the cluster at most: the in-context actors take the other half
-        actor_cpus = round(min(1.0, ray.cluster_resources().get("CPU", 1.0) / max(1, config.partitions)) / 2, 3)
+        actor_cpus = actor_share(ray.cluster_resources().get("CPU", 1.0) / 2, config.partitions, cap=0.5)
     return RayPartitionPool(run, config.digest(), actor_cpus)
 
 
@@ -411,7 +440,7 @@ class InContextServer:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n = actors or max(1, min(4, int(cpus)))
         # half the cluster at most, so that partition actors (the other half) can run beside them
-        self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n) / 2, 3)
+        self.actor_cpus = actor_cpus if actor_cpus is not None else actor_share(cpus / 2, n, cap=0.5)
         cls = _icl_actor_class()
         names = [f"{run}/icl/{lm.replace('/', '_')}/{i}" for i in range(n)]
         ensure_fits(names, self.actor_cpus)
