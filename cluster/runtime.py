@@ -187,19 +187,23 @@ def _shard_actor_class():
         """One SISA shard. Jobs are idempotent (content-addressed writes, no commit), so
         Ray may re-run a job on a restarted actor and the result is the same."""
 
-        def __init__(self, store_uri: str, run: str, config: dict, shared_refs: list | None = None):
+        def __init__(self, store_uri: str, run: str, config: dict):
+            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config))
+
+        def share(self, shared_refs: list) -> None:
+            """Use the frozen base weights the driver put into the object store (called right
+            after creation, before any job). shared_refs wraps the ObjectRef in a list so that
+            Ray hands it over unresolved: ray.get maps the node's copy read-only, without
+            copying. Not a constructor argument: Ray logs an error for every restartable actor
+            created with arguments in the object store. A restarted actor (or one whose owner
+            is gone) loads the weights from disk instead."""
             import ray
 
-            # shared_refs wraps the ObjectRef in a list so that Ray hands it over unresolved:
-            # ray.get here maps the node's copy of the arrays read-only, without copying.
-            # After a restart whose owner is gone the object may be lost: load from disk then.
-            shared = None
-            if shared_refs:
+            if self.worker.shared is None and self.worker._trainer is None:
                 try:
-                    shared = ray.get(shared_refs[0], timeout=120)
+                    self.worker.shared = ray.get(shared_refs[0], timeout=120)
                 except Exception:  # ObjectLostError, OwnerDiedError, GetTimeoutError
-                    shared = None
-            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config), shared)
+                    pass
 
         def pid(self) -> int:
             return os.getpid()
@@ -298,10 +302,14 @@ class RayExecutor:
                 self._actors[shard] = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
                 cls = _shard_actor_class()
-                self._actors[shard] = cls.options(
+                actor = cls.options(
                     name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=self.actor_cpus,
                     num_gpus=self.actor_gpus,
-                ).remote(self.store.uri, self.run, self.config.to_json(), self._shared())
+                ).remote(self.store.uri, self.run, self.config.to_json())
+                shared = self._shared()
+                if shared:  # runs before any job this process sends (one caller's calls keep their order)
+                    actor.share.remote(shared)
+                self._actors[shard] = actor
         return self._actors[shard]
 
     def _gather(self, refs: list, desc: str) -> list:
