@@ -4,7 +4,7 @@ log lines stay out of the terminal; a wrong --address fails in seconds; S actors
 
 The process checks share one module fixture: `train`, `delete` and `serve` with the Ray
 runtime run at once (each starts its own local Ray), their listening sockets sampled while
-they run."""
+they run (about a minute on 2 cores: marked integration)."""
 import os
 import socket
 import sys
@@ -236,6 +236,7 @@ def ray_commands(tmp_path_factory):
                 kill_session(proc)
 
 
+@pytest.mark.integration
 def test_every_socket_of_train_delete_and_serve_is_on_loopback(ray_commands):
     watch = ray_commands["watch"]
     for name in ("train", "delete", "serve"):
@@ -247,6 +248,7 @@ def test_every_socket_of_train_delete_and_serve_is_on_loopback(ray_commands):
     assert any("ServeReplica" in who for who in watch.sockets["serve"].values()), watch.sockets["serve"]
 
 
+@pytest.mark.integration
 def test_ray_prints_nothing_on_the_terminal(ray_commands):
     """Every stderr line is the product's own ("unlearn: ..."): no core_worker.cc, no
     dashboard address, no Serve INFO lines."""
@@ -267,6 +269,7 @@ def _serve_cluster(ray_commands) -> tuple[str, str, list]:
     return f"127.0.0.1:{port}", token, members
 
 
+@pytest.mark.integration
 def test_a_client_without_the_token_is_refused_one_with_it_is_served(ray_commands):
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
@@ -287,6 +290,7 @@ def test_a_client_without_the_token_is_refused_one_with_it_is_served(ray_command
     assert read_kv(token).results  # the job's exported functions: the cluster answers its owner
 
 
+@pytest.mark.integration
 def test_the_token_is_in_no_file_command_line_or_log(ray_commands):
     gcs, token, members = _serve_cluster(ray_commands)
     assert not (ray_commands["home"] / ".ray").exists()  # Ray's default token file, mode 644
