@@ -274,7 +274,7 @@ def _delete(args, store, run, progress: bool) -> dict:
     if args.runtime == "ray":
         from cluster.runtime import coordinator_actor, ray_get, wait_request
 
-        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus)
+        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address)
         request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
         print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
         req = wait_request(handle, request_id, on_busy=waiting)
@@ -353,7 +353,7 @@ def _resume(args, store, run, progress: bool) -> int:
 
         from cluster.runtime import coordinator_actor, ray_get
 
-        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus)
+        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus, address=args.address)
         told = False
         while ray_get(handle.pending.remote()):
             who = ray_get(handle.busy.remote())
@@ -381,7 +381,8 @@ def _serve(args, store) -> int:
 
     from cluster.serving import start_serving
 
-    url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus)
+    url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus,
+                        args.address)
     print(f"unlearn: serving run {args.run} at {url} (POST /predict, POST /delete, GET /requests/<id>); "
           f"Ctrl-C stops", file=sys.stderr, flush=True)
     stop = []

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-import cluster  # noqa: F401  (sets the loopback/auth environment before ray is imported)
+import cluster  # noqa: F401  (sets the loopback environment before ray is imported)
+from cluster import netguard
 from sisa.config import SisaConfig
 from core.errors import UnlearnError, one_line
 from sisa.manifest import ShardEntry
@@ -29,17 +30,31 @@ NAMESPACE = "unlearn"
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
-    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback. Idempotent."""
+    """Join `address` (or $RAY_ADDRESS), else start a local Ray on loopback. Idempotent.
+
+    A cluster started here binds every socket to 127.0.0.1 (the Serve replicas' too, through
+    `cluster.netguard`) and refuses clients without its token, a fresh random one kept in
+    this process's environment. Joining a cluster on loopback (`--address 127.0.0.1:...`)
+    keeps the replicas on loopback too; its token is the user's (RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH, with RAY_AUTH_MODE=token, as Ray documents)."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    if not address or _on_loopback(address):
+        problem = netguard.check()
+        if problem:
+            print(f"unlearn: warning: Ray Serve replicas may listen on every interface: {problem}",
+                  file=sys.stderr, flush=True)
+        kwargs["runtime_env"] = {"worker_process_setup_hook": netguard.HOOK}
     try:
         if address:
+            probe_cluster(address)
             ray.init(address=address, **kwargs)
         else:
+            netguard.use_fresh_token()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      object_store_memory=int(os.environ.get("UNLEARN_OBJECT_STORE_MB", "512")) * 2**20, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -47,11 +62,100 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """('127.0.0.1', 6379) from '127.0.0.1:6379', 'ray://h:10001' or '[::1]:6379'; None for
+    what is not host:port ('auto')."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _on_loopback(address: str) -> bool:
+    hp = _host_port(address)
+    return hp is not None and (hp[0] == "localhost" or hp[0] == "::1" or hp[0].startswith("127."))
+
+
+def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line, where ray.init would retry for minutes and fill the
+    terminal with its own log lines: nothing listens at `address`, it is not a Ray
+    cluster, or it refuses our token."""
+    import socket
+
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__.replace("Error", " error").lower()
+        raise UnlearnError(f"cannot join the Ray cluster at {address}: nothing answers there ({reason}); "
+                           f"start it first (`ray start --head`), or check --address / RAY_ADDRESS") from None
+    if address.startswith("ray://"):
+        return  # Ray Client: no GCS to ask
+    try:
+        import grpc
+        from ray._raylet import AuthenticationTokenLoader
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:  # another Ray: let ray.init find out
+        return
+    netguard._reload_token()
+    loader = AuthenticationTokenLoader.instance()
+    metadata = list(loader.get_token_for_http_header().items()) if loader.has_token() else []
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                have = "a token that is not its token" if metadata else "no token"
+                raise UnlearnError(f"cannot join the Ray cluster at {address}: it requires token authentication "
+                                   f"and this process has {have}: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                                   f"(or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+            raise UnlearnError(f"cannot join the Ray cluster at {address}: it does not answer as a Ray cluster "
+                               f"({code.name.lower()}); check --address / RAY_ADDRESS (the head's GCS port, "
+                               f"6379 by default)") from None
+
+
+RESOURCE_UNIT = 1e-4  # Ray counts resources in steps of 1/10,000
+
+
+def actor_share(total: float, n: int, cap: float = 1.0) -> float:
+    """An equal share of `total` (CPUs or GPUs) for each of `n` actors, at most `cap`,
+    rounded down to Ray's resource unit so that all n always fit (2 CPUs, 3 actors: 0.6666
+    each; rounding to 0.667 would need 2.001)."""
+    steps = int(min(cap, total / max(1, n)) / RESOURCE_UNIT + 1e-6)
+    return max(1, steps) / 10_000
+
+
+def fit_problem(n: int, cpus: float, gpus: float, free: dict, total: dict) -> tuple[str, bool] | None:
+    """None if `n` new actors of `cpus` CPUs and `gpus` GPUs each fit in the `free`
+    resources, else (why not, whether they never can): more than the cluster has in all
+    (no wait helps), or more than is free now."""
+    need = {"CPU": cpus * n, "GPU": gpus * n}
+    kinds = ["CPU", "GPU"] if gpus else ["CPU"]
+    if all(need[k] <= free.get(k, 0.0) + 1e-6 for k in kinds):
+        return None
+    want = f"{n} new actors x {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+    have = " and ".join(f"{free.get(k, 0.0):g} {k}s" for k in kinds)
+    short = [k for k in kinds if need[k] > total.get(k, 0.0) + 1e-6]
+    if short:
+        k = short[0]
+        option = "--actor-cpus" if k == "CPU" else "--actor-gpus"
+        return (f"{want} do not fit in the Ray cluster's free {have}: it has {total.get(k, 0.0):g} {k}s in all; "
+                f"pass {option} {actor_share(total.get(k, 0.0), n):g} or less"), True
+    held = " and ".join(f"{total.get(k, 0.0) - free.get(k, 0.0):g} {k}s" for k in kinds)
+    return (f"{want} do not fit in the Ray cluster's free {have}: other actors on it hold {held} "
+            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them"), False
+
+
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
     """Check, before creating the named actors that do not exist yet, that the cluster has
     the CPUs and GPUs free for them: Ray would leave an actor that does not fit pending
     forever, and the command would hang without a word. Resources of actors that just
-    ended take a moment to show as free, so this waits up to `wait_s` before failing."""
+    ended take a moment to show as free, so this waits up to `wait_s` before failing
+    (not when the cluster is too small in all)."""
     import time
 
     import ray
@@ -66,17 +170,13 @@ def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: fl
         return
     deadline = time.monotonic() + wait_s
     while True:
-        free = ray.available_resources()
-        free_cpu, free_gpu = free.get("CPU", 0.0), free.get("GPU", 0.0)
-        fits = cpus * len(missing) <= free_cpu + 1e-6 and gpus * len(missing) <= free_gpu + 1e-6
-        if fits or time.monotonic() > deadline:
-            break
+        problem = fit_problem(len(missing), cpus, gpus, ray.available_resources(), ray.cluster_resources())
+        if problem is None:
+            return
+        why, never = problem
+        if never or time.monotonic() > deadline:
+            raise UnlearnError(why)
         time.sleep(0.5)
-    if not fits:
-        want = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
-        raise UnlearnError(f"{len(missing)} new actors x {want} do not fit in the Ray cluster's free {free_cpu:g} CPUs"
-                           + (f" and {free_gpu:g} GPUs" if gpus else "")
-                           + " (actors of other runs hold the rest): pass a smaller --actor-cpus, or stop them")
 
 
 def _shard_actor_class():
@@ -87,19 +187,23 @@ def _shard_actor_class():
         """One SISA shard. Jobs are idempotent (content-addressed writes, no commit), so
         Ray may re-run a job on a restarted actor and the result is the same."""
 
-        def __init__(self, store_uri: str, run: str, config: dict, shared_refs: list | None = None):
+        def __init__(self, store_uri: str, run: str, config: dict):
+            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config))
+
+        def share(self, shared_refs: list) -> None:
+            """Use the frozen base weights the driver put into the object store (called right
+            after creation, before any job). shared_refs wraps the ObjectRef in a list so that
+            Ray hands it over unresolved: ray.get maps the node's copy read-only, without
+            copying. Not a constructor argument: Ray logs an error for every restartable actor
+            created with arguments in the object store. A restarted actor (or one whose owner
+            is gone) loads the weights from disk instead."""
             import ray
 
-            # shared_refs wraps the ObjectRef in a list so that Ray hands it over unresolved:
-            # ray.get here maps the node's copy of the arrays read-only, without copying.
-            # After a restart whose owner is gone the object may be lost: load from disk then.
-            shared = None
-            if shared_refs:
+            if self.worker.shared is None and self.worker._trainer is None:
                 try:
-                    shared = ray.get(shared_refs[0], timeout=120)
+                    self.worker.shared = ray.get(shared_refs[0], timeout=120)
                 except Exception:  # ObjectLostError, OwnerDiedError, GetTimeoutError
-                    shared = None
-            self.worker = ShardWorker(open_store(store_uri), run, SisaConfig.from_json(config), shared)
+                    pass
 
         def pid(self) -> int:
             return os.getpid()
@@ -155,7 +259,7 @@ class RayExecutor:
         self._shared_ref = None
         resources = ray.cluster_resources()
         if actor_cpus is None:
-            actor_cpus = round(min(1.0, resources.get("CPU", 1.0) / max(1, config.shards)), 3)
+            actor_cpus = actor_share(resources.get("CPU", 1.0), config.shards)
         self.actor_cpus = actor_cpus
         self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
         self._actors: dict[int, object] = {}
@@ -198,10 +302,14 @@ class RayExecutor:
                 self._actors[shard] = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:
                 cls = _shard_actor_class()
-                self._actors[shard] = cls.options(
+                actor = cls.options(
                     name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=self.actor_cpus,
                     num_gpus=self.actor_gpus,
-                ).remote(self.store.uri, self.run, self.config.to_json(), self._shared())
+                ).remote(self.store.uri, self.run, self.config.to_json())
+                shared = self._shared()
+                if shared:  # runs before any job this process sends (one caller's calls keep their order)
+                    actor.share.remote(shared)
+                self._actors[shard] = actor
         return self._actors[shard]
 
     def _gather(self, refs: list, desc: str) -> list:
@@ -247,7 +355,7 @@ def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | N
         return 0.0
     if cluster_gpus <= 0:
         raise UnlearnError("this run trains on device cuda, but the Ray cluster has no GPUs")
-    gpus = requested if requested is not None else round(min(1.0, cluster_gpus / max(1, config.shards)), 3)
+    gpus = requested if requested is not None else actor_share(cluster_gpus, config.shards)
     if not 0 < gpus <= cluster_gpus:
         raise UnlearnError(f"--actor-gpus {gpus:g}: must be > 0 and at most the cluster's {cluster_gpus:g} GPUs")
     return gpus
@@ -307,7 +415,7 @@ def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) 
     import ray
 
     if actor_cpus is None:  # half the cluster at most: the in-context actors take the other half
-        actor_cpus = round(min(1.0, ray.cluster_resources().get("CPU", 1.0) / max(1, config.partitions)) / 2, 3)
+        actor_cpus = actor_share(ray.cluster_resources().get("CPU", 1.0) / 2, config.partitions, cap=0.5)
     return RayPartitionPool(run, config.digest(), actor_cpus)
 
 
@@ -340,7 +448,7 @@ class InContextServer:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         n = actors or max(1, min(4, int(cpus)))
         # half the cluster at most, so that partition actors (the other half) can run beside them
-        self.actor_cpus = actor_cpus if actor_cpus is not None else round(min(1.0, cpus / n) / 2, 3)
+        self.actor_cpus = actor_cpus if actor_cpus is not None else actor_share(cpus / 2, n, cap=0.5)
         cls = _icl_actor_class()
         names = [f"{run}/icl/{lm.replace('/', '_')}/{i}" for i in range(n)]
         ensure_fits(names, self.actor_cpus)
@@ -483,8 +591,12 @@ def _coordinator_actor_class():
     return CoordinatorActor
 
 
-def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None):
-    """The run's named coordinator actor, created if no live one exists in this Ray cluster."""
+def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None,
+                      address: str | None = None):
+    """The run's named coordinator actor, created if no live one exists in this Ray cluster
+    (joined or started first, if this process has none yet: never Ray's own implicit start,
+    which would bind no token, print Ray's logs and start its dashboard)."""
+    init_ray(address)
     cls = _coordinator_actor_class()
     return cls.options(name=f"{run}/coordinator", namespace=NAMESPACE, get_if_exists=True).remote(
         store.uri, run, window_s, actor_cpus)

@@ -74,12 +74,17 @@ def _ingress_class():
 
 
 def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8000, aggregate: str = "vote",
-                  window_s: float = 0.0, actor_cpus: float | None = None) -> str:
-    """Deploy the HTTP app for `run` on the current Ray cluster; returns its base URL."""
+                  window_s: float = 0.0, actor_cpus: float | None = None, address: str | None = None) -> str:
+    """Deploy the HTTP app for `run` on the Ray cluster (joined at `address`, or this
+    process's, or a local one started for it); returns its base URL. Only the HTTP proxy
+    listens on `host`; Serve's own messages stay in Ray's log files."""
+    import logging
+
     from ray import serve
 
-    coordinator = coordinator_actor(store, run, window_s, actor_cpus)
+    coordinator = coordinator_actor(store, run, window_s, actor_cpus, address)
     coordinator.warm.remote()  # shard models load while Serve starts
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ... is ready"
     serve.start(http_options={"host": host, "port": port})
     serve.run(_ingress_class().bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"

@@ -1,6 +1,7 @@
 """The same CLI against a separately started Ray cluster (`ray start --head` on loopback)."""
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,13 +52,17 @@ def stop_cluster(marker: str) -> None:
         p.kill()
 
 
+TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # as the README says
+
+
 @pytest.fixture
 def ray_head():
     from seaweedfs import free_port
 
     temp = tempfile.mkdtemp(prefix="ur-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **TOKEN}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
                    env=env, check=True, capture_output=True, timeout=120)
@@ -68,13 +73,14 @@ def ray_head():
         assert ray_processes(temp) == []
 
 
-def unlearn(*args, address):
-    env = {**os.environ, "UNLEARN_RUNTIME": "ray"}
+def unlearn(*args, address, token: dict | None = None, code: int = 0):
+    env = {**os.environ, "UNLEARN_RUNTIME": "ray", **(TOKEN if token is None else token)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     proc = subprocess.run([os.path.join(BIN, "unlearn"), *args, "--address", address, "--quiet"],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    assert proc.returncode == code, proc.stderr
+    return proc.stdout if code == 0 else proc.stderr
 
 
 def test_train_delete_predict_against_a_started_cluster(ray_head, tmp_path):
@@ -87,6 +93,12 @@ def test_train_delete_predict_against_a_started_cluster(ray_head, tmp_path):
                                  address=address))
     assert receipt["status"] == "done" and receipt["ids"] == ["r0003"] and len(receipt["shards"]) == 1
     assert receipt["digests"][str(receipt["shards"][0])]["before"] in {s["digest"] for s in status["shards"]}
+    # without the cluster's token: refused at once, with one line that says what to set
+    err = unlearn("predict", "--run", "c", "--store", store, "--input", str(data), address=address,
+                  token={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""}, code=1)
+    assert err.splitlines() == [f"unlearn: error: cannot join the Ray cluster at {address}: it requires token "
+                                f"authentication and this process has no token: set RAY_AUTH_MODE=token and "
+                                f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"]
     texts = tmp_path / "t.txt"
     texts.write_text("great fun\nflat\n")
     out = json.loads(unlearn("predict", "--run", "c", "--store", store, "--input", str(texts), "--json",
