@@ -50,6 +50,7 @@ class OptionError(UnlearnError):
 
     def __init__(self, option: str, why: str):
         super().__init__(f"argument {option}: {why}")
+        self.option, self.why = option, why
 
 
 def _shown(text: str) -> str:

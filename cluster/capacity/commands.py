@@ -10,22 +10,76 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
+from cluster import options as opt
+from cluster.options import OptionError
 from core.errors import UnlearnError
+from core.records import quote
 
 from .costs import FIELDS, Config, Profile
+from .profile import MAX_PROFILE_EXAMPLES, check_examples
 from .report import ACCURACY_SPAN, UNSTABLE, Accuracy, Demand, describe, markdown_table, rank, row, text_table
 from .simulate import BUSY_LIMIT, simulate
-from .workload import (DAY, Workload, from_log, generate, parse_count, parse_duration, parse_list, parse_pattern,
-                       parse_rate)
+from .workload import (DAY, MAX_LIST, MAX_REQUESTS, Workload, check_requests, expected_requests, from_log, generate, parse_count,
+                       parse_duration, parse_list, parse_pattern, parse_rate)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PROFILES = os.path.join(HERE, "profiles")
 RESULTS = os.path.join(ROOT, "bench", "results")
 METHODS = ("sisa", "erase", "full")
+
+# What a plan may simulate: a plan takes seconds to a minute, not hours.
+MAX_CONFIGS = 1000  # every combination of the comma lists
+MAX_WORK = 5e7  # requests x configurations, over every rate --plot draws
+MAX_PLOT_RATES = 20
+MAX_WORKERS = 10_000
+MAX_PRICE = 1e6
+# What a profile may measure: its timings train on --records records for --epochs, --repeats times.
+PROFILE_RECORDS = (16, 10_000)
+MAX_REPEATS = 10
+
+
+# -- option values: each an argparse type (a bad one is one line, exit 2) -------------------
+def _type(parse: Callable, text: bool = False) -> Callable[[str], object]:
+    """An argparse type from a parser here (which raises OptionError): the parsed value,
+    or with `text` the text itself once it parses (descriptions show it as given)."""
+    def convert(value: str):
+        try:
+            parsed = parse(value, "")
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(exc.why) from None
+        return value if text else parsed
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def request_rate(text: str, option: str = "--rate") -> float:
+    return parse_rate(text, option, above=True)
+
+
+def query_rate(text: str, option: str = "--queries") -> float:
+    return parse_rate(text, option)
+
+
+def horizon(text: str, option: str = "--horizon") -> float:
+    return parse_duration(text, option, above=True)
+
+
+def method(text: str, option: str = "--methods") -> str:
+    if text not in METHODS:
+        raise OptionError(option, f"must be one of {', '.join(METHODS)}, got {opt._shown(text)}")
+    return text
+
+
+def counts(most: int) -> Callable:
+    """A comma list of whole numbers in 1..most."""
+    return partial(parse_list, parse=partial(parse_count, maximum=most))
 
 PLAN_DESCRIPTION = """\
 Simulate a stream of deletion requests through every combination of the options'
@@ -54,6 +108,13 @@ its hours a day are its workers' capacity, not what the rate costs; it is never 
 rank: by holistic cost among the stable configurations that miss no --sla (1: cheapest).
 acc. cost: charged only where the bench measured it on N/{ACCURACY_SPAN:g} to N x {ACCURACY_SPAN:g} records
 (N = --records); else "not at N".
+
+limits: --rate and --plot-rates in (0, 1e6] a second, --queries in [0, 1e6]; --horizon
+and --sla in (0, 3650d], --window in [0, 3650d]; --records 1..1e12; --shards
+1..{opt.MAX_SHARDS}, --slices 1..{opt.MAX_SLICES}, --partitions 1..{opt.MAX_PARTITIONS}, --workers 1..{MAX_WORKERS}; a list holds
+at most {MAX_LIST} values, none twice. A plan simulates at most {MAX_CONFIGS} configurations,
+{MAX_REQUESTS:.0e} requests a rate, {MAX_WORK:.0e} requests x configurations over its rates (--plot's
+included), and no more slices (S x R) or partitions than --records.
 
 example:
   unlearn plan --rate 500/day --records 1e6 --shards 8,16,32 --slices 1,4,8 \\
@@ -85,13 +146,21 @@ def add_parsers(sub) -> None:
                                                      "hub id (default minilm); ignored with --run")
     p.add_argument("--data", default=None, help="records to time on, as `unlearn train --data` takes them (default "
                                                 "dataset:rotten_tomatoes?split=train&limit=RECORDS)")
-    p.add_argument("--records", default="96", help="how many records to time on (default 96)")
-    p.add_argument("--epochs", default="3", help="epochs of one full training, as `unlearn train --epochs` (default 3)")
-    p.add_argument("--batch-size", type=int, default=16, help="training batch size (default 16)")
-    p.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
-    p.add_argument("--k", type=int, default=4, help="ERASE: examples in a prompt, for the per-query cost (default 4)")
-    p.add_argument("--repeats", type=int, default=2, help="repeats of each timing; the minimum is kept (default 2)")
-    p.add_argument("--run", default=None,
+    p.add_argument("--records", type=_type(partial(parse_count, minimum=PROFILE_RECORDS[0],
+                                                   maximum=PROFILE_RECORDS[1])), default="96",
+                   help=f"how many records to time on, {PROFILE_RECORDS[0]}..{PROFILE_RECORDS[1]} (default 96)")
+    p.add_argument("--epochs", type=opt.epochs, default="3",
+                   help="epochs of one full training, as `unlearn train --epochs` (default 3); --epochs x --records "
+                        f"at most {MAX_PROFILE_EXAMPLES:,}")
+    p.add_argument("--batch-size", type=opt.bounded(int, 1, opt.MAX_BATCH), default=16,
+                   help=f"training batch size, 1..{opt.MAX_BATCH} (default 16)")
+    p.add_argument("--max-length", type=opt.bounded(int, opt.MIN_LENGTH, opt.MAX_LENGTH), default=64,
+                   help="tokens per text, at most the model's positions (default 64)")
+    p.add_argument("--k", type=opt.bounded(int, 1, opt.MAX_SHOTS), default=4,
+                   help=f"ERASE: examples in a prompt, for the per-query cost, 1..{opt.MAX_SHOTS} (default 4)")
+    p.add_argument("--repeats", type=opt.bounded(int, 1, MAX_REPEATS), default=2,
+                   help=f"repeats of each timing, 1..{MAX_REPEATS}; the minimum is kept (default 2)")
+    p.add_argument("--run", default=None, type=opt.run_name,
                    help="calibrate on this existing run instead: its model, configuration, a sample of its records "
                         "and its shard/slice sizes (the run is not modified)")
     p.add_argument("--store", default=None, help="store of --run (default $UNLEARN_STORE or ./unlearn-store)")
@@ -107,37 +176,46 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("plan", help="size a deletion pipeline: simulate a request stream through configurations",
                        description=PLAN_DESCRIPTION, epilog=PLAN_EPILOG, formatter_class=fmt)
     g = p.add_argument_group("workload")
-    g.add_argument("--rate", default=None, help="mean rate of deletion requests, e.g. 500/day (one data owner each)")
-    g.add_argument("--pattern", default="poisson",
+    g.add_argument("--rate", type=_type(request_rate, text=True), default=None,
+                   help="mean rate of deletion requests, e.g. 500/day (one data owner each)")
+    g.add_argument("--pattern", type=_type(parse_pattern, text=True), default="poisson",
                    help="shape of the rate: poisson (default); daily:A[@HOUR] a daily cycle peaking at (1+A) x the "
                         "mean at HOUR (default 14); spike:AT,FOR,X the rate x X from AT for FOR (e.g. "
                         "spike:30d,2d,20); join with +")
     g.add_argument("--replay", default=None, help="replay a request log (`unlearn requests --run R --json > LOG`) "
                                                   "instead of --rate; configurations of the profile's calibrated "
                                                   "shape replay the shards and stages the log records")
-    g.add_argument("--horizon", default="90d", help="how long requests arrive (default 90d; a replay lasts as long "
-                                                    "as its log)")
-    g.add_argument("--records", default=None,
+    g.add_argument("--horizon", type=_type(horizon, text=True), default="90d",
+                   help="how long requests arrive (default 90d; a replay lasts as long as its log)")
+    g.add_argument("--records", type=_type(parse_count), default=None,
                    help="training records N, e.g. 1e6 (default: the profile's calibrated run)")
-    g.add_argument("--queries", default="0/day",
+    g.add_argument("--queries", type=_type(query_rate, text=True), default="0/day",
                    help="rate of inference queries, for the holistic cost (default 0/day)")
-    g.add_argument("--seed", type=int, default=0, help="seed of arrivals and placements (default 0)")
+    g.add_argument("--seed", type=opt.bounded(int, 0, opt.MAX_SEED), default=0,
+                   help="seed of arrivals and placements (default 0)")
     g = p.add_argument_group("configurations (comma lists; every combination is simulated)")
-    g.add_argument("--methods", default=",".join(METHODS), help="which of sisa, erase, full (default all)")
-    g.add_argument("--shards", default="8", help="SISA shards S (default 8)")
-    g.add_argument("--slices", default="4", help="SISA slices per shard R (default 4)")
-    g.add_argument("--partitions", default="8", help="ERASE partitions P of divide-and-conquer k-means (default 8)")
-    g.add_argument("--window", default="0", help="batching window of the coordinator (default 0: apply at once)")
-    g.add_argument("--workers", default="4", help="shard or partition retrainings that run at once (default 4)")
-    g.add_argument("--fallback", default=None,
-                   help="ERASE fallback probability per deletion (default: the profile's, by records per partition "
-                        "where the ERASE bench measured it)")
+    g.add_argument("--methods", type=_type(partial(parse_list, parse=method)), default=",".join(METHODS),
+                   help="which of sisa, erase, full (default all)")
+    g.add_argument("--shards", type=_type(counts(opt.MAX_SHARDS)), default="8", help="SISA shards S (default 8)")
+    g.add_argument("--slices", type=_type(counts(opt.MAX_SLICES)), default="4",
+                   help="SISA slices per shard R (default 4)")
+    g.add_argument("--partitions", type=_type(counts(opt.MAX_PARTITIONS)), default="8",
+                   help="ERASE partitions P of divide-and-conquer k-means (default 8)")
+    g.add_argument("--window", type=_type(partial(parse_list, parse=parse_duration)), default="0",
+                   help="batching window of the coordinator (default 0: apply at once)")
+    g.add_argument("--workers", type=_type(counts(MAX_WORKERS)), default="4",
+                   help="shard or partition retrainings that run at once (default 4)")
+    g.add_argument("--fallback", type=opt.bounded(float, 0, 1), default=None,
+                   help="ERASE fallback probability per deletion, in [0, 1] (default: the profile's, by records per "
+                        "partition where the ERASE bench measured it)")
     g = p.add_argument_group("costs and limits")
     g.add_argument("--profile", default="minilm",
                    help=f"a profile JSON from `unlearn profile`, or a shipped one ({', '.join(_profile_names())}; "
                         f"default minilm)")
-    g.add_argument("--sla", default=None, help="time-to-forget limit; requests over it are counted (e.g. 30d)")
-    g.add_argument("--price", default=None, help="price of one compute hour, to print a cost a day")
+    g.add_argument("--sla", type=_type(horizon), default=None,
+                   help="time-to-forget limit; requests over it are counted (e.g. 30d)")
+    g.add_argument("--price", type=opt.bounded(float, 0, MAX_PRICE), default=None,
+                   help="price of one compute hour, to print a cost a day")
     g.add_argument("--accuracy", default=os.path.join(RESULTS, "sisa.json"),
                    help="SISA bench results to charge the accuracy cost of S and R from, where they were "
                         "measured on N/10 to 10N records (N: --records); ERASE's from erase_accuracy.json beside "
@@ -147,8 +225,10 @@ def add_parsers(sub) -> None:
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
     g.add_argument("--plot", default=None, help="draw p99 time-to-forget and holistic cost against the rate, one "
                                                 "line and colour per configuration, open markers where it is "
-                                                "saturated, into this PNG (needs matplotlib)")
-    g.add_argument("--plot-rates", default=None, help="rates for --plot (default 7 from rate/10 to rate x 10)")
+                                                "saturated, into this .png file (needs matplotlib)")
+    g.add_argument("--plot-rates", type=_type(partial(parse_list, parse=request_rate, most=MAX_PLOT_RATES)),
+                   default=None, help=f"rates for --plot, at most {MAX_PLOT_RATES} (default 7 from rate/10 to "
+                                      f"rate x 10)")
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -265,82 +345,151 @@ def erase_accuracy(folder: str, sisa: Accuracy) -> Accuracy:
 
 
 # -- planning -------------------------------------------------------------------------------
+GRID = "--methods x --shards x --slices x --partitions x --window x --workers"
+
+
 def configs(args) -> list[Config]:
-    methods = parse_list(args.methods, "--methods", lambda t, o: t)
-    for m in methods:
-        if m not in METHODS:
-            raise UnlearnError(f"--methods {m!r}: not one of {', '.join(METHODS)}")
-    windows = parse_list(args.window, "--window", parse_duration)
-    workers = parse_list(args.workers, "--workers", parse_count)
+    """Every combination of the comma lists (parsed by their argparse types), at most
+    MAX_CONFIGS of them (counted before any is made)."""
+    methods, windows, workers = args.methods, args.window, args.workers
+    count = len(windows) * (len(args.shards) * len(args.slices) * len(workers) * ("sisa" in methods)
+                            + len(args.partitions) * len(workers) * ("erase" in methods) + ("full" in methods))
+    if count > MAX_CONFIGS:
+        raise OptionError(GRID, f"{count:,} configurations (every combination is simulated); at most {MAX_CONFIGS}")
     out = []
     for w in windows:
         if "sisa" in methods:
-            for S in parse_list(args.shards, "--shards", parse_count):
-                for R in parse_list(args.slices, "--slices", parse_count):
+            for S in args.shards:
+                for R in args.slices:
                     out += [Config("sisa", w, n, shards=S, slices=R) for n in workers]
         if "erase" in methods:
-            for P in parse_list(args.partitions, "--partitions", parse_count):
+            for P in args.partitions:
                 out += [Config("erase", w, n, partitions=P) for n in workers]
         if "full" in methods:
             out.append(Config("full", w, 1))
     return out
 
 
-def plan_inputs(args) -> tuple[Profile, int, Demand, Accuracy]:
+def check_plan(args) -> None:
+    """The checks that need more than one option, before any file is read: one of --rate
+    and --replay; --plot's file (a .png in a folder that exists) and matplotlib."""
+    if args.replay is not None and args.rate is not None:
+        raise OptionError("--replay", "give --replay or --rate, not both")
+    if args.replay is None and args.rate is None:
+        raise OptionError("--rate", "required (or --replay a request log)")
+    if args.plot_rates is not None and args.plot is None:
+        raise OptionError("--plot-rates", "only with --plot")
+    if args.plot is None:
+        return
+    if args.replay is not None:
+        raise OptionError("--plot", "draws against the rate: use it with --rate, not --replay")
+    if not args.plot.lower().endswith(".png"):
+        raise OptionError("--plot", f"must name a .png file, got {quote(args.plot)}")
+    check_writable(args.plot, "--plot")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UnlearnError("--plot needs matplotlib: pip install 'unlearn[plot]'") from None
+
+
+def check_writable(path: str, option: str) -> None:
+    """An output file whose folder exists and can be written: found before the work, not
+    after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UnlearnError(f"{option} {path}: is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise UnlearnError(f"{option} {path}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UnlearnError(f"{option} {path}: cannot write in {folder}")
+
+
+def write_atomically(path: str, option: str, write: Callable[[str], None]) -> None:
+    """`write(temporary path)` beside `path`, then renamed over it: a failed or interrupted
+    write leaves no file, and no half of one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UnlearnError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plan_inputs(args, grid: list[Config]) -> tuple[Profile, int, Demand, Accuracy]:
     from dataclasses import replace
 
     profile = load_profile(args.profile)
     if args.fallback is not None:
-        p = float(parse_nonnegative(args.fallback, "--fallback"))
-        if not 0 <= p <= 1:
-            raise UnlearnError(f"--fallback {args.fallback!r}: must be in [0, 1]")
-        profile = replace(profile, erase_fallback_p=p, erase_fallback_by_leaf=None)
+        profile = replace(profile, erase_fallback_p=args.fallback, erase_fallback_by_leaf=None)
     if args.records is not None:
-        records = parse_count(args.records, "--records")
+        records = args.records
     elif profile.layout:
         records = profile.layout_records
     else:
-        raise UnlearnError("--records: required (the profile was not calibrated on a run)")
-    sla = parse_duration(args.sla, "--sla") if args.sla is not None else None
-    price = parse_nonnegative(args.price, "--price") if args.price is not None else None
-    demand = Demand(sla_s=sla, queries_per_day=parse_rate(args.queries, "--queries") * DAY, price_per_hour=price)
+        raise OptionError("--records", "required (the profile was not calibrated on a run)")
+    demand = Demand(sla_s=args.sla, queries_per_day=query_rate(args.queries) * DAY, price_per_hour=args.price)
     accuracy = load_accuracy(args.accuracy)
     if args.accuracy != "none":
         accuracy = erase_accuracy(os.path.dirname(os.path.abspath(args.accuracy)), accuracy)
-    for config in configs(args):  # more slices than records would plan empty slices (and huge tables)
-        if config.shards * config.slices > records:
-            raise UnlearnError(f"--shards {config.shards} x --slices {config.slices}: more slices than the "
-                               f"{records} records")
+    for config in grid:  # more slices or partitions than records would plan empty ones (train refuses them)
+        if config.method == "sisa" and config.shards * config.slices > records:
+            raise OptionError(f"--shards {config.shards} x --slices {config.slices}",
+                              f"more slices than the {records:,} records (--records)")
+        if config.method == "erase" and config.partitions > records:
+            raise OptionError(f"--partitions {config.partitions}", f"more partitions than the {records:,} records "
+                                                                   f"(--records)")
     return profile, records, demand, accuracy
 
 
-def parse_nonnegative(text: str, option: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UnlearnError(f"{option} {text!r}: not a number") from None
-    if not (value >= 0 and value != float("inf")):
-        raise UnlearnError(f"{option} {text!r}: must be a finite number >= 0")
-    return value
+def plot_rates(args) -> list[float]:
+    """The rates --plot draws, per second."""
+    if args.plot_rates is not None:
+        return args.plot_rates
+    base = request_rate(args.rate)
+    return [base * 10 ** (e / 3) for e in range(-3, 4)]
+
+
+def check_work(args, grid: list[Config], requests: float | None = None) -> None:
+    """Refuse a plan that would take more than a minute or so: requests x configurations
+    over every simulated rate (the plan's, and --plot's) at most MAX_WORK. Generated
+    streams are counted from their expected size, before any is generated; a replay by
+    its log."""
+    if requests is None:  # a generated stream: its size grows with the rate
+        per_rate = expected_requests(1.0, parse_pattern(args.pattern), horizon(args.horizon))
+        rates = [request_rate(args.rate)]
+        check_requests(rates[0] * per_rate)
+        if args.plot is not None:
+            rates += plot_rates(args)
+            check_requests(max(rates) * per_rate, "--plot-rates" if args.plot_rates else "--plot")
+        requests = sum(rates) * per_rate
+        what, option = f"at {len(rates)} rates" if len(rates) > 1 else "", "--rate x --horizon"
+    else:
+        what, option = "", "--replay"
+    work = requests * len(grid)
+    if work > MAX_WORK:
+        raise OptionError(option, f"about {requests:.3g} requests{' ' + what if what else ''} through {len(grid)} "
+                                  f"configurations is {work:.3g} simulated; at most {MAX_WORK:.0e} (a shorter "
+                                  f"--horizon gives the same rates a day; or fewer configurations)")
 
 
 def workload_for(args, profile: Profile, rate: float | None = None) -> Workload:
     if args.replay:
-        if args.rate is not None:
-            raise UnlearnError("--replay and --rate: give one of them")
         log = _read_json(args.replay, "--replay")
         return from_log(log, args.seed, profile.layout_shape, where=args.replay)
-    if args.rate is None and rate is None:
-        raise UnlearnError("--rate: required (or --replay a request log)")
-    r = rate if rate is not None else parse_rate(args.rate, "--rate")
-    horizon = parse_duration(args.horizon, "--horizon")
+    r = rate if rate is not None else request_rate(args.rate)
     desc = f"{args.rate} ({args.pattern}) for {args.horizon}"
-    return generate(r, horizon, parse_pattern(args.pattern), args.seed, desc)
+    return generate(r, horizon(args.horizon), parse_pattern(args.pattern), args.seed, desc)
 
 
 def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]) -> dict:
     profile, records, demand, accuracy = inputs
     workload = workload_for(args, profile)
+    if args.replay:
+        check_work(args, grid, workload.requests)
     rows = [row(simulate(workload, c, profile, records), demand, accuracy) for c in grid]
     cheapest = rank(rows)
     notes = list(workload.notes)
@@ -362,11 +511,7 @@ def plan(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]
 def sweep(args, inputs: tuple[Profile, int, Demand, Accuracy], grid: list[Config]) -> dict:
     """p99 time-to-forget and holistic cost per configuration at each plotted rate."""
     profile, records, demand, accuracy = inputs
-    if args.replay:
-        raise UnlearnError("--plot draws against the rate: use it with --rate, not --replay")
-    base = parse_rate(args.rate, "--rate")
-    rates = (parse_list(args.plot_rates, "--plot-rates", parse_rate) if args.plot_rates
-             else [base * 10 ** (e / 3) for e in range(-3, 4)])
+    rates = plot_rates(args)
     out = {"rates_per_day": [r * DAY for r in rates], "lines": []}
     results = {c: [] for c in grid}
     for r in rates:
@@ -466,9 +611,7 @@ def draw(data: dict, path: str, title: str, sla_s: float | None) -> None:
 
     fig = figure(data, title, sla_s)
     try:
-        fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UnlearnError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
+        write_atomically(path, "--plot", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 
@@ -479,9 +622,13 @@ def _say(args, message: str) -> None:
 
 
 def run_plan(args) -> int:
-    inputs, grid = plan_inputs(args), configs(args)
+    check_plan(args)
+    grid = configs(args)
+    inputs = plan_inputs(args, grid)
+    if not args.replay:
+        check_work(args, grid)
     out = plan(args, inputs, grid)
-    if args.plot:
+    if args.plot is not None:
         data = sweep(args, inputs, grid)
         title = (f"{out['workload']['records']:,} records, profile {out['profile']['model']} "
                  f"({out['profile']['machine']}, {out['profile']['date']}), pattern {args.pattern}, "
@@ -532,6 +679,16 @@ def refresh_erase(profile: Profile, erase: dict) -> Profile:
                    sources={**profile.sources, **{k: src for k, (_v, src) in erase.items()}})
 
 
+def check_profile(args) -> None:
+    """Before anything is read or loaded: --max-length against the model's positions, the
+    training a timing takes, and --out's folder."""
+    if not args.refresh_erase and not args.run:  # with --run, the run's configuration
+        opt.check_max_length(args.model, args.max_length)
+        check_examples(args.epochs, args.records)
+    if args.out is not None or not args.refresh_erase:  # by default the profile goes to this folder
+        check_writable(args.out if args.out is not None else "unlearn-profile.json", "--out")
+
+
 def run_profile(args) -> int:
     from dataclasses import replace
 
@@ -541,12 +698,13 @@ def run_profile(args) -> int:
 
     from .profile import calibrate_run, measure
 
+    check_profile(args)
     erase = erase_measurements(args.erase_results)
 
     def progress(message: str) -> None:
         _say(args, message)
 
-    n = parse_count(args.records, "--records", minimum=16)
+    n = args.records
     if args.refresh_erase:
         profile = refresh_erase(load_profile(args.refresh_erase, "--refresh-erase"), erase)
         args.out = args.out or profile_path(args.refresh_erase, "--refresh-erase")  # in place, shipped or not
@@ -563,12 +721,13 @@ def run_profile(args) -> int:
         profile = measure(config, records, erase, repeats=args.repeats, k=args.k, progress=progress)
         profile = replace(profile, notes=profile.notes + f"; data {args.data or 'dataset:rotten_tomatoes'}")
     out = args.out or f"unlearn-profile-{os.path.basename(profile.model.rstrip('/'))}.json"
-    try:
-        with open(out, "w", encoding="utf-8") as f:
+
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(profile.to_json(), f, indent=1)
             f.write("\n")
-    except OSError as exc:
-        raise UnlearnError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+
+    write_atomically(out, "--out", write)
     _say(args, f"profile of {profile.model} written to {out}")
     if args.json:
         print(json.dumps(profile.to_json(), indent=1))
@@ -584,12 +743,23 @@ def run(args) -> int:
     raise AssertionError(args.command)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), as `unlearn` says them."""
+
+    def error(self, message: str):
+        self.exit(2, f"unlearn: error: {self.prog.removeprefix('unlearn').strip() or 'usage'}: {message}; "
+                     f"see {self.prog} --help\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="unlearn", description="capacity planning (profile, plan)")
+    parser = _Parser(prog="unlearn", description="capacity planning (profile, plan)")
     add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     try:
         return run(args)
+    except OptionError as exc:  # found after parsing: said the way argparse says them
+        print(f"unlearn: error: {args.command}: {exc}; see unlearn {args.command} --help", file=sys.stderr)
+        return 2
     except UnlearnError as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from fractions import Fraction
 from typing import Callable, Sequence
 
+from cluster.options import OptionError
 from sisa.config import SisaConfig
 from core.errors import UnlearnError
 from sisa.plan import stage_pass_sizes
@@ -37,6 +38,19 @@ ERASE_PLACEHOLDERS = {
     "erase_fallback_p": 0.01,
     "erase_batch_fixed_s": 0.05,
 }
+
+# Training examples a timing may take (--records x --epochs): 96 x 3 take about a minute with
+# minilm, this about two hours.
+MAX_PROFILE_EXAMPLES = 30_000
+
+
+def check_examples(epochs: str, records: int, whose: str = "--epochs") -> None:
+    """Refuse a profile whose timings would train for hours: `records` x `epochs` (the
+    run's, with --run) training examples."""
+    examples = Fraction(epochs) * records
+    if examples > MAX_PROFILE_EXAMPLES:
+        raise OptionError("--records", f"{records} records x {whose} {epochs} is {float(examples):g} training examples "
+                                       f"a timing; at most {MAX_PROFILE_EXAMPLES:,} (fewer --records)")
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -193,6 +207,8 @@ def calibrate_run(store, run_name: str, erase: dict, sample: int = 96, repeats: 
     from sisa.shard import ShardWorker
 
     run = SisaRun.open(store, run_name)
+    check_examples(run.config.epochs, min(sample, sum(len(sl.ids) for s in run.manifest.shards for sl in s.slices)),
+                   "the run's epochs")
     worker = ShardWorker(store, run_name, run.config)
     records = [r for s in run.manifest.shards for sl in s.slices for r in worker.load_slice(sl.data)]
     records.sort(key=lambda r: keyed_hash(0, "profile-sample", r.id))

@@ -15,11 +15,20 @@ from datetime import datetime
 
 import numpy as np
 
+from cluster.options import OptionError, _shown
 from core.errors import UnlearnError
 from core.keys import keyed_hash, keyed_uniform
+from core.records import quote
 
 DAY = 86400.0
 MAX_REQUESTS = 1e7  # arrivals are generated one by one: keep a plan to seconds, not hours
+# What the options may be: finite, and small enough that a plan takes seconds to a minute.
+MAX_RATE = 1e6  # requests (or queries) a second
+MAX_DURATION_S = 3650 * DAY  # horizon, windows, SLA, pattern times: ten years
+MAX_COUNT = 10**12  # records
+MAX_LIST = 1000  # values in one comma list
+MAX_SPIKES = 100
+MAX_SPIKE_FACTOR = 1e6
 UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0, "d": DAY, "day": DAY,
          "w": 7 * DAY, "week": 7 * DAY}
 
@@ -75,84 +84,132 @@ class Workload:
         return len(self.arrival_s)
 
 
-# -- parsing (one line naming the option and the value on bad input) -----------------------
-def _number(text: str, option: str) -> float:
+# -- parsing (one line naming the option, the allowed range and the value on bad input) ----
+def shown(text: str) -> str:
+    """A value as given, in a message: quoted where it is empty, padded or unprintable."""
+    return _shown(text) if text and text.strip() == text else quote(text)
+
+
+def _finite(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise UnlearnError(f"{option} {text!r}: not a number") from None
-    if not math.isfinite(value):
-        raise UnlearnError(f"{option} {text!r}: not a finite number")
-    return value
+        return None
+    return value if math.isfinite(value) else None
 
 
-def parse_duration(text: str, option: str = "duration") -> float:
-    """`0`, `90s`, `5min`, `1h`, `30d`, `2w`, or a bare number of seconds."""
+def duration_text(seconds: float) -> str:
+    """90 -> 90s, 3600 -> 1h, 86400 -> 1d: a limit as `--horizon` takes it."""
+    for unit, size in (("d", DAY), ("h", 3600.0), ("min", 60.0)):
+        if seconds and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}" + ("s" if seconds else "")
+
+
+def count_text(n: float) -> str:
+    return f"{n:.0e}".replace("e+0", "e").replace("e+", "e") if n >= 10**6 else f"{n:g}"
+
+
+def _interval(low: float, high: float, above: bool, show=lambda v: f"{v:g}") -> str:
+    return f"{'(' if above else '['}{show(low)}, {show(high)}]"
+
+
+def _inside(value: float | None, low: float, high: float, above: bool) -> bool:
+    return value is not None and math.isfinite(value) and (low < value if above else low <= value) and value <= high
+
+
+def parse_duration(text: str, option: str = "duration", low: float = 0.0, high: float = MAX_DURATION_S,
+                   above: bool = False) -> float:
+    """`0`, `90s`, `5min`, `1h`, `30d`, `2w`, or a bare number of seconds, in [low, high]
+    ((low, high] with `above`)."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-z]*)\s*", text)
-    if not m or (m.group(2) and m.group(2) not in UNITS):
-        raise UnlearnError(f"{option} {text!r}: not a duration (like 0, 90s, 5min, 1h, 30d, 2w)")
-    value = _number(m.group(1), option) * UNITS.get(m.group(2), 1.0)
-    if value < 0:
-        raise UnlearnError(f"{option} {text!r}: must not be negative")
-    return value
+    value = _finite(m.group(1)) if m and (not m.group(2) or m.group(2) in UNITS) else None
+    value = value * UNITS.get(m.group(2), 1.0) if value is not None else None
+    if not _inside(value, low, high, above):
+        raise OptionError(option, f"must be a duration in {_interval(low, high, above, duration_text)} (like "
+                                  f"{'' if above else '0, '}90s, 5min, 1h, 30d, 2w), got {shown(text)}")
+    return value + 0.0
 
 
-def parse_rate(text: str, option: str = "rate") -> float:
-    """`500/day`, `2/h`, `0.1/s`, `3/min`, `10/week`: events per second."""
+def parse_rate(text: str, option: str = "rate", low: float = 0.0, high: float = MAX_RATE,
+               above: bool = False) -> float:
+    """`500/day`, `2/h`, `0.1/s`, `3/min`, `10/week`: events per second, in [low, high]
+    ((low, high] with `above`)."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*/\s*([a-z]+)\s*", text)
-    if not m or m.group(2) not in UNITS:
-        raise UnlearnError(f"{option} {text!r}: not a rate (like 500/day, 2/h, 0.1/s)")
-    value = _number(m.group(1), option) / UNITS[m.group(2)]
-    if value < 0:
-        raise UnlearnError(f"{option} {text!r}: must not be negative")
-    return value
+    value = _finite(m.group(1)) if m and m.group(2) in UNITS else None
+    value = value / UNITS[m.group(2)] if value is not None else None
+    if not _inside(value, low, high, above):
+        raise OptionError(option, f"must be a rate in {_interval(low, high, above)} per second (like 500/day, 2/h, "
+                                  f"0.1/s), got {shown(text)}")
+    return value + 0.0
 
 
-def parse_count(text: str, option: str = "count", minimum: int = 1) -> int:
-    """`1e6`, `1000`: a whole number >= minimum."""
-    value = _number(text, option)
-    if value != int(value):
-        raise UnlearnError(f"{option} {text!r}: not a whole number")
-    if value < minimum:
-        raise UnlearnError(f"{option} {text!r}: must be >= {minimum}")
+def parse_count(text: str, option: str = "count", minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """`1e6`, `1000`: a whole number in minimum..maximum."""
+    value = _finite(text)
+    if not _inside(value, minimum, maximum, False) or value != int(value):
+        raise OptionError(option, f"must be a whole number in {count_text(minimum)}..{count_text(maximum)} "
+                                  f"(like 1000 or 1e6), got {shown(text)}")
     return int(value)
 
 
-def parse_list(text: str, option: str, parse) -> list:
+def parse_list(text: str, option: str, parse, most: int = MAX_LIST) -> list:
+    """A comma-separated list of `parse(item, option)` values: no empty item, no value twice."""
     items = [t.strip() for t in text.split(",")]
     if not text.strip() or any(not t for t in items):
-        raise UnlearnError(f"{option} {text!r}: empty item in the list")
-    return [parse(t, option) for t in items]
+        raise OptionError(option, f"empty item in the list {shown(text)}")
+    if len(items) > most:
+        raise OptionError(option, f"{len(items)} values; at most {most}")
+    values = [parse(t, option) for t in items]
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise OptionError(option, f"{shown(items[i])} repeats a value of the list {shown(text)}")
+    return values
+
+
+PATTERNS = "poisson, daily:A[@HOUR], spike:AT,FOR,FACTOR; join with +"
 
 
 def parse_pattern(text: str, option: str = "--pattern") -> Pattern:
     """`poisson`, `daily:A[@HH]` (daily cosine, peak rate x (1+A) at hour HH, default 14),
     `spike:AT,FOR,X` (rate x X from AT for FOR); combine with `+`."""
-    amplitude, peak, spikes = 0.0, 14 * 3600.0, []
+    amplitude, peak, spikes, daily = 0.0, 14 * 3600.0, [], False
+
+    def bad(part: str, why: str):
+        return OptionError(option, f"in {shown(part)}: {why}")
+
     for part in text.split("+"):
         part = part.strip()
         kind, _, arg = part.partition(":")
         if kind == "poisson" and not arg:
             continue
-        if kind == "daily" and arg:
+        if kind == "daily" and arg and not daily:
+            daily = True
             a, _, hour = arg.partition("@")
-            amplitude = _number(a, option)
-            if not 0 <= amplitude <= 1:
-                raise UnlearnError(f"{option} {part!r}: the daily amplitude must be in [0, 1]")
+            amplitude = _finite(a)
+            if not _inside(amplitude, 0.0, 1.0, False):
+                raise bad(part, f"the daily amplitude must be a number in [0, 1], got {shown(a)}")
             if hour:
-                peak = _number(hour, option) * 3600.0
-                if not 0 <= peak < DAY:
-                    raise UnlearnError(f"{option} {part!r}: the peak hour must be in [0, 24)")
+                h = _finite(hour)
+                if h is None or not 0 <= h < 24:
+                    raise bad(part, f"the peak hour must be a number in [0, 24), got {shown(hour)}")
+                peak = h * 3600.0
             continue
-        if kind == "spike" and arg.count(",") == 2:
+        if kind == "spike" and arg.count(",") == 2 and len(spikes) < MAX_SPIKES:
             at, length, factor = arg.split(",")
-            f = _number(factor, option)
-            if f < 0:
-                raise UnlearnError(f"{option} {part!r}: the spike factor must be >= 0")
-            spikes.append(Spike(parse_duration(at, option), parse_duration(length, option), f))
+            f = _finite(factor)
+            if not _inside(f, 0.0, MAX_SPIKE_FACTOR, False):
+                raise bad(part, f"the spike factor must be a number in [0, {MAX_SPIKE_FACTOR:g}], got {shown(factor)}")
+            try:
+                spikes.append(Spike(parse_duration(at, option), parse_duration(length, option), f))
+            except OptionError as exc:
+                raise bad(part, f"the spike's start and length {exc.why}") from None
             continue
-        raise UnlearnError(f"{option} {part!r}: not a pattern (poisson, daily:A[@HOUR], spike:AT,FOR,FACTOR; "
-                           f"join with +)")
+        if kind == "daily" and daily:
+            raise bad(part, "a second daily cycle (give one)")
+        if kind == "spike" and len(spikes) >= MAX_SPIKES:
+            raise bad(part, f"more than {MAX_SPIKES} spikes")
+        raise OptionError(option, f"{shown(part)} is not a pattern ({PATTERNS})")
     return Pattern(amplitude, peak, tuple(spikes))
 
 
@@ -165,9 +222,9 @@ def cumulative_intensity(rate_per_s: float, pattern: Pattern, horizon_s: float,
     w = 2 * math.pi / DAY
     base = t + pattern.daily_amplitude / w * (np.sin(w * (t - pattern.peak_s)) - math.sin(-w * pattern.peak_s))
     rate = np.ones(len(t) - 1)
+    mid = (t[:-1] + t[1:]) / 2  # increasing: a spike is the cells whose middle is in [start, start + duration)
     for sp in pattern.spikes:
-        mid = (t[:-1] + t[1:]) / 2
-        rate = np.where((mid >= sp.start_s) & (mid < sp.start_s + sp.duration_s), rate * sp.factor, rate)
+        rate[np.searchsorted(mid, sp.start_s):np.searchsorted(mid, sp.start_s + sp.duration_s)] *= sp.factor
     cum = np.concatenate([[0.0], np.cumsum(np.diff(base) * rate)])
     return t, rate_per_s * cum
 
@@ -181,18 +238,30 @@ def request_keys(request_ids: list[str], seed: int) -> tuple[np.ndarray, np.ndar
     return place & np.uint64(0xFFFFFFFF), place >> np.uint64(32), fallback
 
 
+def check_requests(expected: float, option: str = "--rate") -> None:
+    """A stream of about `expected` requests must be small enough to generate in seconds."""
+    if not expected <= MAX_REQUESTS:
+        raise OptionError(option, f"about {expected:.3g} requests over --horizon ({option} x --horizon, shaped by "
+                                  f"--pattern); at most {MAX_REQUESTS:.0e} are simulated (a shorter --horizon gives "
+                                  f"the same rates a day)")
+
+
+def expected_requests(rate_per_s: float, pattern: Pattern, horizon_s: float) -> float:
+    """How many requests a generated stream holds on average."""
+    return float(cumulative_intensity(rate_per_s, pattern, horizon_s)[1][-1])
+
+
 def generate(rate_per_s: float, horizon_s: float, pattern: Pattern = Pattern(), seed: int = 0,
              description: str = "") -> Workload:
     """Arrivals of a Poisson process with the pattern's time-varying rate, by time
     rescaling: unit-rate points in expected-arrival space, mapped back through the
     inverse cumulative intensity. Point i's gap is a keyed Exp(1) of request i."""
-    if horizon_s <= 0:
-        raise UnlearnError(f"--horizon {horizon_s:g} s: must be > 0")
+    if not 0 < horizon_s <= MAX_DURATION_S:
+        raise OptionError("--horizon", f"must be a duration in (0, {duration_text(MAX_DURATION_S)}], got "
+                                       f"{horizon_s:g} s")
     t, cum = cumulative_intensity(rate_per_s, pattern, horizon_s)
     total = cum[-1]
-    if total > MAX_REQUESTS:
-        raise UnlearnError(f"--rate x --horizon: about {total:.3g} requests; simulate at most {MAX_REQUESTS:.0e} "
-                           f"(a shorter --horizon gives the same rates a day)")
+    check_requests(total)
     points: list[float] = []
     s, i = 0.0, 0
     while True:
