@@ -26,7 +26,7 @@ say "three data owners (movies) ask to be forgotten"
 OWNERS=$(python - "$TRAIN" <<'PY'
 import sys
 from collections import Counter
-from sisa.records import load_records
+from core.sources import load_records
 counts = Counter(r.owner for r in load_records(sys.argv[1]))
 # three owners with a few reviews each, chosen deterministically
 print(",".join(sorted(o for o, n in counts.items() if 2 <= n <= 4)[:3]))
