@@ -117,3 +117,17 @@ def test_no_import_circle():
 
 def test_the_cycle_finder_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_demo_script_imports_what_exists():
+    """deploy/demo.sh runs Python inline; a moved module would break `make demo` only."""
+    import importlib
+    import re
+
+    with open(os.path.join(ROOT, "deploy", "demo.sh"), encoding="utf-8") as f:
+        found = re.findall(r"^from ([\w.]+) import ([\w, ]+)$", f.read(), re.M)
+    assert found
+    for module, names in found:
+        m = importlib.import_module(module)
+        for name in names.split(","):
+            assert hasattr(m, name.strip()), f"deploy/demo.sh: {module} has no {name.strip()}"
