@@ -363,6 +363,7 @@ def _resume(args, store, run, progress: bool) -> int:
             time.sleep(0.2)
     else:
         _apply_until(coordinator, lambda: not coordinator.pending(), progress, waiting)
+    coordinator.sweep()  # what killed writers left, also when nothing was queued
     log = [r.to_json() for r in coordinator.log() if r.request_id in before]
     lines = [f"{r['request_id']}  {r['status']:<8}  " + (f"{r['records_deleted']} records" if r["status"] == "done"
                                                           else (r["reason"] or r["last_error"] or ""))

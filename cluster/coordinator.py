@@ -202,6 +202,7 @@ class Coordinator:
             self._settle(batch, exc, lock)
             raise
         self._compact(lock)
+        self._sweep()  # what a writer killed during this batch left (a submitter's queue entry)
         return done
 
     def _compact(self, lock: RunLock) -> None:
@@ -247,11 +248,27 @@ class Coordinator:
         except Exception:  # the lock is gone or the store is down: the entries stay as they are
             pass
 
+    def sweep(self) -> bool:
+        """Remove what killed writers left, now, if the run lock is free (`resume` with
+        nothing queued: otherwise only the next batch would). False if another process
+        holds the lock: it sweeps after its batch."""
+        try:
+            lock = RunLock(self.store, self.run, "resume", watch=self._watch).acquire()
+        except RunBusy:
+            return False
+        try:
+            self._sweep()
+        finally:
+            lock.release()
+        return True
+
     def _sweep(self) -> None:
-        """Temporary files that killed writers left (they may name deleted ids): anywhere in
-        the run once two minutes old (any process appends to the queue or tries the lock, so
-        a younger one may be a write in progress); in `requests/` at once, since only the
-        lock holder, which is us, writes there."""
+        """Temporary files that killed writers left (they may name deleted ids). A file names
+        its writer (core/store.py): one whose writer on this machine is gone is removed at
+        once. Others (another machine's) anywhere in the run once two minutes old (any
+        process appends to the queue or tries the lock, so a younger one may be a write in
+        progress), and in `requests/` at once, since only the lock holder, which is us,
+        writes there."""
         for prefix, age in ((f"{self.run}/", 120), (f"{self.run}/requests/", 0)):
             for key in self.store.stale_temporary(prefix, older_than_s=age):
                 self.store.delete(key)

@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from .errors import UnlearnError
+from .procs import boot_id, pid_namespace, process_alive, process_start  # noqa: F401 (re-export)
 from .keys import sha256_hex
 from .records import quote
 from .store import Store
@@ -66,53 +67,6 @@ class RunBusy(UnlearnError):
 class LockLost(UnlearnError):
     """The lock was taken over while this process held it (it was presumed dead): the
     work in flight must not be committed. Transient: the new holder carries on."""
-
-
-# -- facts about processes (the impure part of the liveness decision) -------------------
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def pid_namespace() -> str:
-    """This process's pid namespace ("pid:[4026531836]"): pids are only comparable within one."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def process_start(pid: int) -> str:
-    """The kernel's start time of `pid` (clock ticks since boot), "" if unknown: with the
-    pid it names one process, even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_alive(pid: int, start: str = "") -> bool:
-    """True while `pid` runs (not a zombie) and, if `start` is given, is that process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state in ("Z", "X"):
-            return False
-    except (OSError, IndexError):
-        pass
-    return not start or process_start(pid) in ("", start)
 
 
 # -- the pure decision ---------------------------------------------------------------------

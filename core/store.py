@@ -81,6 +81,29 @@ def _check_key(key: str) -> None:
         raise ValueError(f"invalid storage key {key!r}")
 
 
+_TEMP = re.compile(r"\.tmp-([0-9a-f]{12})-(\d+)-(\d*)-")
+
+
+def temporary_prefix() -> str:
+    """`.tmp-<machine>-<pid>-<start>-`: a temporary file names its writer, so the next
+    deletion can tell at once that a killed writer left it (and remove what it may say)."""
+    from .procs import machine_id, process_start
+
+    pid = os.getpid()
+    return f".tmp-{machine_id()}-{pid}-{process_start(pid)}-"
+
+
+def temporary_writer_gone(name: str) -> bool | None:
+    """Whether the writer of temporary file `name` is gone: None when it cannot be told
+    here (another machine, or a name without its writer)."""
+    from .procs import machine_id, process_alive
+
+    m = _TEMP.match(name)
+    if not m or m.group(1) != machine_id():
+        return None
+    return not process_alive(int(m.group(2)), m.group(3))
+
+
 class LocalStore:
     """A directory tree; writes go to a temporary file, fsync, then rename."""
 
@@ -101,7 +124,7 @@ class LocalStore:
         for attempt in range(5):  # a concurrent delete may remove the folder once it is empty
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=temporary_prefix())
                 break
             except FileNotFoundError:
                 if attempt == 4:
@@ -166,19 +189,26 @@ class LocalStore:
         return self._walk(prefix, temporary=False)
 
     def stale_temporary(self, prefix: str, older_than_s: float) -> list[str]:
-        """Temporary files a killed writer left under `prefix` (older than `older_than_s`,
-        so a write in progress is never among them): they may hold what was deleted."""
+        """Temporary files a killed writer left under `prefix`: they may hold what was
+        deleted. A file named by a writer on this machine is stale as soon as that process
+        is gone, and never while it runs; any other (another machine sharing the folder, an
+        older name) once older than `older_than_s`, so a write in progress is not among them."""
         import time
 
         now = time.time()
         out = []
         for key in self._walk(prefix, temporary=True):
-            if key.rsplit("/", 1)[-1].startswith(".tmp-"):
+            name = key.rsplit("/", 1)[-1]
+            if not name.startswith(".tmp-"):
+                continue
+            gone = temporary_writer_gone(name)
+            if gone is None:
                 try:
-                    if now - os.path.getmtime(self._path(key)) > older_than_s:
-                        out.append(key)
+                    gone = now - os.path.getmtime(self._path(key)) > older_than_s
                 except OSError:
                     continue
+            if gone:
+                out.append(key)
         return out
 
     def list_all(self, prefix: str) -> list[str]:

@@ -272,3 +272,44 @@ def test_temporary_files_in_requests_are_swept_by_the_next_delete(store, capsys)
     os.utime(planted[2], (old, old))  # a killed HEAD write, minutes ago
     assert cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0003", "--quiet")[0] == 0
     assert [p for p in planted if os.path.exists(p)] == []
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from core.store import LocalStore
+def die(*a):
+    os.kill(os.getpid(), signal.SIGKILL)  # after the temporary file is written, before it becomes the key
+os.replace = die
+LocalStore(sys.argv[1]).put("r/queue/00000000000000000001-deadbeef.json", b'{"ids": ["r0005"], "owners": ["o9"]}')
+"""
+
+
+def test_a_killed_writers_temporary_file_is_swept_at_once_by_the_next_delete_or_resume(store, capsys):
+    """Seen: a writer killed (-9) while rewriting a queue entry left `queue/.tmp-*` naming
+    the ids; the next delete and `resume` kept it (only files two minutes old were swept)."""
+    from core.store import temporary_prefix
+
+    def killed_writer() -> str:
+        proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, store], capture_output=True, timeout=60)
+        assert proc.returncode == -9, proc.stderr
+        left = [n for n in os.listdir(os.path.join(store, "r", "queue")) if n.startswith(".tmp-") and n != live_name]
+        assert len(left) == 1
+        return os.path.join(store, "r", "queue", left[0])
+
+    live_name = temporary_prefix() + "live"
+    os.makedirs(os.path.join(store, "r", "queue"), exist_ok=True)
+    live = os.path.join(store, "r", "queue", live_name)  # this process is writing it: kept
+    with open(live, "w") as f:
+        f.write("a write in progress")
+    dead = killed_writer()
+    assert cli(capsys, "delete", "--run", "r", "--store", store, "--ids", "r0003", "--quiet")[0] == 0
+    assert not os.path.exists(dead) and os.path.exists(live)
+    dead = killed_writer()
+    code, out, _err = cli(capsys, "resume", "--run", "r", "--store", store)
+    assert code == 0 and "nothing queued" in out
+    assert not os.path.exists(dead) and os.path.exists(live)
+    os.unlink(live)
+    with open(os.path.join(store, "r", "queue", ".tmp-abc123"), "w"):  # no writer named: the age rule
+        pass
+    assert cli(capsys, "resume", "--run", "r", "--store", store)[0] == 0
+    assert os.path.exists(os.path.join(store, "r", "queue", ".tmp-abc123"))
