@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout", ray: bool = False) -> None:
     p.add_argument("--run", required=True, type=opt.run_name, help="name of the run (a safe storage key: no '/', '..' or control characters)")
-    p.add_argument("--store", default=None, help="directory, file:///directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
+    p.add_argument("--store", type=opt.given, default=None, help="directory, file:///directory or s3://bucket/prefix (default $UNLEARN_STORE or ./unlearn-store)")
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if ray:
@@ -67,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint after every stage. ERASE (--method erase): embed every record, choose "
                                    "k examples by quantized k-means for the prompt of a frozen language model.")
     _common(p, ray=True)
-    p.add_argument("--data", required=True, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
+    p.add_argument("--data", required=True, type=opt.given, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
     p.add_argument("--method", choices=("sisa", "erase"), default="sisa", help="unlearning method (default sisa)")
     p.add_argument("--shards", type=opt.bounded(int, 1, opt.MAX_SHARDS), default=4, help="number of shards S (default 4)")
     p.add_argument("--slices", type=opt.bounded(int, 1, opt.MAX_SLICES), default=4, help="slices per shard R (default 4)")
     p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
     p.add_argument("--epochs", type=opt.epochs, default="3", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 3)")
     p.add_argument("--seed", type=opt.bounded(int, 0, opt.MAX_SEED), default=0, help="seed of every keyed random choice (default 0)")
-    p.add_argument("--labels", default=None, help="comma-separated label set (default: the labels in the data, sorted)")
+    p.add_argument("--labels", type=opt.labels, default=None, help="comma-separated label set (default: the labels in the data, sorted)")
     p.add_argument("--lr", type=opt.bounded(float, 0, opt.MAX_LR, above=True), default=3e-3, help="AdamW learning rate, constant (default 3e-3)")
     p.add_argument("--batch-size", type=opt.bounded(int, 1, opt.MAX_BATCH), default=16, help="batch size (default 16)")
     p.add_argument("--max-length", type=opt.bounded(int, opt.MIN_LENGTH, opt.MAX_LENGTH), default=64,
@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "affected slice, commit, and purge every superseded checkpoint and data object.")
     _common(p, "print the receipt as JSON on stdout", ray=True)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--ids", help="comma-separated record ids")
-    g.add_argument("--ids-file", help="file with one record id per line")
-    g.add_argument("--owners", help="comma-separated data owners")
-    g.add_argument("--owners-file", help="file with one data owner per line")
+    g.add_argument("--ids", type=opt.given, help="comma-separated record ids")
+    g.add_argument("--ids-file", type=opt.given, help="file with one record id per line")
+    g.add_argument("--owners", type=opt.given, help="comma-separated data owners")
+    g.add_argument("--owners-file", type=opt.given, help="file with one data owner per line")
     p.add_argument("--ignore-missing", action="store_true", help="skip ids/owners the run never held instead of failing")
     p.add_argument("--window", type=opt.bounded(float, 0, opt.MAX_WINDOW_S), default=0.0,
                    help="batching window in seconds of the run's coordinator when this command creates it "
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="labels and probabilities for texts, aggregated over the shard models")
     _common(p, ray=True)
-    p.add_argument("--input", required=True, help=".txt or - for stdin (one text per line), or JSONL/CSV/Parquet with a 'text' field")
+    p.add_argument("--input", required=True, type=opt.given, help=".txt or - for stdin (one text per line), or JSONL/CSV/Parquet with a 'text' field")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
     p.add_argument("--wait", action="store_true",
                    help="if shards are retraining for an acknowledged deletion, wait and answer from all shards "
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
     _common(p, ray=True)
-    p.add_argument("--data", required=True, help="labelled records, same formats as train")
+    p.add_argument("--data", required=True, type=opt.given, help="labelled records, same formats as train")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
 
     from cluster.capacity.commands import add_parsers as add_capacity_parsers
@@ -183,15 +183,6 @@ def _split(value: str, what: str) -> list[str]:
     if not items:
         raise UnlearnError(f"--{what}: no values given")
     return items
-
-
-def _read_lines_file(path: str) -> list[str]:
-    from core.sources import read_lines
-
-    ids = read_lines(path)
-    if not ids:
-        raise UnlearnError(f"{path}: no values (one id or owner per line)")
-    return ids
 
 
 def _emit(args, obj: dict, text: str) -> None:
@@ -259,10 +250,7 @@ def _delete(args, store, run, progress: bool) -> dict:
     """Through the run's coordinator (a named Ray actor, or in this process): logged
     durably, acknowledged, applied (by this process, or by the live one that holds the
     run lock), receipted. Returns the receipt."""
-    ids = _split(args.ids, "ids") if args.ids else _read_lines_file(args.ids_file) if args.ids_file else []
-    owners = (_split(args.owners, "owners") if args.owners
-              else _read_lines_file(args.owners_file) if args.owners_file else [])
-    opt.check_targets(args, ids, owners)
+    ids, owners = args.targets if getattr(args, "targets", None) else opt.delete_targets(args)
     from core.receipts import not_found
 
     targets, already, unknown = run.resolve(ids, owners)  # for the receipt; the coordinator validates

@@ -53,8 +53,16 @@ class OptionError(UnlearnError):
         self.option, self.why = option, why
 
 
+# What a number may look like: ASCII digits only (no `1_0`, no surrounding blanks, no
+# Arabic-Indic or other Unicode digits, which int() and float() would take).
+_INT = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_FLOAT = re.compile(rf"{_DECIMAL}|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)  # nan, inf: refused by range
+_EPOCHS = re.compile(rf"{_DECIMAL}|[0-9]+/[0-9]+")
+
+
 def _shown(text: str) -> str:
-    return text if len(text) <= 40 and text.isprintable() else quote(text)
+    return text if 0 < len(text) <= 40 and text.isprintable() and text == text.strip() else quote(text)
 
 
 def bounded(convert: type, low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
@@ -63,8 +71,12 @@ def bounded(convert: type, low: float, high: float, *, above: bool = False) -> C
     kind = "an integer" if convert is int else "a number"
     where = f"{int(low)}..{int(high)}" if convert is int else f"{'(' if above else '['}{low:g}, {high:g}]"
 
+    syntax = _INT if convert is int else _FLOAT
+
     def parse(text: str):
         try:
+            if not syntax.fullmatch(text):
+                raise ValueError(text)
             value = convert(text)
         except ValueError:  # argparse says "invalid int value: 'q'"; a long text is cut
             if len(text) <= 40:
@@ -84,11 +96,27 @@ def epochs(text: str) -> str:
     a number in (0, MAX_EPOCHS]. A decimal is read as a float first: Fraction("1e-999999999")
     would compute a power of ten with a billion digits."""
     try:
-        ok = ("/" in text or 0 < float(text) <= MAX_EPOCHS) and 0 < Fraction(text) <= MAX_EPOCHS
+        ok = bool(_EPOCHS.fullmatch(text)) and ("/" in text or 0 < float(text) <= MAX_EPOCHS) \
+            and 0 < Fraction(text) <= MAX_EPOCHS
     except (ValueError, ZeroDivisionError, OverflowError):
         ok = False
     if not ok:
         raise argparse.ArgumentTypeError(f"must be a number in (0, {MAX_EPOCHS}], got {_shown(text)}")
+    return text
+
+
+def given(text: str) -> str:
+    """A value that may not be empty (`--store ''` must not mean the default store)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def labels(text: str) -> str:
+    """A comma-separated label set with at least one label (`--labels ''` must not mean
+    the labels in the data)."""
+    if not split_values(text):
+        raise argparse.ArgumentTypeError(f"needs at least one label (comma-separated), got {quote(text)}")
     return text
 
 
@@ -230,8 +258,8 @@ def check_options(args) -> None:
         from core.records import unencodable
 
         check_values(args.labels.split(","), "--labels", unencodable)
-    if args.command == "delete" and (args.ids or args.owners):  # files are read, and checked, by delete
-        check_targets(args, split_values(args.ids), split_values(args.owners))
+    if args.command == "delete":
+        args.targets = delete_targets(args)
     if getattr(args, "runtime", None) == "ray" and getattr(args, "actor_cpus", None) is not None:
         check_actor_cpus(args.actor_cpus, ray_node_cpus(args.address))
 
@@ -239,6 +267,36 @@ def check_options(args) -> None:
 def split_values(value: str | None) -> list[str]:
     """`a, b,,c` -> ["a", "b", "c"]: comma-separated values, blanks dropped."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def delete_targets(args) -> tuple[list[str], list[str]]:
+    """`delete`'s ids and owners, from the command line or a file (`--ids-file`,
+    `--owners-file`), checked before the store is touched: at least one, at most as many
+    as one deletion request over HTTP carries, each valid (`check_targets`)."""
+    from cluster import http_api
+    from core.records import shown_path
+    from core.sources import read_lines
+
+    found, source = {}, ""
+    for name in ("ids", "owners"):
+        inline, path = getattr(args, name, None), getattr(args, f"{name}_file", None)
+        found[name] = []
+        if inline:
+            found[name], source = split_values(inline), f"--{name}"
+            if not found[name]:
+                raise UnlearnError(f"--{name}: no values given")
+        elif path:
+            found[name], source = read_lines(path), f"--{name}-file {shown_path(path)}"
+            if not found[name]:
+                raise UnlearnError(f"{shown_path(path)}: no values (one id or owner per line)")
+    ids, owners = found["ids"], found["owners"]
+    count, cap = len(ids) + len(owners), http_api.MAX_NAMES
+    if count > cap:
+        them = "the file" if "-file" in source else "them"
+        raise UnlearnError(f"{source}: {count} {'ids' if ids else 'owners'}, more than the {cap} a deletion request "
+                           f"may carry; split {them} into requests of at most {cap}")
+    check_targets(args, ids, owners)
+    return ids, owners
 
 
 def check_targets(args, ids: list[str], owners: list[str]) -> None:

@@ -45,6 +45,12 @@ def quote(value: object) -> str:
     return json.dumps(value, ensure_ascii=True)
 
 
+def shown_path(path: str) -> str:
+    """A user-given path as a message shows it: as is when printable, else JSON-quoted with
+    escapes (`"a\\u001b[31m.jsonl"`), so that no control character reaches the terminal."""
+    return path if path.isprintable() else quote(path)
+
+
 def unencodable(value: str) -> str | None:
     """Why `value` cannot be written as UTF-8 (a lone surrogate, as JSON's "\\ud800" or a
     command line's undecodable bytes give), or None."""

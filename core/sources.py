@@ -10,12 +10,87 @@ import csv
 import io
 import json
 import os
-from typing import Iterator
+import stat
+from typing import BinaryIO, Iterator
 
 from .errors import UnlearnError
-from .records import REQUIRED, LongInteger, MAX_INT_DIGITS, Record, field_value, quote, validate_rows
+from .records import REQUIRED, LongInteger, MAX_INT_DIGITS, Record, field_value, quote, shown_path, validate_rows
 
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, as spreadsheets write it: skipped
+MAX_FILE_BYTES = 2 << 30  # 2 GiB: an input file (or stdin) larger than this is refused
+MAX_LINE_BYTES = 16 << 20  # 16 MiB: so is a line longer than this
+RECORD_TYPES = (".jsonl", ".json", ".ndjson", ".csv", ".parquet")
+TEXT_TYPES = (".txt", *RECORD_TYPES)
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _input_file(path: str, types: tuple[str, ...]) -> str:
+    """Check, before anything is read, that `path` is a regular file of at most
+    MAX_FILE_BYTES (a device such as /dev/zero would never end) whose extension is one of
+    `types` (empty: any); returns the extension, lower case."""
+    shown = shown_path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UnlearnError(f"{shown}: no such file") from None
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL
+        raise UnlearnError(f"{shown}: {getattr(exc, 'strerror', None) or exc}") from None
+    ext = os.path.splitext(path)[1].lower()
+    if stat.S_ISDIR(st.st_mode) and types:
+        raise UnlearnError(f"{shown}: is a directory, expected a {', '.join(types[:-1])} or {types[-1]} file")
+    if types and ext not in types:
+        raise UnlearnError(f"{shown}: unknown file type {ext or '(none)'!r}; "
+                           f"use {', '.join(types[:-1])} or {types[-1]}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnlearnError(f"{shown}: {_kind(st.st_mode)}, expected a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise UnlearnError(f"{shown}: {st.st_size} bytes, over the limit of {_size(MAX_FILE_BYTES)} for an input file")
+    return ext
+
+
+def _read_bounded(shown: str, f: BinaryIO) -> bytes:
+    """All of `f`, read in chunks: more than MAX_FILE_BYTES in all, or a line longer than
+    MAX_LINE_BYTES, is refused as soon as it is seen (memory stays bounded by the limit,
+    also for a pipe or a file that grows while it is read)."""
+    chunk_size = min(1 << 20, MAX_LINE_BYTES)  # a line inside one chunk is shorter than the limit
+    chunks, total, line, newlines = [], 0, 0, 0  # line: bytes of the current line so far
+    while True:
+        chunk = f.read(chunk_size)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > MAX_FILE_BYTES:
+            raise UnlearnError(f"{shown}: over the limit of {_size(MAX_FILE_BYTES)} for an input file")
+        first = chunk.find(b"\n")
+        line += len(chunk) if first < 0 else first
+        if line > MAX_LINE_BYTES:
+            raise UnlearnError(f"{shown}:{newlines + 1}: line longer than the limit of {_size(MAX_LINE_BYTES)}")
+        if first >= 0:
+            newlines += chunk.count(b"\n")
+            line = len(chunk) - chunk.rfind(b"\n") - 1
+        chunks.append(chunk)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return _read_bounded(shown_path(path), f)
+    except OSError as exc:
+        raise UnlearnError(f"{shown_path(path)}: {exc.strerror}") from None
 
 
 def _decode_lines(path: str, raw: bytes) -> list[str]:
@@ -33,12 +108,8 @@ def _decode_lines(path: str, raw: bytes) -> list[str]:
 
 def read_lines(path: str) -> list[str]:
     """The non-empty lines of a text file, stripped (`--ids-file`, `--owners-file`)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise UnlearnError(f"{path}: {exc.strerror}") from None
-    return [line.strip() for line in _decode_lines(path, raw) if line.strip()]
+    _input_file(path, ())
+    return [line.strip() for line in _decode_lines(shown_path(path), _read_file(path)) if line.strip()]
 
 
 class _DuplicateKey(Exception):
@@ -113,8 +184,8 @@ def _parquet_rows(path: str) -> Iterator[tuple[dict, str]]:
     table = _read_parquet(path)
     for name in REQUIRED:
         if name not in table.column_names:
-            raise UnlearnError(f"{path}: missing column '{name}'")
-    return _parquet_dicts(path, table, (*REQUIRED, "owner"))
+            raise UnlearnError(f"{shown_path(path)}: missing column '{name}'")
+    return _parquet_dicts(shown_path(path), table, (*REQUIRED, "owner"))
 
 
 def _parquet_dicts(path: str, table, names: tuple[str, ...]) -> Iterator[tuple[dict, str]]:
@@ -144,24 +215,16 @@ def load_records(spec: str) -> list[Record]:
         from .datasets import load_dataset
 
         return load_dataset(spec)
-    if not os.path.exists(spec):
-        raise UnlearnError(f"{spec}: no such file")
-    if os.path.isdir(spec):
-        raise UnlearnError(f"{spec}: is a directory, expected a .jsonl, .csv or .parquet file")
-    ext = os.path.splitext(spec)[1].lower()
+    ext = _input_file(spec, RECORD_TYPES)
+    shown = shown_path(spec)
     if ext == ".parquet":
         records = validate_rows(_parquet_rows(spec))
+    elif ext == ".csv":
+        records = validate_rows(_csv_rows(shown, _read_file(spec)))
     else:
-        with open(spec, "rb") as f:
-            raw = f.read()
-        if ext in (".jsonl", ".json", ".ndjson"):
-            records = validate_rows(_jsonl_rows(spec, raw))
-        elif ext == ".csv":
-            records = validate_rows(_csv_rows(spec, raw))
-        else:
-            raise UnlearnError(f"{spec}: unknown file type {ext or '(none)'!r}; use .jsonl, .csv or .parquet")
+        records = validate_rows(_jsonl_rows(shown, _read_file(spec)))
     if not records:
-        raise UnlearnError(f"{spec}: no records")
+        raise UnlearnError(f"{shown}: no records")
     return records
 
 
@@ -170,32 +233,23 @@ def load_texts(spec: str) -> list[str]:
     if spec == "-":
         import sys
 
-        texts = [line for line in _decode_lines("<stdin>", sys.stdin.buffer.read()) if line.strip()]
+        texts = [line for line in _decode_lines("<stdin>", _read_bounded("<stdin>", sys.stdin.buffer)) if line.strip()]
         if not texts:
             raise UnlearnError("<stdin>: no texts")
         return texts
-    if not os.path.exists(spec):
-        raise UnlearnError(f"{spec}: no such file")
-    ext = os.path.splitext(spec)[1].lower()
+    ext = _input_file(spec, TEXT_TYPES)
+    shown = shown_path(spec)
     if ext == ".parquet":
         rows = _parquet_rows_text(spec)
+    elif ext == ".txt":
+        rows = ((line, None) for line in _decode_lines(shown, _read_file(spec)) if line.strip())
+    elif ext == ".csv":
+        rows = _csv_text_rows(shown, _read_file(spec))
     else:
-        with open(spec, "rb") as f:
-            raw = f.read()
-        if ext == ".txt":
-            texts = [line for line in _decode_lines(spec, raw) if line.strip()]
-            if not texts:
-                raise UnlearnError(f"{spec}: no texts")
-            return texts
-        if ext in (".jsonl", ".json", ".ndjson"):
-            rows = _jsonl_rows(spec, raw)
-        elif ext == ".csv":
-            rows = _csv_text_rows(spec, raw)
-        else:
-            raise UnlearnError(f"{spec}: unknown file type {ext or '(none)'!r}; use .txt, .jsonl, .csv or .parquet")
-    texts = [field_value(row, "text", where) for row, where in rows]
+        rows = _jsonl_rows(shown, _read_file(spec))
+    texts = [row if where is None else field_value(row, "text", where) for row, where in rows]
     if not texts:
-        raise UnlearnError(f"{spec}: no texts")
+        raise UnlearnError(f"{shown}: no texts")
     return texts
 
 
@@ -217,11 +271,12 @@ def _read_parquet(path: str):
     try:
         return pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise UnlearnError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+        why = (str(exc).splitlines() or [type(exc).__name__])[0].replace(path, shown_path(path))
+        raise UnlearnError(f"{shown_path(path)}: not a readable Parquet file ({why if why.isprintable() else quote(why)})") from None
 
 
 def _parquet_rows_text(path: str) -> Iterator[tuple[dict, str]]:
     table = _read_parquet(path)
     if "text" not in table.column_names:
-        raise UnlearnError(f"{path}: missing column 'text'")
-    return _parquet_dicts(path, table, ("text",))
+        raise UnlearnError(f"{shown_path(path)}: missing column 'text'")
+    return _parquet_dicts(shown_path(path), table, ("text",))

@@ -19,6 +19,7 @@ import tempfile
 from typing import Protocol
 
 from .errors import IntegrityError, UnlearnError
+from .records import shown_path
 
 DEFAULT_STORE = "./unlearn-store"
 
@@ -108,6 +109,7 @@ class LocalStore:
     """A directory tree; writes go to a temporary file, fsync, then rename."""
 
     def __init__(self, root: str):
+        _check_controls(root, root)
         self.root = os.path.abspath(root)
         self.uri = self.root
 
@@ -128,9 +130,9 @@ class LocalStore:
                 break
             except FileNotFoundError:
                 if attempt == 4:
-                    raise UnlearnError(f"store {self.root}: cannot write {key}: its folder keeps vanishing") from None
+                    raise UnlearnError(f"store {shown_path(self.root)}: cannot write {key}: its folder keeps vanishing") from None
             except OSError as exc:
-                raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
+                raise UnlearnError(f"store {shown_path(self.root)}: cannot write {key}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -146,7 +148,7 @@ class LocalStore:
             _fsync_dir(os.path.dirname(path))  # the rename itself must survive a power cut
             return True
         except OSError as exc:
-            raise UnlearnError(f"store {self.root}: cannot write {key}: {exc.strerror}") from None
+            raise UnlearnError(f"store {shown_path(self.root)}: cannot write {key}: {exc.strerror}") from None
         finally:
             try:
                 os.unlink(tmp)
@@ -166,7 +168,7 @@ class LocalStore:
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as exc:
-            raise UnlearnError(f"store {self.root}: cannot read {key}: {exc.strerror}") from None
+            raise UnlearnError(f"store {shown_path(self.root)}: cannot read {key}: {exc.strerror}") from None
         return checked(self.root, key, data)
 
     def exists(self, key: str) -> bool:
@@ -221,7 +223,7 @@ class LocalStore:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise UnlearnError(f"store {self.root}: cannot delete {key}: {exc.strerror}") from None
+            raise UnlearnError(f"store {shown_path(self.root)}: cannot delete {key}: {exc.strerror}") from None
         # remove directories left empty, up to the store root
         d = os.path.dirname(path)
         while d != self.root and d.startswith(self.root):
@@ -239,7 +241,7 @@ class LocalStore:
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-            raise UnlearnError(f"store {self.root}: {probe} is not a writable directory")
+            raise UnlearnError(f"store {shown_path(self.root)}: {shown_path(probe)} is not a writable directory")
 
 
 class S3Store:
@@ -393,6 +395,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _check_controls(path: str, uri: str, what: str = "the directory's path") -> None:
+    """A local store's directory (after percent-decoding) may not contain NUL (no system
+    call takes it) or other control characters (each message naming the store would carry
+    them to the terminal); nor may an S3 URI."""
+    bad = next((c for c in path if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    if bad is not None:
+        raise UnlearnError(f"store {shown_path(uri)}: {what} contains the control character "
+                           f"U+{ord(bad):04X}; choose one without control characters")
+
+
 def local_path(uri: str) -> str:
     """The directory a `file:` URI names: `file:///abs/path` (or `file:/abs/path`, `file://localhost/abs/path`),
     percent-escapes decoded, as Ray, pyarrow and fsspec read them. A host other than
@@ -413,12 +425,14 @@ def open_store(uri: str | None = None) -> Store:
     $UNLEARN_STORE or ./unlearn-store."""
     uri = uri or os.environ.get("UNLEARN_STORE") or DEFAULT_STORE
     if uri.startswith("s3://"):
+        _check_controls(uri, uri, "the URI")
         rest = uri[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise UnlearnError(f"store {uri!r}: missing bucket name (s3://bucket/prefix)")
         return S3Store(bucket, prefix)
     path = local_path(uri) if uri[:6].lower() == "file:/" else uri
+    _check_controls(path, uri)
     if "://" in path:
         raise UnlearnError(f"store {uri!r}: unsupported scheme; use a directory, file:///directory or s3://bucket/prefix")
     if os.path.exists(path) and not os.path.isdir(path):

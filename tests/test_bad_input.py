@@ -364,3 +364,129 @@ def test_sisa_config_refuses_huge_exponents_at_once_as_a_library_too(epochs):
     with pytest.raises(UnlearnError, match="config field 'epochs'"):
         SisaConfig(epochs=epochs)
     assert time.monotonic() - start < 1
+
+
+# -- input files: type and size before reading; paths shown safely; store paths ------------------
+
+def test_devices_and_directories_are_refused_before_anything_is_read(tmp_path, trained, capsys):
+    """/dev/zero would be read for ever (24 GB, then the OOM killer): refused at once, by its type."""
+    from core.sources import read_lines
+
+    zero = tmp_path / "z.jsonl"
+    zero.symlink_to("/dev/zero")
+    for load in (load_records, load_texts, read_lines):
+        with pytest.raises(UnlearnError, match=r"z.jsonl: a character device, expected a regular file$"):
+            load(str(zero))
+    with pytest.raises(UnlearnError, match="^/dev/zero: a character device, expected a regular file$"):
+        read_lines("/dev/zero")
+    with pytest.raises(UnlearnError, match="a directory, expected a regular file$"):
+        read_lines(str(tmp_path))
+    with pytest.raises(UnlearnError, match="is a directory, expected a .jsonl"):
+        load_records(str(tmp_path))
+    store, _ = trained
+    before = listing(store)
+    for argv in (["train", "--run", "new", "--model", "tiny", "--data", str(zero)],
+                 ["delete", "--run", "base", "--ids-file", "/dev/zero"],
+                 ["delete", "--run", "base", "--owners-file", "/dev/zero"]):
+        code, err = cli([*argv, "--store", str(store), "--quiet"], capsys)
+        assert code == 1 and len(err) == 1 and "a character device, expected a regular file" in err[0], err
+    assert listing(store) == before
+
+
+def test_input_files_and_their_lines_have_a_size_limit(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from core import sources
+
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 10)
+    path = tmp_path / "ids.txt"
+    path.write_bytes(b"12345\n1234567890\n123\n")  # a line of exactly the limit passes
+    assert sources.read_lines(str(path)) == ["12345", "1234567890", "123"]
+    path.write_bytes(b"12345\n123\n12345678901\n1\n")
+    with pytest.raises(UnlearnError, match=r"ids.txt:3: line longer than the limit of 10 bytes$"):
+        sources.read_lines(str(path))
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(lines(GOOD[0]))
+    with pytest.raises(UnlearnError, match=r"d.jsonl:1: line longer than the limit of 10 bytes$"):
+        load_records(str(path))
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", 16 << 20)
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 100)
+    path.write_bytes(lines(*GOOD * 3))
+    with pytest.raises(UnlearnError, match=r"d.jsonl: \d+ bytes, over the limit of 100 bytes for an input file$"):
+        load_records(str(path))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a text\n" * 20)))  # stdin: read up to the limit
+    with pytest.raises(UnlearnError, match=r"^<stdin>: over the limit of 100 bytes for an input file$"):
+        load_texts("-")
+
+
+def test_paths_with_control_characters_are_quoted_in_messages(tmp_path):
+    from core.sources import read_lines
+
+    for load, name, expected in ((load_records, "nosuch\x1b[31m.jsonl", '"nosuch\\u001b[31m.jsonl": no such file'),
+                                 (load_texts, "nosuch\n.txt", '"nosuch\\n.txt": no such file'),
+                                 (read_lines, "ids\r.txt", '"ids\\r.txt": no such file')):
+        with pytest.raises(UnlearnError) as err:
+            load(name)
+        assert str(err.value) == expected
+    path = tmp_path / "bad\x07.jsonl"
+    path.write_bytes(lines(GOOD[0], "{"))
+    with pytest.raises(UnlearnError) as err:
+        load_records(str(path))
+    assert str(err.value).startswith(quote(str(path)) + ":2: malformed JSON")
+    root = tmp_path / "s\u202e"  # a format character (right-to-left override): allowed, but shown escaped
+    (root / "k").mkdir(parents=True)
+    with pytest.raises(UnlearnError) as err:
+        LocalStore(str(root)).get("k")
+    assert str(err.value).startswith(f"store {quote(str(root))}: cannot read k")
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/x%00y", "file:///tmp/x%1b[31my", "/tmp/a\nb", "/tmp/a\x00b",
+                                 "s3://bucket/a\x1bb"])
+def test_store_paths_with_nul_or_control_characters_are_refused_at_open(uri, capsys):
+    with pytest.raises(UnlearnError, match=r"contains the control character U\+00(00|1B|0A); choose one without"):
+        open_store(uri)
+    code, err = cli(["status", "--run", "base", "--store", uri], capsys)
+    assert code == 1 and len(err) == 1 and "control character" in err[0] and err[0].isprintable(), err
+    if "%" not in uri and "s3" not in uri:
+        with pytest.raises(UnlearnError, match="control character"):
+            LocalStore(uri)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--epochs", "1_0"), ("--epochs", " 1"), ("--epochs", "1/3 "), ("--seed", "\u0663"), ("--seed", "1_0"),
+    ("--shards", " 2"), ("--shards", "\uff12"), ("--lr", "1_0e-3"), ("--lr", "\u0661e-3"), ("--gamma", "0.5 "),
+    ("--store", ""), ("--labels", ""), ("--labels", " , "), ("--data", ""),
+])
+def test_lenient_option_values_are_refused(option, value, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(6))
+    argv = ["train", "--run", "r", "--store", str(tmp_path / "s"), "--data", data]
+    usage_error([*argv, f"{option}={value}"], capsys, option)
+    assert not (tmp_path / "s").exists()
+    assert opt.epochs("1/3") == "1/3" and opt.epochs(".5") == ".5" and opt.epochs("1e1") == "1e1"
+    assert opt.bounded(int, 0, 10)("+3") == 3 and opt.bounded(float, 0, 1)("5E-1") == 0.5
+
+
+@pytest.mark.parametrize("option,value", [("--ids", ""), ("--owners-file", "")])
+def test_empty_delete_targets_are_refused(option, value, trained, capsys):
+    store, _ = trained
+    usage_error(["delete", "--run", "base", "--store", str(store), f"{option}={value}"], capsys, option)
+
+
+def test_delete_takes_no_more_ids_than_one_http_request(trained, tmp_path, capsys, monkeypatch):
+    from cluster import http_api
+
+    assert http_api.MAX_NAMES == 10_000
+    monkeypatch.setattr(http_api, "MAX_NAMES", 3)
+    store, _ = trained
+    before = listing(store)
+    path = tmp_path / "ids.txt"
+    path.write_text("r0001\nr0002\nr0003\nr0004\n")
+    for argv, expected in (
+            (["--ids-file", str(path)], f"--ids-file {path}: 4 ids, more than the 3 a deletion request may carry; "
+                                        "split the file into requests of at most 3"),
+            (["--owners", "a,b,c,d"], "--owners: 4 owners, more than the 3 a deletion request may carry; "
+                                      "split them into requests of at most 3")):
+        code, err = cli(["delete", "--run", "base", "--store", str(store), *argv, "--quiet"], capsys)
+        assert (code, err) == (1, [f"unlearn: error: {expected}"])
+    assert listing(store) == before
