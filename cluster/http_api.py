@@ -2,18 +2,22 @@
 request, and the one-line error that goes back (functional core of `serving.py`).
 
     POST /predict        {"texts": [str, ...], "wait": bool}
-    POST /delete         {"ids": [str, ...], "owners": [str, ...], "ignore_missing": bool}
+    POST /delete         {"ids": [str, ...] or "owners": [str, ...], "ignore_missing": bool}
     GET  /requests/<id>
 
 Strict: the body is one JSON object of at most MAX_BODY_BYTES, UTF-8, nested at most
 MAX_DEPTH deep, no field twice and no field but those above; booleans are JSON booleans;
 every string is valid Unicode (no lone surrogate from a `\\ud800` escape); ids and
-owners pass the same checks as in training data (`core.records`). Anything else is an
-HttpError: a status (400, 404, 405, 413) and one line naming the field and the index.
-Values quoted back are JSON-encoded with non-ASCII escaped and cut to QUOTE_CHARS.
+owners pass the same checks as in training data (`core.records`), and a deletion names
+ids or owners, not both (as the CLI's `--ids`/`--owners`). The whole body must arrive
+within BODY_TIMEOUT_S. Anything else is an HttpError: a status (400, 404, 405, 408, 413)
+and one line naming the field and the index. Values quoted back are JSON-encoded with
+non-ASCII escaped and cut to QUOTE_CHARS. An answer given before the body was read to its
+end closes the connection (`CLOSE`): the server then reads no more of it.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -25,9 +29,10 @@ from core.records import id_problem, owner_problem
 from cluster.requestlog import valid_request_id
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
+BODY_TIMEOUT_S = 30.0  # for the whole body to arrive, from the first read
 MAX_TEXTS = 1000  # texts per /predict
 MAX_TEXT_CHARS = 10_000  # characters per text
-MAX_NAMES = 10_000  # ids and owners per /delete, together
+MAX_NAMES = 10_000  # ids (or owners) per /delete
 MAX_DEPTH = 32  # nesting of arrays and objects in a body
 QUOTE_CHARS = 64  # characters of a value quoted back in a message
 MAX_MESSAGE_CHARS = 1000
@@ -100,11 +105,32 @@ def content_length(value: str | None) -> int | None:
     return int(digits)
 
 
+def body_pending(headers) -> bool:
+    """Whether a request announces a body (chunked, or a Content-Length other than 0):
+    answered without reading it to its end, its connection must close, or the server
+    (uvicorn, keeping the connection alive) would go on reading it, however long it is."""
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() != "0"
+
+
+CLOSE = {"Connection": "close"}  # response headers: the server closes the connection after the answer
+
+
 async def read_body(declared: str | None, chunks: AsyncIterable[bytes]) -> bytes:
-    """The body, read up to the limit whatever Content-Length said (or if it said nothing)."""
+    """The body, read up to the limit whatever Content-Length said (or if it said nothing),
+    and within BODY_TIMEOUT_S (408 for a body that stalls or trickles)."""
     content_length(declared)
+    limit = BODY_TIMEOUT_S
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    stream = chunks.__aiter__()
     parts, size = [], 0
-    async for chunk in chunks:
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"request body not complete within {limit:g} s ({size} bytes received)") from None
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise HttpError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
@@ -210,12 +236,12 @@ def parse_body(kind: str, body: bytes) -> Predict | Delete:
         _fields(obj, ("texts", "wait"))
         return Predict(tuple(_strings(obj, "texts", True, MAX_TEXTS, _text_problem)), _flag(obj, "wait"))
     _fields(obj, ("ids", "owners", "ignore_missing"))
+    if "ids" in obj and "owners" in obj:  # as the CLI's --ids and --owners
+        raise HttpError(400, "a deletion request takes 'ids' or 'owners', not both (send two requests)")
     ids = _strings(obj, "ids", False, MAX_NAMES, id_problem, " is not a valid record id")
     owners = _strings(obj, "owners", False, MAX_NAMES, owner_problem, " is not a valid owner")
     if not ids and not owners:
         raise HttpError(400, "a deletion request needs 'ids' or 'owners' (a non-empty list of strings)")
-    if len(ids) + len(owners) > MAX_NAMES:
-        raise HttpError(400, f"{len(ids) + len(owners)} ids and owners, more than the {MAX_NAMES} a request may carry")
     return Delete(tuple(ids), tuple(owners), _flag(obj, "ignore_missing"))
 
 

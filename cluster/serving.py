@@ -12,8 +12,8 @@ deletion. Concurrent /predict calls are batched into one ensemble pass (`serve.b
 """
 from __future__ import annotations
 
-from cluster.http_api import (HttpError, Lookup, Predict, parse_body, public_message, public_receipt, read_body,
-                              route)
+from cluster.http_api import (CLOSE, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
+                              public_receipt, read_body, route)
 from cluster.requestlog import UnknownRequest
 from cluster.runtime import coordinator_actor
 from core.errors import Unavailable, UnlearnError, one_line
@@ -22,7 +22,7 @@ from core.store import Store
 
 def _ingress_class():
     from ray import serve
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -49,11 +49,23 @@ def _ingress_class():
             return results
 
         async def __call__(self, request: Request):
+            response = await self._answer(request)
+            if request.state.body_unread:  # else the server would read on, however long the body
+                response.headers.update(CLOSE)
+            return response
+
+        async def _answer(self, request: Request):
+            request.state.body_unread = body_pending(request.headers)
             try:
                 where = route(request.method, request.url.path)  # before reading: no body for a wrong route
                 if isinstance(where, Lookup):
                     return JSONResponse(public_receipt(await self.coordinator.get.remote(where.request_id), self.hide))
-                call = parse_body(where, await read_body(request.headers.get("content-length"), request.stream()))
+                try:
+                    body = await read_body(request.headers.get("content-length"), request.stream())
+                except ClientDisconnect:
+                    raise HttpError(400, "the client went away before the body was complete") from None
+                request.state.body_unread = False
+                call = parse_body(where, body)
                 if isinstance(call, Predict):
                     return JSONResponse(await self._predict((list(call.texts), call.wait)))
                 request_id = await self.coordinator.submit.remote(list(call.ids), list(call.owners), call.ignore_missing)

@@ -82,17 +82,20 @@ class Sent:
         return {"type": "http.request", "body": self.chunks[self.read - 1], "more_body": self.read < len(self.chunks)}
 
 
-def call(server, method: str, path: str, body=None, length: str | None = "auto", raw: bytes | None = None):
-    """(status, JSON answer, Sent) from the ingress; `path` as the ASGI server decoded it."""
+def call(server, method: str, path: str, body=None, length: str | None = "auto", raw: bytes | None = None,
+         sent=None):
+    """(status, JSON answer, Sent) from the ingress; `path` as the ASGI server decoded it.
+    The response is kept as `sent.response`; no Content-Length means a chunked body."""
     from starlette.requests import Request
 
     ingress, _coordinator = server
     data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
-    headers = [] if length is None else [(b"content-length", str(len(data) if length == "auto" else length).encode())]
-    sent = Sent(data)
+    headers = [(b"transfer-encoding", b"chunked")] if length is None else \
+        [(b"content-length", str(len(data) if length == "auto" else length).encode())]
+    sent = sent or Sent(data)
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode("utf-8", "surrogateescape"),
              "query_string": b"", "headers": headers}
-    response = asyncio.run(ingress(Request(scope, sent.receive)))
+    response = sent.response = asyncio.run(ingress(Request(scope, sent.receive)))
     answer = json.loads(response.body)
     if response.status_code >= 400:
         assert set(answer) == {"error"} and "\n" not in answer["error"] and len(answer["error"]) < 1100, answer
@@ -103,12 +106,14 @@ def test_a_well_formed_request_still_reaches_the_coordinator(server):
     _ingress, coordinator = server
     status, out, _ = call(server, "POST", "/predict", {"texts": ["great fun", "\u00e9t\u00e9 \u2603"], "wait": True})
     assert status == 200 and [p["text"] for p in out["predictions"]] == ["great fun", "\u00e9t\u00e9 \u2603"]
-    status, out, _ = call(server, "POST", "/delete/", {"ids": ["r0001"], "owners": ["o 1"], "ignore_missing": True})
+    status, out, _ = call(server, "POST", "/delete/", {"ids": ["r0001"], "ignore_missing": True})
     assert status == 202 and out["request_id"].endswith("-0123abcd")
+    status, out, _ = call(server, "POST", "/delete", {"owners": ["o 1"]})
+    assert status == 202
     status, out, _ = call(server, "GET", f"/requests/{RID}")
     assert status == 200 and out["request_id"] == RID
     assert coordinator.calls == [("predict", ["great fun", "\u00e9t\u00e9 \u2603"], True),
-                                 ("submit", ["r0001"], ["o 1"], True), ("get", RID)]
+                                 ("submit", ["r0001"], [], True), ("submit", [], ["o 1"], False), ("get", RID)]
 
 
 def test_lone_surrogates_and_unsafe_ids_are_400_naming_field_and_index(server):
@@ -270,6 +275,79 @@ def test_a_receipt_over_http_does_not_name_the_store(server):
     assert status == 200 and out["status"] == "failed" and "secret" not in json.dumps(out), out
     assert out["last_error"] == "store <path>: object r/ckpt/0/1-ab.safetensors is corrupted"
     assert out["warnings"] == [out["last_error"]] and out["reason"].endswith("; kept for retry")
+
+
+def test_ids_and_owners_together_are_refused_as_by_the_cli(server):
+    """Seen: {"ids": [...], "owners": [...]} was accepted over HTTP while the CLI refuses
+    --ids with --owners (exit 2). Now a 400 naming both fields, even with one list empty."""
+    _ingress, coordinator = server
+    for body in ({"ids": ["r0001"], "owners": ["o 1"]}, {"owners": ["o 1"], "ids": []},
+                 {"ids": ["r0001"], "owners": [], "ignore_missing": True}):
+        status, out, _ = call(server, "POST", "/delete", body)
+        assert (status, out["error"]) == \
+            (400, "a deletion request takes 'ids' or 'owners', not both (send two requests)"), body
+    assert coordinator.calls == []
+
+
+def test_an_answer_before_the_body_is_read_closes_the_connection(server):
+    """Seen: after a 413 the server (uvicorn under Ray Serve's proxy) kept the connection
+    alive and read the rest of an endless chunked body (23 GB in 20 s). Every answer given
+    before the body was read to its end now says `Connection: close` (uvicorn closes the
+    connection then, reading no more); an answer after the whole body keeps it alive."""
+    big = b'{"texts": ["' + b"x" * (2 << 20) + b'"]}'
+    closed = [call(server, "POST", "/predict", raw=big),  # 413 from Content-Length
+              call(server, "POST", "/predict", raw=big, length=None),  # 413 while reading, chunked
+              call(server, "POST", "/nowhere", raw=big, length=None),  # 404 before reading
+              call(server, "PUT", "/delete", raw=big),  # 405 before reading
+              call(server, "GET", f"/requests/{RID}", raw=b"{}", length=None)]  # a lookup never reads
+    assert [status for status, _, _ in closed] == [413, 413, 404, 405, 200]
+    for _status, _out, sent in closed:
+        assert sent.response.headers.get("connection") == "close"
+    kept = [call(server, "POST", "/predict", {"texts": ["a"]}), call(server, "POST", "/predict", raw=b"{", length=None),
+            call(server, "GET", f"/requests/{RID}", length="0")]
+    assert [status for status, _, _ in kept] == [200, 400, 200]
+    for _status, _out, sent in kept:
+        assert "connection" not in sent.response.headers
+
+
+class Stalls(Sent):
+    """A body that sends `first`, then a byte every `every` seconds (or, None, nothing more);
+    the client gives up after 3 s (so that a server without a timeout fails the test)."""
+
+    def __init__(self, first: bytes, every: float | None = None):
+        super().__init__(first)
+        self.every, self.until = every, time.monotonic() + 3
+
+    async def receive(self):
+        if self.read == 0:
+            return await super().receive() | {"more_body": True}
+        self.read += 1
+        await asyncio.sleep(min(self.every or 3, max(self.until - time.monotonic(), 0)))
+        if time.monotonic() >= self.until:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+
+def test_a_body_that_stalls_or_trickles_is_408_and_closes(server, monkeypatch):
+    """Seen: `Content-Length: 900000`, 100 bytes, then silence held the request open for
+    ever. The whole body must now arrive within BODY_TIMEOUT_S (30 s; lowered here): a
+    stalled one and one trickling a byte at a time both get 408 and the connection closes."""
+    import cluster.http_api as http_api
+
+    monkeypatch.setattr(http_api, "BODY_TIMEOUT_S", 0.3, raising=False)
+    _ingress, coordinator = server
+    for sent in (Stalls(b'{"texts": ["' + b"a" * 88), Stalls(b'{"texts": ["' + b"a" * 88, every=0.02)):
+        t0 = time.perf_counter()
+        status, out, _ = call(server, "POST", "/predict", raw=b"", length="900000", sent=sent)
+        assert time.perf_counter() - t0 < 2.0 and status == 408, out
+        assert out["error"].startswith("request body not complete within 0.3 s ("), out
+        assert sent.response.headers.get("connection") == "close"
+    assert sent.read > 5  # the trickle was read while it lasted: the limit is for the whole body
+    gone = Stalls(b'{"texts": ["')
+    gone.until = 0  # the client goes away mid-body: no 500 and traceback in the log
+    status, out, _ = call(server, "POST", "/predict", raw=b"", length="900000", sent=gone)
+    assert (status, out["error"]) == (400, "the client went away before the body was complete")
+    assert coordinator.calls == []
 
 
 # -- the pure parts ----------------------------------------------------------------------------
