@@ -22,6 +22,20 @@ def cli_env(runtime: str = "local", **extra) -> dict:
     return env
 
 
+def cli_in_process(argv, capsys) -> tuple[int, str, list[str]]:
+    """(exit status, stdout, stderr lines) of `unlearn ARGV` run in this process, usage
+    errors (argparse's SystemExit) included."""
+    from cluster.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip().splitlines()
+
+
 def run_cli(*args: str, runtime: str = "local", timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([UNLEARN, *args], env=env or cli_env(runtime), capture_output=True, text=True,
                           timeout=timeout)

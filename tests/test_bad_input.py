@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from cluster.cli import main
 from conftest import synthetic_records, write_jsonl
+from proc_helpers import cli_in_process
 from core.errors import UnlearnError
 from core.records import quote
 from core.sources import load_records, load_texts
@@ -43,12 +43,8 @@ def trained(tmp_path):
 
 def cli(argv, capsys):
     """(exit status, stderr lines) of `unlearn ARGV`, usage errors included."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    code, _out, err = cli_in_process(argv, capsys)
+    return code, err
 
 
 # -- data files ------------------------------------------------------------------------------

@@ -7,21 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from cluster.cli import main
 from conftest import synthetic_records
+from proc_helpers import cli_in_process
 
 MAX_SEED = 2**63 - 1
 
 
-def cli(argv, capsys):
-    """(exit status, stdout, stderr lines) of `unlearn ARGV` in this process."""
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip().splitlines()
+cli = cli_in_process  # (exit status, stdout, stderr lines) of `unlearn ARGV` in this process
 
 
 @pytest.fixture
