@@ -197,21 +197,22 @@ class Coordinator:
             if is_permanent(exc) and len(batch) > 1:
                 # one damaged object must not fail the others: apply each request alone
                 done = self._apply_one_by_one(batch, progress, lock)
-                self._compact(lock)
+                self._tidy(lock)
                 return done
             self._settle(batch, exc, lock)
             raise
-        self._compact(lock)
-        self._sweep()  # what a writer killed during this batch left (a submitter's queue entry)
+        self._tidy(lock)
         return done
 
-    def _compact(self, lock: RunLock) -> None:
-        """Keep the receipts folder bounded (requestlog.compact). The batch is committed and
-        receipted already: a failure here is a warning, and the next batch tries again."""
+    def _tidy(self, lock: RunLock) -> None:
+        """Keep the receipts folder bounded (requestlog.compact) and remove what writers
+        killed during this batch left (a submitter's queue entry). The batch is committed
+        and receipted already: a failure here is a warning, and the next batch tries again."""
         try:
             self.requests.compact(self.receipts_kept, check=lock.check)
+            self._sweep()
         except Exception as exc:
-            print(f"unlearn: warning: run {self.run}: old receipts not compacted yet "
+            print(f"unlearn: warning: run {self.run}: old receipts or temporary files left for the next batch "
                   f"({one_line(exc) if str(exc) else type(exc).__name__})", file=sys.stderr, flush=True)
 
     def _apply_one_by_one(self, batch: list[DeletionRequest], progress: bool, lock: RunLock) -> list[DeletionRequest]:
