@@ -12,6 +12,7 @@ prediction or being built on by the next deletion.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -88,9 +89,14 @@ _TEMP = re.compile(r"\.tmp-([0-9a-f]{12})-(\d+)-(\d*)-")
 def temporary_prefix() -> str:
     """`.tmp-<machine>-<pid>-<start>-`: a temporary file names its writer, so the next
     deletion can tell at once that a killed writer left it (and remove what it may say)."""
+    pid = os.getpid()  # per call: a forked child writes under its own name
+    return _writer_prefix(pid)
+
+
+@functools.lru_cache(maxsize=4)
+def _writer_prefix(pid: int) -> str:
     from .procs import machine_id, process_start
 
-    pid = os.getpid()
     return f".tmp-{machine_id()}-{pid}-{process_start(pid)}-"
 
 
