@@ -215,6 +215,9 @@ def _shard_actor_class():
         def crash_at(self, point: str | None) -> None:
             self.worker.crash_at(point)
 
+        def pause_at(self, point: str | None, seconds: float = 0.0) -> None:
+            self.worker.pause_at(point, seconds)
+
         def memory(self) -> dict:
             """Resident memory of this actor with its model loaded (bytes): rss counts shared
             pages in full, uss only pages private to this process, pss shares them out."""

@@ -78,6 +78,7 @@ class ShardWorker:
         self._trainer = None
         self._serving: dict[str, State] = {}  # checkpoint key -> state, for predictions
         self.fault: str | None = None  # fault injection for tests: see crash_at()
+        self.pause: tuple[str, float] | None = None  # and pause_at()
 
     def crash_at(self, point: str | None) -> None:
         """Make this process exit at `point` of the next job: "before-stage-J",
@@ -85,7 +86,18 @@ class ShardWorker:
         is written). Used by the fault-injection tests of the Ray runtime."""
         self.fault = point
 
+    def pause_at(self, point: str | None, seconds: float = 0.0) -> None:
+        """Make the next job wait `seconds` at `point` (same names as crash_at), once. Tests
+        use it to hold a retraining open long enough to observe the system during it, on
+        however fast or slow a machine."""
+        self.pause = (point, seconds) if point else None
+
     def _fault(self, point: str) -> None:
+        if self.pause is not None and self.pause[0] == point:
+            import time
+
+            seconds, self.pause = self.pause[1], None
+            time.sleep(seconds)
         if self.fault == point:
             import os
 
