@@ -67,11 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint after every stage. ERASE (--method erase): embed every record, choose "
                                    "k examples by quantized k-means for the prompt of a frozen language model.")
     _common(p, ray=True)
-    p.add_argument("--data", required=True, type=opt.given, help="JSONL, CSV or Parquet with id, text, label[, owner]; or dataset:NAME[?split=train|test&limit=N]")
+    p.add_argument("--data", required=True, type=opt.given,
+                   help="JSONL, CSV or Parquet with id, text, label[, owner] (or id, prompt, completion[, owner] "
+                        "for --objective lm); or dataset:NAME[?split=train|test&limit=N]")
     p.add_argument("--method", choices=("sisa", "erase"), default="sisa", help="unlearning method (default sisa)")
+    p.add_argument("--objective", choices=("classify", "lm"), default="classify",
+                   help="SISA shards: classify (a classification head, default) or lm (a LoRA adapter on a causal "
+                        "LM trained on completions: labelled records as 'Text: ...\nLabel: <label>', or "
+                        "prompt/completion records; predict/eval score labels, generate writes text)")
     p.add_argument("--shards", type=opt.bounded(int, 1, opt.MAX_SHARDS), default=4, help="number of shards S (default 4)")
     p.add_argument("--slices", type=opt.bounded(int, 1, opt.MAX_SLICES), default=4, help="slices per shard R (default 4)")
-    p.add_argument("--model", default="minilm", help=f"preset ({', '.join(PRESETS)}), a Hugging Face folder, or a hub id (default minilm)")
+    p.add_argument("--model", default=None,
+                   help=f"preset ({', '.join(PRESETS)}; tiny-lm with --objective lm), a Hugging Face folder, or a hub "
+                        "id (default minilm; smollm2-135m for --objective lm)")
     p.add_argument("--epochs", type=opt.epochs, default="3", help="total epochs over each shard, spread as 2e/(R+1) per stage (default 3)")
     p.add_argument("--seed", type=opt.bounded(int, 0, opt.MAX_SEED), default=0, help="seed of every keyed random choice (default 0)")
     p.add_argument("--labels", type=opt.labels, default=None, help="comma-separated label set (default: the labels in the data, sorted)")
@@ -166,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="if shards are retraining for an acknowledged deletion, wait and answer from all shards "
                         "(default: answer from the others and say which answered)")
+
+    p = sub.add_parser("generate", help="continue prompts with an lm run's shards (greedy, mean of their next-token "
+                                        "distributions)",
+                       description="Greedy decoding from the mean of the shards' next-token distributions, token by "
+                                   "token. A shard with an acknowledged deletion still being applied contributes no "
+                                   "token. Runs trained with --objective lm only.")
+    _common(p, ray=True)
+    p.add_argument("--input", required=True, type=opt.given,
+                   help=".txt or - for stdin (one prompt per line), or JSONL/CSV/Parquet with a 'text' or 'prompt' field")
+    p.add_argument("--max-new-tokens", type=opt.bounded(int, 1, 512), default=32,
+                   help="tokens to generate at most per prompt (default 32, at most 512)")
+    p.add_argument("--shard", type=opt.bounded(int, 0, opt.MAX_SHARDS - 1), default=None,
+                   help="generate with this shard alone (default: the ensemble of every shard)")
+    p.add_argument("--wait", action="store_true",
+                   help="if shards are retraining for an acknowledged deletion, wait and use all of them")
 
     p = sub.add_parser("eval", help="accuracy on a labelled file, overall and per shard")
     _common(p, ray=True)
@@ -503,6 +526,27 @@ def _predict(args, store, run) -> int:
     return 0
 
 
+def _generate(args, store, run) -> int:
+    from cluster.quarantine import Serving
+    from core.sources import load_texts
+
+    if run.config.objective != "lm":
+        raise UnlearnError(f"run {args.run} is a classifier (objective classify): only runs trained with "
+                           "--objective lm generate text; use predict")
+    if args.shard is not None and not 0 <= args.shard < run.config.shards:
+        raise UnlearnError(f"--shard {args.shard}: run {args.run} has shards 0..{run.config.shards - 1}")
+    prompts = load_texts(args.input, fields=("text", "prompt"))
+    _note_test_model(run)
+    serving = Serving(store, args.run)
+    out = serving.generate(prompts, run._executor(False).next_token_probs, args.max_new_tokens, args.shard, args.wait)
+    _warn_problems(serving)
+    if not args.json and out.get("quarantined"):
+        print(f"unlearn: shards {out['quarantined']} withheld (an acknowledged deletion is being applied); "
+              f"generated without them", file=sys.stderr)
+    _emit(args, out, "\n".join(f"{g['prompt'][:60]}\t->{g['completion']}" for g in out["generations"]))
+    return 0
+
+
 def _evaluate(args, store, run) -> dict:
     """Accuracy on labelled records from what may answer now (quarantined shards or
     examples left out, and named)."""
@@ -639,8 +683,7 @@ def run_command(args) -> int:
     from core.records import quote
     from core.sources import load_records
     from cluster.runtime import make_executor
-    from core.records import with_labels
-    from sisa.run import SisaRun
+    from sisa.run import SisaRun, config_for
     from core.store import open_store
 
     progress = not args.quiet
@@ -651,17 +694,21 @@ def run_command(args) -> int:
     if args.command == "train":
         from sisa.config import SisaConfig
 
+        extra = {"device": args.device} if args.device != "cpu" else {}
+        if args.objective == "lm":
+            extra["objective"] = "lm"
+        model = args.model or ("smollm2-135m" if args.objective == "lm" else "minilm")
         config = SisaConfig(
-            shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=args.model,
+            shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=model,
             labels=tuple(_split(args.labels, "labels")) if args.labels else (), lora_r=args.lora_r,
             lora_alpha=args.lora_alpha, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-            extra={"device": args.device} if args.device != "cpu" else {})
+            extra=extra)
         store.check()
         if SisaRun.exists(store, args.run):
             raise UnlearnError(f"run {quote(args.run)} already exists in {store.uri}; choose another --run")
         records = load_records(args.data)
         warning = opt.check_layout(args, records)
-        config = with_labels(config, records)
+        config = config_for(config, records)
         executor = make_executor(args.runtime, store, args.run, config, progress, args.address, args.actor_cpus,
                                  args.actor_gpus)
         run = SisaRun.train(store, args.run, records, config, progress=progress, executor=executor)
@@ -729,6 +776,8 @@ def run_command(args) -> int:
         return 0
     if args.command == "predict":
         return _predict(args, store, run)
+    if args.command == "generate":
+        return _generate(args, store, run)
     if args.command == "eval":
         out = _evaluate(args, store, run)
         lines = [f"accuracy ({out['aggregate']} over {len(out['shards'])} shards, {out['records']} records): {out['accuracy']:.4f}"]

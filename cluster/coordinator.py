@@ -144,6 +144,19 @@ class Coordinator:
         self._report(self.quarantine.problems)
         return out
 
+    def generate(self, prompts: list[str], next_probs, max_new_tokens: int = 32, shard: int | None = None,
+                 wait: bool = False, timeout_s: float = 3600.0) -> dict:
+        """Ensemble generation (SISA-LM) under the same quarantine as predict."""
+        manifest = self.serving.committed.read()
+        if getattr(manifest.config, "objective", None) != "lm":
+            raise UnlearnError(f"run {self.run} is a classifier (objective classify): only runs trained with "
+                               "--objective lm generate text")
+        if shard is not None and not 0 <= shard < manifest.config.shards:
+            raise UnlearnError(f"shard {shard}: run {self.run} has shards 0..{manifest.config.shards - 1}")
+        out = self.serving.generate(prompts, next_probs, max_new_tokens, shard, wait, timeout_s)
+        self._report(self.quarantine.problems)
+        return out
+
     def quarantined(self) -> list:
         return sorted(self.quarantine.read())
 

@@ -31,6 +31,8 @@ from cluster.requestlog import valid_request_id
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 BODY_TIMEOUT_S = 30.0  # for the whole body to arrive, from the first read
 MAX_TEXTS = 1000  # texts per /predict
+MAX_PROMPTS = 64  # prompts per /generate (each costs up to max_new_tokens ensemble passes)
+MAX_NEW_TOKENS = 512
 MAX_TEXT_CHARS = 10_000  # characters per text
 MAX_NAMES = 10_000  # ids (or owners) per /delete
 MAX_DEPTH = 32  # nesting of arrays and objects in a body
@@ -47,6 +49,14 @@ class HttpError(Exception):
 @dataclass(frozen=True)
 class Predict:
     texts: tuple[str, ...]
+    wait: bool = False
+
+
+@dataclass(frozen=True)
+class Generate:
+    prompts: tuple[str, ...]
+    max_new_tokens: int = 32
+    shard: int | None = None
     wait: bool = False
 
 
@@ -70,7 +80,7 @@ def short(value: object, limit: int = QUOTE_CHARS) -> str:
 
 
 # -- routing -----------------------------------------------------------------------------
-ROUTES = {"/predict": "POST", "/delete": "POST"}
+ROUTES = {"/predict": "POST", "/delete": "POST", "/generate": "POST"}
 
 
 def route(method: str, path: str) -> str | Lookup:
@@ -229,9 +239,23 @@ def _text_problem(text: str) -> str | None:
     return f"is longer than {MAX_TEXT_CHARS} characters ({len(text)})" if len(text) > MAX_TEXT_CHARS else None
 
 
-def parse_body(kind: str, body: bytes) -> Predict | Delete:
-    """The validated request of route `kind` ("predict" or "delete"), or HttpError 400."""
+def _count(body: dict, name: str, low: int, high: int, default: int | None) -> int | None:
+    if name not in body:
+        return default
+    value = body[name]
+    if type(value) is not int or not low <= value <= high:  # JSON integers only: no true, no 3.0
+        raise HttpError(400, f"'{name}' must be an integer in {low}..{high}, got {short(value)}")
+    return value
+
+
+def parse_body(kind: str, body: bytes) -> Predict | Delete | Generate:
+    """The validated request of route `kind` ("predict", "generate" or "delete"), or HttpError 400."""
     obj = parse_json(body)
+    if kind == "generate":
+        _fields(obj, ("prompts", "max_new_tokens", "shard", "wait"))
+        return Generate(tuple(_strings(obj, "prompts", True, MAX_PROMPTS, _text_problem)),
+                        _count(obj, "max_new_tokens", 1, MAX_NEW_TOKENS, 32), _count(obj, "shard", 0, 9999, None),
+                        _flag(obj, "wait"))
     if kind == "predict":
         _fields(obj, ("texts", "wait"))
         return Predict(tuple(_strings(obj, "texts", True, MAX_TEXTS, _text_problem)), _flag(obj, "wait"))

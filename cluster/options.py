@@ -41,7 +41,7 @@ HOST_RESOLVE_S = 5.0
 
 # Positions the presets can embed (SISA truncates each text to --max-length tokens); a
 # folder's own config says; a hub id is checked only against MAX_LENGTH.
-PRESET_POSITIONS = {"tiny": 512, "minilm": 512, "smollm2-135m": 8192}
+PRESET_POSITIONS = {"tiny": 512, "minilm": 512, "smollm2-135m": 8192, "tiny-lm": 2048}
 
 
 class OptionError(UnlearnError):
@@ -252,7 +252,11 @@ def check_layout(args, records) -> str | None:
 def check_options(args) -> None:
     """The checks that need more than one option's value, or the Ray cluster; before the
     store is touched. Raises OptionError (exit 2)."""
+    if args.command == "train" and args.method == "erase" and args.objective != "classify":
+        raise OptionError("--objective", "is a SISA option (ERASE prompts a frozen LM; it never trains one)")
     if args.command == "train" and args.method == "sisa":
+        if args.model is None:
+            args.model = "smollm2-135m" if args.objective == "lm" else "minilm"
         check_max_length(args.model, args.max_length)
     if args.command == "train" and args.labels:
         from core.records import unencodable

@@ -197,3 +197,27 @@ class Serving:
         out = format_predictions(manifest, texts, shards, probs, method)
         out["quarantined"] = quarantined
         return out
+
+    def generate(self, prompts: Sequence[str], next_probs: Callable, max_new_tokens: int = 32,
+                 shard: int | None = None, wait: bool = False, timeout_s: float = 3600.0) -> dict:
+        """SISA-LM: greedy continuations by the shards that may answer now; a shard with a
+        pending deletion contributes no token (the whole generation is asked again if one
+        became quarantined or was committed while it ran). `next_probs(entries, sequences)`
+        gives (checkpoint key, [n, V]) per shard entry."""
+        from sisa.generate import generate_answers
+
+        config = self.committed.read().config
+
+        def serve(entries, texts):
+            use = [e for e in entries if shard is None or e.shard == shard]
+            if shard is not None and not use:
+                raise Unavailable(f"run {quote(self.committed.run)}: shard {shard} is being retrained for an "
+                                  f"acknowledged deletion (or holds no records); ask again, or wait")
+            out = generate_answers(config, texts, use, next_probs, max_new_tokens)
+            return [(e.checkpoints[-1], out) for e in entries]
+
+        _manifest, _shards, answers, quarantined = predict_shards(self.committed, self.quarantine, serve, prompts,
+                                                                  wait, timeout_s)
+        if not answers:
+            raise UnlearnError(f"run {quote(self.committed.run)}: no shard holds records; nothing can generate")
+        return {**answers[0], "quarantined": quarantined}

@@ -215,8 +215,8 @@ def _shard_actor_class():
         def crash_at(self, point: str | None) -> None:
             self.worker.crash_at(point)
 
-        def pause_at(self, point: str | None, seconds: float = 0.0) -> None:
-            self.worker.pause_at(point, seconds)
+        def pause_at(self, point: str | None, seconds: float = 0.0, release: str | None = None) -> None:
+            self.worker.pause_at(point, seconds, release)
 
         def memory(self) -> dict:
             """Resident memory of this actor with its model loaded (bytes): rss counts shared
@@ -242,6 +242,9 @@ def _shard_actor_class():
 
         def predict(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
             return self.worker.predict_proba(entry, texts)
+
+        def next_token_probs(self, entry: ShardEntry, sequences: list) -> tuple[str, np.ndarray]:
+            return self.worker.next_token_probs(entry, sequences)
 
     return ShardActor
 
@@ -276,13 +279,13 @@ class RayExecutor:
         every shard actor on a node maps the same copy (zero-copy, read-only)."""
         import ray
 
-        from sisa.models import base_weights
+        from sisa.shard import base_weights
 
-        if not self.share_base:
-            return []
+        if not self.share_base or self.config.model in ("tiny", "tiny-lm"):
+            return []  # the test models are built from a seed in each process, never loaded
         with self._lock:
             if self._shared_ref is None:
-                self._shared_ref = ray.put(base_weights(self.config.model, len(self.config.labels)))
+                self._shared_ref = ray.put(base_weights(self.config))
             return [self._shared_ref]
 
     def _name(self, shard: int) -> str:
@@ -345,6 +348,14 @@ class RayExecutor:
         self._ensure([e.shard for e in entries])
         texts_ref = ray.put(list(texts))
         return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
+
+    def next_token_probs(self, entries: Sequence[ShardEntry], sequences: Sequence[list[int]]) -> list[tuple[str, np.ndarray]]:
+        """One generation step: every entry's shard actor at once."""
+        import ray
+
+        self._ensure([e.shard for e in entries])
+        ref = ray.put([list(s) for s in sequences])
+        return [ray_get(r) for r in [self.actor(e.shard).next_token_probs.remote(e, ref) for e in entries]]
 
 
 def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | None) -> float:
@@ -585,6 +596,13 @@ def _coordinator_actor_class():
 
         def quarantined(self) -> list:
             return self.coordinator.quarantined()
+
+        def generate(self, prompts: list[str], max_new_tokens: int = 32, shard: int | None = None,
+                     wait: bool = False) -> dict:
+            if self.method == "erase":
+                raise UnlearnError("an ERASE run classifies with a frozen LM; only SISA runs trained with "
+                                   "--objective lm generate text")
+            return self.coordinator.generate(prompts, self.executor.next_token_probs, max_new_tokens, shard, wait)
 
         def predict(self, texts: list[str], method: str = "vote", wait: bool = False) -> dict:
             if self.method == "erase":

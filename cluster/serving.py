@@ -2,6 +2,8 @@
 
     POST /predict        {"texts": [...], "wait": false}  -> {"predictions": [...], "shards": [...]}
                          (ERASE runs answer "examples": the prompt examples used, instead of "shards")
+    POST /generate       {"prompts": [...], "max_new_tokens": 32, "shard": null, "wait": false}
+                         -> {"generations": [{"prompt", "completion", "tokens"}], "shards": [...]}  (lm runs)
     POST /delete         {"ids": [...]} or {"owners": [...]} -> {"request_id": ...}  (once durable)
     GET  /requests/<id>  -> the request's status and receipt
 
@@ -12,7 +14,7 @@ deletion. Concurrent /predict calls are batched into one ensemble pass (`serve.b
 """
 from __future__ import annotations
 
-from cluster.http_api import (CLOSE, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
+from cluster.http_api import (CLOSE, Generate, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
                               public_receipt, read_body, route)
 from cluster.requestlog import UnknownRequest
 from cluster.runtime import coordinator_actor
@@ -68,6 +70,9 @@ def _ingress_class():
                 call = parse_body(where, body)
                 if isinstance(call, Predict):
                     return JSONResponse(await self._predict((list(call.texts), call.wait)))
+                if isinstance(call, Generate):
+                    return JSONResponse(await self.coordinator.generate.remote(
+                        list(call.prompts), call.max_new_tokens, call.shard, call.wait))
                 request_id = await self.coordinator.submit.remote(list(call.ids), list(call.owners), call.ignore_missing)
                 return JSONResponse({"request_id": request_id}, status_code=202)
             except HttpError as exc:

@@ -21,13 +21,26 @@ QUOTE_LIMIT = 120  # longer values are cut in messages, which stay one readable 
 
 @dataclass(frozen=True)
 class Record:
+    """One training record, of one of two forms:
+    - labelled (`id, text, label[, owner]`): what classifiers, ERASE and SISA-LM's
+      labelled runs learn;
+    - prompt/completion (`id, prompt, completion[, owner]`): a causal LM learns to continue
+      `prompt` (kept in `text`) with `completion`; `label` is then "" (no label)."""
     id: str
     text: str
     label: str
     owner: str
+    completion: str | None = None
+
+    @property
+    def form(self) -> str:
+        return "text/label" if self.completion is None else "prompt/completion"
 
     def to_json(self) -> dict:
-        return {"id": self.id, "text": self.text, "label": self.label, "owner": self.owner}
+        out = {"id": self.id, "text": self.text, "label": self.label, "owner": self.owner}
+        if self.completion is not None:  # labelled records keep the bytes (and addresses) they always had
+            out["completion"] = self.completion
+        return out
 
 
 class LongInteger:
@@ -132,8 +145,15 @@ def record_from_row(row: dict, where: str) -> Record:
     problem = id_problem(rid)
     if problem:
         raise UnlearnError(f"{where}: field 'id' {problem}: {quote(rid)} is unsafe as a storage key")
-    text = field_value(row, "text", where)
-    label = field_value(row, "label", where)
+    if "prompt" in row or "completion" in row:
+        both = [f for f in ("text", "label") if f in row]
+        if both:
+            raise UnlearnError(f"{where}: field '{both[0]}' next to 'prompt'/'completion': a record is either "
+                               "id, text, label or id, prompt, completion")
+        text, label = field_value(row, "prompt", where), ""
+        completion = field_value(row, "completion", where)
+    else:
+        text, label, completion = field_value(row, "text", where), field_value(row, "label", where), None
     owner = field_value(row, "owner", where, required=False)
     if owner is None:
         owner = rid
@@ -141,7 +161,7 @@ def record_from_row(row: dict, where: str) -> Record:
         problem = owner_problem(owner)
         if problem:
             raise UnlearnError(f"{where}: field 'owner' {problem}: {quote(owner)}")
-    return Record(rid, text, label, owner)
+    return Record(rid, text, label, owner, completion)
 
 
 def validate_rows(rows: Iterable[tuple[dict, str]]) -> list[Record]:
@@ -153,6 +173,9 @@ def validate_rows(rows: Iterable[tuple[dict, str]]) -> list[Record]:
         if rec.id in seen:
             raise UnlearnError(f"{where}: field 'id': duplicate id {quote(rec.id)} (first at {seen[rec.id]})")
         seen[rec.id] = where
+        if records and rec.form != records[0].form:
+            raise UnlearnError(f"{where}: a {rec.form} record after {records[0].form} ones (first at "
+                               f"{seen[records[0].id]}); one data set has one form")
         records.append(rec)
     return records
 
@@ -160,6 +183,10 @@ def validate_rows(rows: Iterable[tuple[dict, str]]) -> list[Record]:
 def with_labels(config, records: Sequence[Record]):
     """Fix the label set (the sorted labels of the data unless given) and check every record.
     For any method's config with `labels`, `to_json` and `from_json` (SISA, ERASE)."""
+    completions = [r for r in records if r.completion is not None]
+    if completions:
+        raise UnlearnError(f"record {quote(completions[0].id)}: a prompt/completion record; classifiers need "
+                           "id, text, label records (SISA trains on completions with --objective lm)")
     if not config.labels:
         labels = sorted({r.label for r in records})
         if len(labels) < 2:

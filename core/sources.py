@@ -228,8 +228,9 @@ def load_records(spec: str) -> list[Record]:
     return records
 
 
-def load_texts(spec: str) -> list[str]:
-    """Texts to predict: a .txt file or '-' for stdin (one per line), or JSONL/CSV/Parquet with a 'text' field."""
+def load_texts(spec: str, fields: tuple[str, ...] = ("text",)) -> list[str]:
+    """Texts to predict: a .txt file or '-' for stdin (one per line), or JSONL/CSV/Parquet
+    with a 'text' field (or the first of `fields` a row has: generate also takes 'prompt')."""
     if spec == "-":
         import sys
 
@@ -240,25 +241,26 @@ def load_texts(spec: str) -> list[str]:
     ext = _input_file(spec, TEXT_TYPES)
     shown = shown_path(spec)
     if ext == ".parquet":
-        rows = _parquet_rows_text(spec)
+        rows = _parquet_rows_text(spec, fields)
     elif ext == ".txt":
         rows = ((line, None) for line in _decode_lines(shown, _read_file(spec)) if line.strip())
     elif ext == ".csv":
-        rows = _csv_text_rows(shown, _read_file(spec))
+        rows = _csv_text_rows(shown, _read_file(spec), fields)
     else:
         rows = _jsonl_rows(shown, _read_file(spec))
-    texts = [row if where is None else field_value(row, "text", where) for row, where in rows]
+    texts = [row if where is None else field_value(row, next((f for f in fields if f in row), fields[0]), where)
+             for row, where in rows]
     if not texts:
         raise UnlearnError(f"{shown}: no texts")
     return texts
 
 
-def _csv_text_rows(path: str, raw: bytes) -> Iterator[tuple[dict, str]]:
+def _csv_text_rows(path: str, raw: bytes, fields: tuple[str, ...] = ("text",)) -> Iterator[tuple[dict, str]]:
     text = "\n".join(_decode_lines(path, raw))
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
-        if reader.fieldnames is None or "text" not in reader.fieldnames:
-            raise UnlearnError(f"{path}:1: missing column 'text' in the header")
+        if reader.fieldnames is None or not set(fields) & set(reader.fieldnames):
+            raise UnlearnError(f"{path}:1: missing column {' or '.join(repr(f) for f in fields)} in the header")
         for row in reader:
             yield row, f"{path}:{reader.line_num}"
     except csv.Error as exc:
@@ -275,8 +277,9 @@ def _read_parquet(path: str):
         raise UnlearnError(f"{shown_path(path)}: not a readable Parquet file ({why if why.isprintable() else quote(why)})") from None
 
 
-def _parquet_rows_text(path: str) -> Iterator[tuple[dict, str]]:
+def _parquet_rows_text(path: str, fields: tuple[str, ...] = ("text",)) -> Iterator[tuple[dict, str]]:
     table = _read_parquet(path)
-    if "text" not in table.column_names:
-        raise UnlearnError(f"{shown_path(path)}: missing column 'text'")
-    return _parquet_dicts(shown_path(path), table, ("text",))
+    have = [f for f in fields if f in table.column_names]
+    if not have:
+        raise UnlearnError(f"{shown_path(path)}: missing column {' or '.join(repr(f) for f in fields)}")
+    return _parquet_dicts(shown_path(path), table, (have[0],))

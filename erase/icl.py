@@ -40,62 +40,14 @@ from typing import Sequence
 import numpy as np
 
 import core  # noqa: F401  (MKL settings before torch loads)
+from core.causal_lm import LM_PRESETS as PRESETS, MAX_CONTEXT, load_causal_lm  # noqa: F401 (PRESETS: re-export)
 from core.errors import UnlearnError
 
-from .prompt import PromptTemplate
+from core.prompt import PromptTemplate
 
-PRESETS = ("smollm2-135m", "tiny-lm")
 TEXT_TOKENS = 96
-MAX_CONTEXT = 2048
 CONTENT_FREE = ("N/A", "", "[MASK]")
 _SLACK = 4  # tokens a rendered query may differ from its pieces (merges at the template's edges)
-
-
-def _tiny_lm(tokenizer):
-    """A fixed random 2-layer Llama over SmolLM2's vocabulary: real tokenizer, real cache and
-    mask code paths, milliseconds per forward. For tests only (its predictions mean nothing)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_CONTEXT,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-                         initializer_range=0.4)  # large weights: outputs that vary with every token
-    with torch.random.fork_rng():
-        torch.manual_seed(2468)
-        return LlamaForCausalLM(config)
-
-
-def _is_causal(config) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    return not getattr(config, "is_encoder_decoder", False) and any(
-        a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
-
-
-def load_causal_lm(spec: str):
-    """(tokenizer, model in eval mode) for a preset, a Hugging Face folder or a hub id."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from core.assets import quiet_transformers, resolve_model, smollm2_dir
-
-    quiet_transformers()
-    path = smollm2_dir() if spec == "tiny-lm" else resolve_model(spec, "--lm", PRESETS)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if spec == "tiny-lm":
-            model = _tiny_lm(tokenizer)
-        else:
-            config = AutoConfig.from_pretrained(path)
-            if not _is_causal(config):
-                archs = ", ".join(getattr(config, "architectures", None) or ["none listed"])
-                raise UnlearnError(f"--lm {spec!r}: not a causal language model (architectures: {archs})")
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise UnlearnError(f"--lm {spec!r}: cannot load ({str(exc).strip().splitlines()[0]})") from None
-    model.eval()
-    return tokenizer, model
 
 
 class InContextClassifier:

@@ -15,6 +15,8 @@ from core.errors import UnlearnError
 from core.keys import sha256_hex
 
 MODEL_PRESETS = ("tiny", "minilm", "smollm2-135m")  # here, not in models.py: the CLI lists them without torch
+LM_MODEL_PRESETS = ("smollm2-135m", "tiny-lm")  # causal LMs, for the lm objective
+OBJECTIVES = ("classify", "lm")
 
 DEVICES = ("cpu", "cuda")
 
@@ -72,6 +74,13 @@ class SisaConfig:
             raise bad("max_length", f"must be >= 8, got {self.max_length}")
         if self.device not in DEVICES:
             raise bad("extra.device", f"must be one of {list(DEVICES)}, got {self.device!r}")
+        if self.objective not in OBJECTIVES:
+            raise bad("extra.objective", f"must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        presets = LM_MODEL_PRESETS if self.objective == "lm" else MODEL_PRESETS
+        wrong = set(MODEL_PRESETS + LM_MODEL_PRESETS) - set(presets)
+        if self.model in wrong:
+            raise bad("model", f"{self.model!r} is not a model for the {self.objective} objective "
+                               f"(presets: {', '.join(presets)}, or a model folder)")
         if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels):
             raise bad("labels", f"need at least two distinct labels, got {list(self.labels)}")
 
@@ -81,6 +90,13 @@ class SisaConfig:
         digests) and part of the digest: GPU kernels round differently from CPU ones, so
         a GPU run and a CPU run are different runs, each exact against itself."""
         return self.extra.get("device", "cpu")
+
+    @property
+    def objective(self) -> str:
+        """What a shard learns: "classify" (a classification head on the base model) or "lm"
+        (a LoRA adapter on a causal LM, trained on completions). Kept in `extra`, so that
+        classifier runs keep the digests they always had."""
+        return self.extra.get("objective", "classify")
 
     @property
     def epochs_fraction(self) -> Fraction:

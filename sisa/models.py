@@ -8,7 +8,6 @@ state never depends on global RNG state or on how peft draws its own init.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from core.assets import quiet_transformers, resolve_model
+from core.shared_weights import attach_shared, parameters_on_meta
 from core.errors import UnlearnError
 from core.keys import keyed_seed
 
@@ -103,54 +103,15 @@ def _load_base(spec: str, num_labels: int, shared: dict | None = None):
             base = _tiny_base(tokenizer, num_labels)
         elif shared is not None:
             config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-            with _parameters_on_meta():  # no private copy of the weights is ever allocated
+            with parameters_on_meta():  # no private copy of the weights is ever allocated
                 base = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         else:
             base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise UnlearnError(f"--model {spec!r}: cannot load ({str(exc).splitlines()[0]})") from None
     if shared is not None:
-        _attach_shared(base, shared, spec)
+        attach_shared(base, shared, spec)
     return tokenizer, base
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Create modules with their parameters on the meta device (no memory), buffers as usual
-    (some, such as rotary frequencies, are computed at construction and not saved)."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
-
-
-def _attach_shared(base: torch.nn.Module, shared: dict, spec: str) -> None:
-    """Make every parameter a read-only view of the shared arrays (frozen: never written)."""
-    names = {n for n, _ in base.named_parameters()}
-    if names != set(shared):
-        raise UnlearnError(f"--model {spec!r}: shared base weights do not match the model's parameters")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        for mod_name, module in base.named_modules():
-            for pname, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                full = f"{mod_name}.{pname}" if mod_name else pname
-                if full not in shared:  # a tied parameter, reached under another name
-                    continue
-                arr = shared[full]
-                if tuple(arr.shape) != tuple(p.shape):
-                    raise UnlearnError(f"--model {spec!r}: shared tensor {full} has shape {arr.shape}, "
-                                       f"expected {tuple(p.shape)}")
-                module._parameters[pname] = torch.nn.Parameter(torch.from_numpy(arr), requires_grad=False)
 
 
 def base_weights(spec: str, num_labels: int) -> dict:

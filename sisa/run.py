@@ -81,7 +81,7 @@ class SisaRun(StoredRun):
               progress: bool = False, executor: Executor | None = None) -> "SisaRun":
         check_run_name(run)
         store.check()
-        config = with_labels(config, records)
+        config = config_for(config, records)
         layout = build_layout(((r.id, r.owner) for r in records), config.seed, config.shards, config.slices)
         by_id = {r.id: r for r in records}
         now = now_iso()
@@ -203,10 +203,31 @@ class SisaRun(StoredRun):
         shards, probs = self.shard_probabilities(texts)
         return format_predictions(self.manifest, texts, shards, probs, method)
 
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, shard: int | None = None) -> dict:
+        """Greedy continuations of `prompts` by the ensemble of every non-empty shard (or one
+        shard alone); an lm run only."""
+        from .generate import generate_answers
+
+        entries = [s for s in self.manifest.shards if s.records > 0 and (shard is None or s.shard == shard)]
+        if shard is not None and not entries:
+            raise UnlearnError(f"--shard {shard}: run {quote(self.name)} has no shard {shard} holding records")
+        return generate_answers(self.config, prompts, entries, self._executor(False).next_token_probs, max_new_tokens)
+
     def evaluate(self, records: Sequence[Record], method: str = "vote") -> dict:
         check_labels(self.config, records)
         shards, probs = self.shard_probabilities([r.text for r in records])
         return evaluation(self.manifest, records, shards, probs, method)
+
+
+def config_for(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
+    """The config a run on `records` trains with: the label set fixed (labelled records),
+    or none (prompt/completion records, which only the lm objective learns)."""
+    if config.objective == "lm" and records and records[0].completion is not None:
+        if config.labels:
+            raise UnlearnError(f"--labels {','.join(config.labels)}: the data are prompt/completion records, "
+                               "which have no labels")
+        return config
+    return with_labels(config, records)
 
 
 def check_labels(config, records: Sequence[Record]) -> None:

@@ -36,17 +36,36 @@ def get_trainer(config: SisaConfig, shared: dict | None = None):
     """A StageTrainer over one loaded base model per process and model configuration
     (loading costs seconds; states are swapped in and out per shard). `shared`: frozen
     base weights as read-only arrays (see models.base_weights)."""
+    key = json.dumps([config.objective, config.model, list(config.labels), config.lora_r, config.lora_alpha,
+                      config.lora_dropout, config.device])
+    if config.objective == "lm":
+        from .lm import LMStageTrainer, load_adapted_lm
+
+        if key not in _classifiers:
+            _classifiers.clear()
+            _classifiers[key] = load_adapted_lm(config.model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                shared=shared)
+        return LMStageTrainer(config, _classifiers[key])
     from .models import load_classifier
     from .trainer import StageTrainer
 
-    key = json.dumps([config.model, list(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout,
-                      config.device])
     if key not in _classifiers:
         clf = load_classifier(config.model, len(config.labels), config.lora_r, config.lora_alpha, config.lora_dropout,
                               shared=shared)
         _classifiers.clear()
         _classifiers[key] = clf
     return StageTrainer(config, _classifiers[key])
+
+
+def base_weights(config: SisaConfig) -> dict:
+    """The frozen base model's parameters as numpy arrays, to put once into Ray's object store."""
+    if config.objective == "lm":
+        from .lm import lm_base_weights
+
+        return lm_base_weights(config.model)
+    from .models import base_weights as classifier_weights
+
+    return classifier_weights(config.model, len(config.labels))
 
 
 def slice_entry(key: str, records: Sequence[Record]) -> SliceEntry:
@@ -78,7 +97,7 @@ class ShardWorker:
         self._trainer = None
         self._serving: dict[str, State] = {}  # checkpoint key -> state, for predictions
         self.fault: str | None = None  # fault injection for tests: see crash_at()
-        self.pause: tuple[str, float] | None = None  # and pause_at()
+        self.pause: tuple[str, float, str | None] | None = None  # and pause_at()
 
     def crash_at(self, point: str | None) -> None:
         """Make this process exit at `point` of the next job: "before-stage-J",
@@ -86,18 +105,21 @@ class ShardWorker:
         is written). Used by the fault-injection tests of the Ray runtime."""
         self.fault = point
 
-    def pause_at(self, point: str | None, seconds: float = 0.0) -> None:
-        """Make the next job wait `seconds` at `point` (same names as crash_at), once. Tests
-        use it to hold a retraining open long enough to observe the system during it, on
-        however fast or slow a machine."""
-        self.pause = (point, seconds) if point else None
+    def pause_at(self, point: str | None, seconds: float = 0.0, release: str | None = None) -> None:
+        """Make the next job wait at `point` (same names as crash_at), once: `seconds`, or
+        less if the file `release` appears first. Tests hold a retraining open with it, to
+        observe the system during it on however fast or slow a machine."""
+        self.pause = (point, seconds, release) if point else None
 
     def _fault(self, point: str) -> None:
         if self.pause is not None and self.pause[0] == point:
+            import os
             import time
 
-            seconds, self.pause = self.pause[1], None
-            time.sleep(seconds)
+            (_, seconds, release), self.pause = self.pause, None
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not (release and os.path.exists(release)):
+                time.sleep(0.05)
         if self.fault == point:
             import os
 
@@ -275,9 +297,9 @@ class ShardWorker:
                             f"{stored[:16]}..., the manifest records {expected[:16]}...)")
         return stored
 
-    def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
-        """(checkpoint key the answer came from, probabilities). States are kept in memory
-        by checkpoint key, so a serving shard reads each checkpoint version once; a state is
+    def serving_state(self, entry: ShardEntry) -> tuple[str, State]:
+        """(checkpoint key, state) of a shard's last stage. States are kept in memory by
+        checkpoint key, so a serving shard reads each checkpoint version once; a state is
         cached only once its digest matched the manifest."""
         key = entry.checkpoints[-1]
         if key not in self._serving:
@@ -285,7 +307,17 @@ class ShardWorker:
             if len(self._serving) >= 64:  # LoRA states are small, but bound the cache anyway
                 self._serving.pop(next(iter(self._serving)))
             self._serving[key] = state
-        return key, self.trainer.predict_proba(self._serving[key], texts)
+        return key, self._serving[key]
+
+    def predict_proba(self, entry: ShardEntry, texts: Sequence[str]) -> tuple[str, np.ndarray]:
+        """(checkpoint key the answer came from, label probabilities [n, L])."""
+        key, state = self.serving_state(entry)
+        return key, self.trainer.predict_proba(state, texts)
+
+    def next_token_probs(self, entry: ShardEntry, sequences: Sequence[list[int]]) -> tuple[str, np.ndarray]:
+        """(checkpoint key, [n, V] next-token probabilities): one generation step of an lm shard."""
+        key, state = self.serving_state(entry)
+        return key, self.trainer.next_token_probs(state, sequences)
 
 
 class Executor(Protocol):
@@ -335,3 +367,6 @@ class LocalExecutor:
 
     def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
         return [self.worker.predict_proba(e, texts) for e in entries]
+
+    def next_token_probs(self, entries: Sequence[ShardEntry], sequences: Sequence[list[int]]) -> list[tuple[str, np.ndarray]]:
+        return [self.worker.next_token_probs(e, sequences) for e in entries]

@@ -88,6 +88,13 @@ class StageTrainer:
         return sum((size + b - 1) // b for size in stage_pass_sizes(self.config.epochs_fraction, self.config.slices, n))
 
     # -- training -------------------------------------------------------------
+    def _loss(self, batch: Sequence[Record]) -> torch.Tensor:
+        """Mean cross-entropy of the labels (the LM objective overrides this)."""
+        ids, mask = self._batch([self._tokens[r.id] for r in batch])
+        labels = torch.tensor([self.label_index[r.label] for r in batch], device=self.device)
+        logits = self.clf.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return F.cross_entropy(logits, labels)
+
     def train_stage(self, state: State, records: Sequence[Record], shard: int, stage: int,
                     on_step: Callable[[], None] | None = None) -> State:
         """One stage over `records` (all retained records of slices 0..stage)."""
@@ -103,11 +110,7 @@ class StageTrainer:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(keyed_seed(cfg.seed, "dropout", shard, stage, p_index))
                     for start in range(0, len(order), cfg.batch_size):
-                        chunk = order[start:start + cfg.batch_size]
-                        ids, mask = self._batch([self._tokens[rid] for rid in chunk])
-                        labels = torch.tensor([self.label_index[by_id[rid].label] for rid in chunk], device=self.device)
-                        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                        loss = F.cross_entropy(logits, labels)
+                        loss = self._loss([by_id[rid] for rid in order[start:start + cfg.batch_size]])
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()

@@ -164,6 +164,8 @@ def test_http_contract(served):
     assert status == 400 and out["error"] == 'run "r": unknown id "nope"; request not accepted, nothing was deleted'
     status, out = http(url, "/predict", {"texts": []})
     assert status == 400 and "'texts' must be a non-empty list" in out["error"]
+    status, out = http(url, "/generate", {"prompts": ["Q: who?\nA:"]})  # routed to the coordinator: a classifier run
+    assert status == 400 and "objective classify" in out["error"], out
     for bad in ("none-such", "..%2F..%2FHEAD", "x%00y", "00000000000000000001-00000000"):
         status, out = http(url, f"/requests/{bad}")
         assert status == 404 and "no request" in out["error"], (bad, status, out)

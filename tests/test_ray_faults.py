@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 CFG = SisaConfig(shards=4, slices=3, model="tiny", epochs="4", batch_size=2, max_length=32, seed=9,
                  labels=("neg", "pos"))
-RECORDS = synthetic_records(400, owners_every=1)
+RECORDS = synthetic_records(200, owners_every=1)  # 50 per shard: retrainings of a second or two
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,10 @@ def test_predictions_never_come_from_a_shard_between_ack_and_completion(served, 
     handle = served["handle"]
     shard = 1
     rid = victim(served, shard, 0)  # slice 0: every stage of shard 1 is redone
-    # hold the retraining open for 4 s, so that whole predictions fit inside it on any machine
-    # (CI once retrained faster than one prediction under load, and the test proved nothing)
-    ray_get(served["executor"].actor(shard).pause_at.remote("after-stage-0", 4.0))
+    # hold the retraining open until two whole predictions were asked and answered inside it,
+    # on however loaded a machine (CI once retrained faster than one prediction)
+    release = tmp_path / "release"
+    ray_get(served["executor"].actor(shard).pause_at.remote("after-stage-0", 120.0, str(release)))
     answers, stop = [], threading.Event()
 
     def keep_predicting():
@@ -90,6 +91,10 @@ def test_predictions_never_come_from_a_shard_between_ack_and_completion(served, 
     t_ack0 = time.time()
     request_id = delete(served, rid)
     t_ack = time.time()
+    deadline = time.time() + 120
+    while sum(a[0] >= t_ack for a in answers) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    release.touch()
     req = wait_request(handle, request_id, timeout_s=180)
     t_done = time.time()
     time.sleep(1.0)
@@ -130,11 +135,12 @@ def test_shard_actor_killed_by_ray_mid_retrain(served, tmp_path):
     shard = 1
     actor = served["executor"].actor(shard)
     pid = ray_get(actor.pid.remote())
+    ray_get(actor.pause_at.remote("after-stage-0", 60.0))  # held inside the retraining: killed there
     request_id = delete(served, victim(served, shard, 0))
     deadline = time.time() + 60
     while ray_get(served["handle"].get.remote(request_id))["status"] == "pending" and time.time() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)  # inside the retraining
+    time.sleep(0.5)
     ray.kill(actor, no_restart=False)
     req = wait_request(served["handle"], request_id, timeout_s=180)
     assert req["status"] == "done", req

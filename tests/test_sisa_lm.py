@@ -1,0 +1,239 @@
+"""SISA with the lm objective (LoRA adapters on a causal LM): exact like the classifiers,
+through the CLI and through Ray, with ensemble label scoring and generation."""
+import json
+
+import numpy as np
+import pytest
+
+from cluster.cli import main
+from conftest import write_jsonl
+from core.records import Record
+from core.store import LocalStore
+from sisa.config import SisaConfig
+from sisa.run import SisaRun
+from test_sisa_exact import cli_json, pick_deletions
+
+LM = dict(shards=3, slices=3, model="tiny-lm", epochs="2", batch_size=4, max_length=32, seed=5,
+          extra={"objective": "lm"})
+COMMON = ["--objective", "lm", "--model", "tiny-lm", "--shards", "3", "--slices", "3", "--epochs", "2",
+          "--batch-size", "4", "--max-length", "32", "--seed", "5"]
+
+
+def qa_records(n: int = 45) -> list[Record]:
+    """Prompt/completion records: facts about people, several per owner."""
+    return [Record(f"q{i:03d}", f"Q: Where was person {i // 3} born?\nA:", "", f"person-{i // 3}",
+                   f" In the town of Vale {i % 7}.") for i in range(n)]
+
+
+def labelled_records(n: int = 36) -> list[Record]:
+    words = ["great", "fine", "awful", "dull"]
+    return [Record(f"l{i:03d}", f"the film was {words[i % 4]} ({i})", "pos" if i % 4 < 2 else "neg", f"o{i % 9}")
+            for i in range(n)]
+
+
+def write_qa(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({"id": r.id, "prompt": r.text, "completion": r.completion, "owner": r.owner}) + "\n")
+    return str(path)
+
+
+def test_lm_records_are_read_and_stored_as_prompt_completion(tmp_path):
+    from core.slices import decode_slice, encode_slice
+    from core.sources import load_records
+
+    path = write_qa(tmp_path / "qa.jsonl", qa_records(3))
+    got = load_records(path)
+    assert got == qa_records(3) and got[0].form == "prompt/completion"
+    assert decode_slice(encode_slice(got)) == got
+    # a labelled record keeps the bytes it always had (no completion field)
+    assert b"completion" not in encode_slice(labelled_records(2))
+
+
+def test_cross_run_exactness_prompt_completion_via_cli(tmp_path, capsys):
+    records = qa_records()
+    config = SisaConfig(**LM)
+    ids, owner, _layout = pick_deletions(records, config)
+    store = str(tmp_path / "store")
+    a0 = cli_json(capsys, "train", "--data", write_qa(tmp_path / "d.jsonl", records), "--run", "A", "--store", store,
+                  *COMMON)
+    assert a0["config"]["extra"] == {"objective": "lm"} and a0["config"]["labels"] == []
+    cli_json(capsys, "delete", "--run", "A", "--store", store, "--ids", ",".join(ids))
+    receipt = cli_json(capsys, "delete", "--run", "A", "--store", store, "--owners", owner)
+    gone = set(ids) | {r.id for r in records if r.owner == owner}
+    assert receipt["records_deleted"] == len({r.id for r in records if r.owner == owner} - set(ids))
+    rest = write_qa(tmp_path / "rest.jsonl", [r for r in records if r.id not in gone])
+    b = cli_json(capsys, "train", "--data", rest, "--run", "B", "--store", store, *COMMON)
+    a = cli_json(capsys, "status", "--run", "A", "--store", store)
+    assert [s["digest"] for s in a["shards"]] == [s["digest"] for s in b["shards"]]
+    assert a["shards"][0]["digest"] != a0["shards"][0]["digest"]  # not vacuous
+    assert cli_json(capsys, "verify", "--run", "A", "--store", store)["exact"]
+    # only adapters (and their optimizer state) are stored: no base weight in any checkpoint
+    from sisa.checkpoint import load_state
+
+    ckpts = [p for p in (tmp_path / "store").rglob("*.safetensors")]
+    assert ckpts
+    for p in ckpts:
+        names = load_state(p.read_bytes()).keys()
+        assert all("lora_" in n for n in names), sorted(names)[:3]
+
+
+def test_labelled_lm_run_scores_labels_like_erase_and_deletes_exactly(tmp_path):
+    records = labelled_records()
+    store = LocalStore(str(tmp_path / "s"))
+    run = SisaRun.train(store, "r", records, SisaConfig(**LM))
+    assert run.config.labels == ("neg", "pos")
+    out = run.predict(["the film was great", "the film was dull"], "mean")
+    probs = [p["probabilities"] for p in out["predictions"]]
+    assert all(abs(sum(p.values()) - 1) < 1e-5 for p in probs)
+    # each shard's label probabilities are the softmax of the verbalizers' log-likelihoods
+    from sisa.shard import ShardWorker
+
+    worker = ShardWorker(store, "r", run.config)
+    entry = run.manifest.shards[0]
+    _key, p = worker.predict_proba(entry, ["the film was great"])
+    _key, state = worker.serving_state(entry)
+    lp = worker.trainer.completion_logprobs(state, [Record(f"x{lab}", "the film was great", lab, "x")
+                                                     for lab in ("neg", "pos")])
+    sums = np.array([v.sum() for v in lp])
+    assert np.allclose(p[0], np.exp(sums) / np.exp(sums).sum(), atol=1e-5)
+    assert run.evaluate(records)["records"] == len(records)
+    victim = run.manifest.shards[1].slices[0].ids[0]
+    run.delete(ids=[victim])
+    fresh = SisaRun.train(LocalStore(str(tmp_path / "f")), "f", [r for r in records if r.id != victim], SisaConfig(**LM))
+    assert [s.digest for s in run.manifest.shards] == [s.digest for s in fresh.manifest.shards]
+
+
+def test_generation_is_greedy_over_the_mean_of_the_shards(tmp_path):
+    from sisa.generate import greedy
+
+    run = SisaRun.train(LocalStore(str(tmp_path)), "g", qa_records(), SisaConfig(**LM))
+    out = run.generate(["Q: Where was person 2 born?\nA:"], max_new_tokens=6)
+    assert out["shards"] == [0, 1, 2] and len(out["generations"][0]["tokens"]) <= 6
+    alone = run.generate(["Q: Where was person 2 born?\nA:"], max_new_tokens=6, shard=1)
+    assert alone["shards"] == [1]
+    # the loop itself: argmax of the step's distribution, stopping at eos
+    table = {(): [0.1, 0.7, 0.2], (1,): [0.2, 0.1, 0.7], (1, 2): [0.9, 0.05, 0.05]}
+    assert greedy(lambda seqs: np.array([table[tuple(s[1:])] for s in seqs]), [[5]], 10, eos=0) == [[1, 2]]
+    assert greedy(lambda seqs: np.array([table[tuple(s[1:])] for s in seqs]), [[5]], 1, eos=0) == [[1]]
+
+
+def test_bad_input_for_the_lm_objective_is_one_line(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"id": "a", "prompt": "p", "completion": " c"}\n{"id": "b", "text": "t", "label": "x"}\n')
+    both = tmp_path / "both.jsonl"
+    both.write_text('{"id": "a", "prompt": "p", "completion": " c", "text": "t"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "a", "prompt": "p", "completion": ""}\n')
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(6))
+    cases = [
+        (["train", "--data", str(mixed), "--run", "x", *COMMON], "mixed.jsonl:2: a text/label record after"),
+        (["train", "--data", str(both), "--run", "x", *COMMON], "both.jsonl:1: field 'text' next to 'prompt'"),
+        (["train", "--data", str(empty), "--run", "x", *COMMON], "empty.jsonl:1: field 'completion' is empty"),
+        (["train", "--data", qa, "--run", "x", "--model", "tiny"], 'record "q000": a prompt/completion record'),
+        (["train", "--data", qa, "--run", "x", "--objective", "lm", "--model", "minilm"],
+         "'minilm' is not a model for the lm objective"),
+        (["train", "--data", qa, "--run", "x", *COMMON, "--labels", "a,b"], "prompt/completion records, which have no labels"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main([*argv, "--store", store]) != 0, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.safetensors"))
+    # generate: on a classifier run, a shard out of range, a count out of range
+    assert main(["train", "--data", write_jsonl(tmp_path / "l.jsonl", labelled_records(12)), "--run", "c",
+                 "--store", store, "--model", "tiny", "--shards", "2", "--slices", "1", "--epochs", "1", "--quiet"]) == 0
+    assert main(["train", "--data", qa, "--run", "g", "--store", store, *COMMON, "--shards", "2", "--quiet"]) == 0
+    for argv, message, code in [
+        (["--run", "c"], "run c is a classifier (objective classify)", 1),
+        (["--run", "g", "--shard", "7"], "--shard 7: run g has shards 0..1", 1),
+        (["--run", "g", "--max-new-tokens", "0"], "--max-new-tokens", 2),
+        (["--run", "nope"], "nope", 1),
+    ]:
+        capsys.readouterr()
+        try:
+            got = main(["generate", "--input", qa, "--store", store, *argv])
+        except SystemExit as exc:  # usage errors exit from argparse
+            got = exc.code
+        assert got == code, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+@pytest.mark.integration
+def test_lm_through_ray_equals_in_process_and_generates_the_same_tokens(ray_local, tmp_path, capsys):
+    """The CLI on Ray: train, delete (ids from the first, a middle and the last slice, plus
+    one owner), the same digests as a from-scratch run on what is left in this process,
+    and the same generated tokens from the actors as from this process."""
+    records = qa_records()
+    config = SisaConfig(**LM)
+    ids, owner, _layout = pick_deletions(records, config)
+    store = str(tmp_path / "store")
+    ray = ["--runtime", "ray"]
+    cli_json(capsys, "train", "--data", write_qa(tmp_path / "d.jsonl", records), "--run", "A", "--store", store,
+             *COMMON, *ray)
+    cli_json(capsys, "delete", "--run", "A", "--store", store, "--ids", ",".join(ids), *ray)
+    cli_json(capsys, "delete", "--run", "A", "--store", store, "--owners", owner, *ray)
+    gone = set(ids) | {r.id for r in records if r.owner == owner}
+    fresh = SisaRun.train(LocalStore(str(tmp_path / "fresh")), "B", [r for r in records if r.id not in gone], config)
+    a = cli_json(capsys, "status", "--run", "A", "--store", store)
+    assert [s["digest"] for s in a["shards"]] == [s.digest for s in fresh.manifest.shards]
+    prompts = write_qa(tmp_path / "p.jsonl", records[:4])
+    on_ray = cli_json(capsys, "generate", "--run", "A", "--store", store, "--input", prompts,
+                      "--max-new-tokens", "8", *ray)
+    local = cli_json(capsys, "generate", "--run", "A", "--store", store, "--input", prompts,
+                     "--max-new-tokens", "8", "--runtime", "local")
+    assert on_ray["generations"] == local["generations"] and on_ray["shards"] == [0, 1, 2]
+    assert all(g["tokens"] for g in local["generations"])
+
+
+def test_generate_leaves_out_a_shard_with_an_acknowledged_deletion(tmp_path):
+    """The /predict rule for generation: between a deletion's acknowledgement and its commit
+    the shard holding the record contributes no token (in this process, through the
+    coordinator that `serve` runs)."""
+    from cluster.coordinator import Coordinator
+
+    store = LocalStore(str(tmp_path))
+    run = SisaRun.train(store, "g", qa_records(), SisaConfig(**LM))
+    coordinator = Coordinator(store, "g", run_factory=lambda: SisaRun.open(store, "g"))
+    next_probs = run._executor(False).next_token_probs
+    prompt = ["Q: Where was person 4 born?\nA:"]
+    before = coordinator.generate(prompt, next_probs, 6)
+    assert before["shards"] == [0, 1, 2] and before["quarantined"] == []
+    victim = run.manifest.shards[1].slices[0].ids[0]
+    coordinator.submit([victim], [])  # acknowledged (durable), not applied
+    during = coordinator.generate(prompt, next_probs, 6)
+    assert during["shards"] == [0, 2] and during["quarantined"] == [1]
+    alone = SisaRun.open(store, "g")  # the same answer as the ensemble of shards 0 and 2, asked directly
+    ensemble = alone._executor(False).next_token_probs([alone.manifest.shards[0], alone.manifest.shards[2]],
+                                                       [list(t) for t in [[1, 2, 3]]])
+    assert len(ensemble) == 2
+    from core.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="shard 1 is being retrained"):
+        coordinator.generate(prompt, next_probs, 6, shard=1)
+    while coordinator.pending():
+        coordinator.apply_due()
+    after = coordinator.generate(prompt, next_probs, 6)
+    assert after["shards"] == [0, 1, 2] and after["quarantined"] == []
+
+
+def test_generate_over_http_is_validated_before_the_coordinator():
+    from cluster.http_api import Generate, HttpError, parse_request
+
+    assert parse_request("POST", "/generate", b'{"prompts": ["a"], "max_new_tokens": 5, "shard": 1}') == \
+        Generate(("a",), 5, 1, False)
+    for body, message in [(b'{"prompts": []}', "'prompts' must be a non-empty list"),
+                          (b'{"prompts": ["a"], "max_new_tokens": 0}', "'max_new_tokens' must be an integer in 1..512"),
+                          (b'{"prompts": ["a"], "max_new_tokens": true}', "must be an integer"),
+                          (b'{"prompts": ["a"], "shard": -1}', "'shard' must be an integer"),
+                          (b'{"prompts": ["a"], "temperature": 1}', "temperature"),
+                          (b'{"prompts": ' + b'["a", ' * 70 + b'"a"' + b']' * 70 + b'}', "")]:
+        with pytest.raises(HttpError) as exc:
+            parse_request("POST", "/generate", body)
+        assert exc.value.status == 400 and message in exc.value.message, (body[:40], exc.value.message)
+    with pytest.raises(HttpError) as exc:
+        parse_request("GET", "/generate")
+    assert exc.value.status == 405
