@@ -217,7 +217,9 @@ def _emit(args, obj: dict, text: str) -> None:
 
 def _status_text(st: dict) -> str:
     lines = [f"run {st['run']} ({st['method']}, version {st['version']}) in {st['store']}: {st['records']} records, "
-             f"{st['config']['shards']} shards x {st['config']['slices']} slices, model {st['config']['model']}"]
+             f"{st['config']['shards']} shards x {st['config']['slices']} slices, model {st['config']['model']}"
+             + (" (objective lm: LoRA adapters on the causal LM)" if st["config"]["extra"].get("objective") == "lm"
+                else "")]
     for s in st["shards"]:
         lines.append(f"  shard {s['shard']:>3}: {s['records']:>7} records  slices {s['slices']}  digest {s['digest'][:16]}")
     return "\n".join(lines)

@@ -164,28 +164,30 @@ def test_bad_input_for_the_lm_objective_is_one_line(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_lm_through_ray_equals_in_process_and_generates_the_same_tokens(ray_local, tmp_path, capsys):
-    """The CLI on Ray: train, delete (ids from the first, a middle and the last slice, plus
-    one owner), the same digests as a from-scratch run on what is left in this process,
-    and the same generated tokens from the actors as from this process."""
-    records = qa_records()
-    config = SisaConfig(**LM)
-    ids, owner, _layout = pick_deletions(records, config)
-    store = str(tmp_path / "store")
-    ray = ["--runtime", "ray"]
-    cli_json(capsys, "train", "--data", write_qa(tmp_path / "d.jsonl", records), "--run", "A", "--store", store,
-             *COMMON, *ray)
-    cli_json(capsys, "delete", "--run", "A", "--store", store, "--ids", ",".join(ids), *ray)
-    cli_json(capsys, "delete", "--run", "A", "--store", store, "--owners", owner, *ray)
+    """Shard actors on Ray train and delete (ids from the first, a middle and the last
+    slice, plus one owner) to the same digests as a from-scratch run in this process, and
+    `unlearn generate` gives the same tokens through the actors as in this process."""
+    from cluster.runtime import RayExecutor
+
+    records = qa_records(30)
+    config = SisaConfig(**{**LM, "shards": 2})
+    from sisa import plan
+
+    layout = plan.build_layout(((r.id, r.owner) for r in records), config.seed, config.shards, config.slices)
+    ids = [layout[k][j][0] for k in (0, 1) for j in (0, 1, 2) if layout[k][j]]  # first, middle, last slice
+    owner = next(r.owner for r in records if r.owner not in {x.owner for x in records if x.id in ids})
+    store = LocalStore(str(tmp_path / "store"))
+    run = SisaRun.train(store, "A", records, config, executor=RayExecutor(store, "A", config))
+    receipt = run.delete(ids=ids, owners=[owner])
     gone = set(ids) | {r.id for r in records if r.owner == owner}
+    assert sorted(receipt.ids) == sorted(gone)
     fresh = SisaRun.train(LocalStore(str(tmp_path / "fresh")), "B", [r for r in records if r.id not in gone], config)
-    a = cli_json(capsys, "status", "--run", "A", "--store", store)
-    assert [s["digest"] for s in a["shards"]] == [s.digest for s in fresh.manifest.shards]
-    prompts = write_qa(tmp_path / "p.jsonl", records[:4])
-    on_ray = cli_json(capsys, "generate", "--run", "A", "--store", store, "--input", prompts,
-                      "--max-new-tokens", "8", *ray)
-    local = cli_json(capsys, "generate", "--run", "A", "--store", store, "--input", prompts,
-                     "--max-new-tokens", "8", "--runtime", "local")
-    assert on_ray["generations"] == local["generations"] and on_ray["shards"] == [0, 1, 2]
+    assert [s.digest for s in run.manifest.shards] == [s.digest for s in fresh.manifest.shards]
+    prompts = write_qa(tmp_path / "p.jsonl", records[:3])
+    argv = ["generate", "--run", "A", "--store", str(tmp_path / "store"), "--input", prompts, "--max-new-tokens", "6"]
+    on_ray = cli_json(capsys, *argv, "--runtime", "ray")  # the actors that trained (named, reused)
+    local = cli_json(capsys, *argv, "--runtime", "local")
+    assert on_ray["generations"] == local["generations"] and on_ray["shards"] == [0, 1]
     assert all(g["tokens"] for g in local["generations"])
 
 
