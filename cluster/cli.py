@@ -511,9 +511,17 @@ def _predict_text(out: dict) -> str:
     return "\n".join(lines)
 
 
+def _needs_labels(run, command: str) -> None:
+    config = run.manifest.config
+    if getattr(config, "objective", None) == "lm" and not config.labels:
+        raise UnlearnError(f"run {run.manifest.run} learned prompt/completion records: it has no labels to "
+                           f"{command}; use `unlearn generate`")
+
+
 def _predict(args, store, run) -> int:
     from core.sources import load_texts
 
+    _needs_labels(run, "predict")
     texts = load_texts(args.input)
     _note_test_model(run)
     serving, serve = _serving(args, store, run)
@@ -557,6 +565,7 @@ def _evaluate(args, store, run) -> dict:
     from core.sources import load_records
     from sisa.run import check_labels, evaluation
 
+    _needs_labels(run, "evaluate")
     records = load_records(args.data)
     check_labels(run.config, records)
     _note_test_model(run)

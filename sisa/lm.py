@@ -130,8 +130,8 @@ class LMStageTrainer(StageTrainer):
 
     # -- inference ------------------------------------------------------------
     def _query_ids(self, text: str) -> list[int]:
-        longest = max(len(v) for v in self.verb_ids)
-        return self._ids(TEMPLATE.render_query(text), special=True)[-(self.config.max_length - longest):]
+        keep = max(1, self.config.max_length - max(len(v) for v in self.verb_ids))
+        return self._ids(TEMPLATE.render_query(text), special=True)[-keep:]
 
     def predict_proba(self, state: State, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Label probabilities: the softmax over labels of each verbalizer's summed token
@@ -173,7 +173,3 @@ class LMStageTrainer(StageTrainer):
     def _load(self, state: State) -> None:
         self.clf.load_params({k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
         self.clf.model.eval()
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """A generation's starting tokens, cut to leave room for at least one new token."""
-        return self._ids(prompt, special=True)[-(self.config.max_length - 1):]

@@ -233,6 +233,8 @@ def config_for(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:
 def check_labels(config, records: Sequence[Record]) -> None:
     known = set(config.labels)
     for r in records:
+        if r.completion is not None:
+            raise UnlearnError(f"record {quote(r.id)}: a prompt/completion record; eval needs id, text, label records")
         if r.label not in known:
             raise UnlearnError(f"record {quote(r.id)}: label {quote(r.label)} is not one of {list(config.labels)}")
 

@@ -239,3 +239,21 @@ def test_generate_over_http_is_validated_before_the_coordinator():
     with pytest.raises(HttpError) as exc:
         parse_request("GET", "/generate")
     assert exc.value.status == 405
+
+
+def test_predict_and_eval_on_a_completion_run_say_use_generate(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(6))
+    assert main(["train", "--data", qa, "--run", "g", "--store", store, *COMMON, "--shards", "1", "--slices", "1",
+                 "--quiet"]) == 0
+    labelled = write_jsonl(tmp_path / "l.jsonl", labelled_records(4))
+    for argv in (["predict", "--input", qa], ["eval", "--data", labelled]):
+        capsys.readouterr()
+        assert main([*argv, "--run", "g", "--store", store]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no labels to" in err and "unlearn generate" in err, err
+    assert main(["train", "--data", labelled, "--run", "l", "--store", store, *COMMON, "--shards", "1",
+                 "--slices", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--data", qa, "--run", "l", "--store", store]) == 1
+    assert "a prompt/completion record; eval needs id, text, label records" in capsys.readouterr().err
