@@ -545,6 +545,8 @@ def _generate(args, store, run) -> int:
                            "--objective lm generate text; use predict")
     if args.shard is not None and not 0 <= args.shard < run.config.shards:
         raise UnlearnError(f"--shard {args.shard}: run {args.run} has shards 0..{run.config.shards - 1}")
+    if args.shard is not None and not run.manifest.shards[args.shard].records:
+        raise UnlearnError(f"--shard {args.shard}: run {args.run}'s shard {args.shard} holds no records")
     prompts = load_texts(args.input, fields=("text", "prompt"))
     _note_test_model(run)
     serving = Serving(store, args.run)
@@ -683,6 +685,9 @@ def erase_command(args, store, progress: bool) -> int:
         return _requests(args, store)
     if args.command == "resume":
         return _resume(args, store, run, progress)
+    if args.command == "generate":
+        raise UnlearnError(f"run {args.run} is an ERASE run: it classifies with a frozen LM; only SISA runs "
+                           "trained with --objective lm generate text")
     raise AssertionError(args.command)
 
 

@@ -153,6 +153,8 @@ class Coordinator:
                                "--objective lm generate text")
         if shard is not None and not 0 <= shard < manifest.config.shards:
             raise UnlearnError(f"shard {shard}: run {self.run} has shards 0..{manifest.config.shards - 1}")
+        if shard is not None and not manifest.shards[shard].records:
+            raise UnlearnError(f"shard {shard}: run {self.run}'s shard {shard} holds no records")
         out = self.serving.generate(prompts, next_probs, max_new_tokens, shard, wait, timeout_s)
         self._report(self.quarantine.problems)
         return out

@@ -240,7 +240,7 @@ def _text_problem(text: str) -> str | None:
 
 
 def _count(body: dict, name: str, low: int, high: int, default: int | None) -> int | None:
-    if name not in body:
+    if name not in body or (default is None and body[name] is None):  # an optional field may be null
         return default
     value = body[name]
     if type(value) is not int or not low <= value <= high:  # JSON integers only: no true, no 3.0

@@ -212,7 +212,7 @@ class Serving:
             use = [e for e in entries if shard is None or e.shard == shard]
             if shard is not None and not use:
                 raise Unavailable(f"run {quote(self.committed.run)}: shard {shard} is being retrained for an "
-                                  f"acknowledged deletion (or holds no records); ask again, or wait")
+                                  f"acknowledged deletion; ask again, or wait")
             out = generate_answers(config, texts, use, next_probs, max_new_tokens)
             return [(e.checkpoints[-1], out) for e in entries]
 

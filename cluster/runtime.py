@@ -226,7 +226,10 @@ def _shard_actor_class():
             import psutil
 
             trainer = self.worker.trainer
-            trainer.predict_proba(trainer.initial_state(0), ["touch every weight once"])  # fault pages in
+            if self.worker.config.objective == "lm":  # fault every page in (an lm run may have no labels)
+                trainer.next_token_probs(trainer.initial_state(0), [[1, 2, 3]])
+            else:
+                trainer.predict_proba(trainer.initial_state(0), ["touch every weight once"])
             gc.collect()
             info = psutil.Process().memory_full_info()
             return {"rss": info.rss, "uss": info.uss, "pss": getattr(info, "pss", info.uss)}
@@ -517,15 +520,21 @@ def ray_get(ref):
         return ray.get(ref)
     except UnlearnError as exc:  # Ray re-raises it as a subclass carrying the remote traceback
         # keep the project's own class (IntegrityError is permanent, the rest transient)
-        cls = next(c for c in type(exc).__mro__ if issubclass(c, UnlearnError) and c.__module__.split(".")[0]
-                   in ("sisa", "erase", "cluster"))
+        cls = next((c for c in type(exc).__mro__ if issubclass(c, UnlearnError) and c.__module__.split(".")[0]
+                    in ("core", "sisa", "erase", "cluster")), UnlearnError)
         raise cls(one_line(exc)) from None
+
+
+GENERATIONS_AT_ONCE = 4  # per coordinator; more wait their turn
 
 
 def _coordinator_actor_class():
     import ray
 
-    @ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=32, num_cpus=0)
+    # generations run in a group of their own: long ones can never hold the threads that
+    # acknowledge deletions, answer /predict and report requests
+    @ray.remote(max_restarts=-1, max_task_retries=-1, max_concurrency=32, num_cpus=0,
+                concurrency_groups={"generate": GENERATIONS_AT_ONCE})
     class CoordinatorActor:
         """A run's coordinator as a named actor: it owns the request log and routing, applies
         batches in a background thread, and answers ensemble predictions meanwhile. On a
@@ -597,6 +606,7 @@ def _coordinator_actor_class():
         def quarantined(self) -> list:
             return self.coordinator.quarantined()
 
+        @ray.method(concurrency_group="generate")
         def generate(self, prompts: list[str], max_new_tokens: int = 32, shard: int | None = None,
                      wait: bool = False) -> dict:
             if self.method == "erase":

@@ -7,6 +7,8 @@ nothing). Any Hugging Face causal-LM folder (or hub id, where there is internet)
 """
 from __future__ import annotations
 
+import functools
+
 from .assets import quiet_transformers, resolve_model, smollm2_dir
 from .errors import UnlearnError
 
@@ -91,3 +93,23 @@ def load_tokenizer(spec: str, option: str = "--model"):
             tok.pad_token = tok.eos_token
         _tokenizers[spec] = tok
     return _tokenizers[spec]
+
+
+@functools.lru_cache(maxsize=16)
+def lm_positions(spec: str) -> int | None:
+    """How many token positions the causal LM `spec` embeds (None if its config says not):
+    a generation must end within them (learned position tables have no entry past them)."""
+    if spec == "tiny-lm":
+        return MAX_CONTEXT
+    from transformers import AutoConfig
+
+    path = smollm2_dir() if spec == "smollm2-135m" else resolve_model(spec, "--model", LM_PRESETS)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -50,7 +50,7 @@ def mean_step(next_probs: Callable, entries: Sequence) -> Callable[[list[list[in
 def generate_answers(config, prompts: Sequence[str], entries: Sequence, next_probs: Callable,
                      max_new_tokens: int) -> dict:
     """The ensemble of `entries` continues each prompt; the answer names the shards used."""
-    from core.causal_lm import load_tokenizer
+    from core.causal_lm import load_tokenizer, lm_positions
     from core.errors import UnlearnError
 
     if config.objective != "lm":
@@ -61,7 +61,13 @@ def generate_answers(config, prompts: Sequence[str], entries: Sequence, next_pro
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
         raise UnlearnError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
     tok = load_tokenizer(config.model)
-    ids = [list(tok(p, add_special_tokens=True)["input_ids"])[-(config.max_length - 1):] for p in prompts]
+    keep = config.max_length - 1
+    positions = lm_positions(config.model)
+    if positions is not None:  # the prompt's end and every new token within the model's positions
+        if max_new_tokens >= positions:
+            raise UnlearnError(f"max_new_tokens {max_new_tokens}: the model embeds {positions} positions in all")
+        keep = min(keep, positions - max_new_tokens)
+    ids = [list(tok(p, add_special_tokens=True)["input_ids"])[-keep:] for p in prompts]
     new = greedy(mean_step(next_probs, entries), ids, max_new_tokens, tok.eos_token_id)
     return {"shards": [e.shard for e in entries],
             "generations": [{"prompt": p, "completion": tok.decode(t, skip_special_tokens=True), "tokens": t}

@@ -53,3 +53,22 @@ def test_actors_that_cannot_fit_fail_with_one_line_instead_of_hanging(ray_local,
     pool = RayPartitionPool("huge", "0" * 12, actor_cpus=64)
     with pytest.raises(UnlearnError, match=r"1 new actors x 64 CPUs do not fit"):
         pool.call({"all/0": ("ids", ())})
+
+
+def test_project_errors_raised_in_an_actor_keep_their_class_and_one_line(ray_local):
+    """Seen in review: ray_get looked for the error's class in sisa/erase/cluster only, after
+    the errors moved to core; every error from an actor became a bare StopIteration (a
+    traceback, and the quarantine's retry on ObjectMissing never ran)."""
+    from cluster.runtime import ray_get
+    from core.errors import IntegrityError, ObjectMissing, UnlearnError
+
+    @ray_local.remote
+    def fail(kind: str):
+        from core.errors import IntegrityError, ObjectMissing, UnlearnError
+
+        raise {"plain": UnlearnError, "missing": ObjectMissing, "damaged": IntegrityError}[kind](f"{kind}: it broke")
+
+    for kind, cls in (("plain", UnlearnError), ("missing", ObjectMissing), ("damaged", IntegrityError)):
+        with pytest.raises(cls) as exc:
+            ray_get(fail.remote(kind))
+        assert type(exc.value) is cls and str(exc.value) == f"{kind}: it broke", (kind, type(exc.value), exc.value)

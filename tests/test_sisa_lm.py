@@ -227,6 +227,8 @@ def test_generate_over_http_is_validated_before_the_coordinator():
 
     assert parse_request("POST", "/generate", b'{"prompts": ["a"], "max_new_tokens": 5, "shard": 1}') == \
         Generate(("a",), 5, 1, False)
+    assert parse_request("POST", "/generate", b'{"prompts": ["a"], "shard": null, "wait": false}') == \
+        Generate(("a",), 32, None, False)  # the body the README shows
     for body, message in [(b'{"prompts": []}', "'prompts' must be a non-empty list"),
                           (b'{"prompts": ["a"], "max_new_tokens": 0}', "'max_new_tokens' must be an integer in 1..512"),
                           (b'{"prompts": ["a"], "max_new_tokens": true}', "must be an integer"),
@@ -257,3 +259,44 @@ def test_predict_and_eval_on_a_completion_run_say_use_generate(tmp_path, capsys)
     capsys.readouterr()
     assert main(["eval", "--data", qa, "--run", "l", "--store", store]) == 1
     assert "a prompt/completion record; eval needs id, text, label records" in capsys.readouterr().err
+
+
+def test_generation_stays_within_a_learned_position_table(tmp_path, capsys):
+    """Seen in review: a GPT-2-style model (learned positions, here 64) trained with the
+    default --max-length 64 crashed in generate with an IndexError once prompt + new tokens
+    passed 64. The prompt is now cut so that every new token has a position."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from core.causal_lm import load_tokenizer
+
+    tok = load_tokenizer("tiny-lm")
+    folder = tmp_path / "gpt2-64"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    store = str(tmp_path / "store")
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(4))
+    assert main(["train", "--data", qa, "--run", "g", "--store", store, "--objective", "lm", "--model", str(folder),
+                 "--shards", "1", "--slices", "1", "--epochs", "1", "--quiet", "--runtime", "local"]) == 0
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 200 + "\n")
+    out = cli_json(capsys, "generate", "--run", "g", "--store", store, "--input", str(long), "--max-new-tokens", "20")
+    assert len(out["generations"][0]["tokens"]) <= 20
+    capsys.readouterr()
+    assert main(["generate", "--run", "g", "--store", store, "--input", str(long), "--max-new-tokens", "64"]) == 1
+    assert "the model embeds 64 positions" in capsys.readouterr().err
+
+
+def test_generate_refuses_erase_runs_and_empty_shards_in_one_line(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    labelled = write_jsonl(tmp_path / "l.jsonl", labelled_records(8))
+    assert main(["train", "--method", "erase", "--embedder", "tiny", "--lm", "tiny-lm", "--shots", "2",
+                 "--data", labelled, "--run", "e", "--store", store, "--quiet", "--runtime", "local"]) == 0
+    qa = write_qa(tmp_path / "qa.jsonl", qa_records(6))  # two owners: two of four shards stay empty
+    assert main(["train", "--data", qa, "--run", "g", "--store", store, *COMMON, "--shards", "4", "--quiet"]) == 0
+    empty = next(s.shard for s in SisaRun.open(LocalStore(store), "g").manifest.shards if not s.records)
+    for argv, message in [(["--run", "e"], "run e is an ERASE run"),
+                          (["--run", "g", "--shard", str(empty)], f"shard {empty} holds no records")]:
+        capsys.readouterr()
+        assert main(["generate", "--input", qa, "--store", store, *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
