@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python bench/erase_deletion_bench.py
 	$(BIN)/python bench/erase_accuracy_bench.py
 	$(BIN)/python bench/quarantine_bench.py
+	$(BIN)/python bench/memory_bench.py
 
 clean:
 	rm -rf $(VENV) unlearn-store .pytest_cache
