@@ -5,7 +5,8 @@ Every record is a prompt and a completion, and the loss is the cross-entropy of 
 completion's tokens only (the prompt is context, not something to learn):
 - a labelled record is rendered with the prompt template ERASE uses: prompt
   "Text: {text}\\nLabel:", completion " {label}" (its verbalizer). Scoring a label later is
-  the same log-likelihood ERASE computes, so both methods answer on equal terms;
+  the log-likelihood ERASE computes, though without ERASE's instruction and examples in the
+  prompt, and a long text keeps its end here (ERASE keeps its first 96 tokens);
 - a prompt/completion record keeps its two parts, and the completion ends with the
   end-of-sequence token, so a generation learns where to stop.
 
@@ -17,7 +18,6 @@ classifiers: a stage's output depends only on its input state and records.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +30,7 @@ from core.records import Record
 
 from .checkpoint import State
 from .config import SisaConfig
-from .models import TARGETS, Classifier
+from .models import Classifier, lora_wrapped
 from .trainer import StageTrainer
 
 TEMPLATE = PromptTemplate()
@@ -40,24 +40,11 @@ def load_adapted_lm(spec: str, lora_r: int, lora_alpha: int, lora_dropout: float
                     shared: dict | None = None) -> Classifier:
     """A frozen causal LM with LoRA adapters (peft, task type causal LM) whose trainable
     tensors are swapped per shard (the Classifier holder serves both objectives)."""
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-
     tokenizer, base = load_causal_lm(spec, "--model", shared)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_type = base.config.model_type
-    targets = TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
-    if not targets:
-        raise UnlearnError(f"--model {spec!r}: no LoRA target modules known for model type {model_type!r}")
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        model = get_peft_model(base, lora)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fan_in = {n: (p.shape[1] if p.dim() > 1 else p.shape[0]) for n, p in trainable.items()}
-    return Classifier(tokenizer, model, trainable, fan_in)
+    return lora_wrapped(spec, tokenizer, base, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        task_type="CAUSAL_LM")
 
 
 def lm_base_weights(spec: str) -> dict:

@@ -122,23 +122,27 @@ def base_weights(spec: str, num_labels: int) -> dict:
 
 def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                     shared: dict | None = None) -> Classifier:
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-
     tokenizer, base = _load_base(spec, num_labels, shared)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base.config.pad_token_id = tokenizer.pad_token_id
+    return lora_wrapped(spec, tokenizer, base, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        modules_to_save=[_head_name(base)])
+
+
+def lora_wrapped(spec: str, tokenizer, base, **lora) -> Classifier:
+    """`base` with LoRA on the target modules of its architecture (TARGETS, else peft's
+    defaults); `lora`: the rest of peft's LoraConfig. Both objectives build their models here."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
     model_type = base.config.model_type
     targets = TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
     if not targets:
         raise UnlearnError(f"--model {spec!r}: no LoRA target modules known for model type {model_type!r}")
-    head = _head_name(base)
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      target_modules=targets, modules_to_save=[head])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a deprecated transformers API
-        model = get_peft_model(base, lora)
+        model = get_peft_model(base, LoraConfig(target_modules=targets, **lora))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fan_in = {n: (p.shape[1] if p.dim() > 1 else p.shape[0]) for n, p in trainable.items()}
     return Classifier(tokenizer, model, trainable, fan_in)
