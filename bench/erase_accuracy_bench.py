@@ -52,6 +52,7 @@ from erase.icl import CONTENT_FREE, InContextClassifier  # noqa: E402
 from erase.model import EraseModel  # noqa: E402
 from sisa.config import SisaConfig  # noqa: E402
 from core.keys import keyed_hash  # noqa: E402
+from core.label_scoring import prefix_cache  # noqa: E402
 from core.records import Record
 from core.sources import load_records  # noqa: E402
 
@@ -98,7 +99,7 @@ def prefix_seconds(clf: InContextClassifier, examples) -> float:
     ids = clf.prefix_ids(examples)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        clf._prefix_cache(ids)
+        prefix_cache(clf.model, ids)
     return time.perf_counter() - t0
 
 

@@ -15,7 +15,8 @@ masked out and the position ids continue from the query's real length). `use_cac
 runs instruction + examples + query per query, the baseline the cache is measured against;
 both paths feed the model the same token ids, so they give the same probabilities.
 Only the logits that are scored go through the output layer (49k-way for SmolLM2, as
-costly as several transformer layers per token).
+costly as several transformer layers per token). The scoring itself is
+core.label_scoring's, shared with SISA-LM.
 
 `calibrate=True` applies contextual calibration (Zhao et al., ICML 2021): the label
 probabilities are divided by those the same prompt gives to content-free queries ("N/A",
@@ -42,6 +43,7 @@ import numpy as np
 import core  # noqa: F401  (MKL settings before torch loads)
 from core.causal_lm import LM_PRESETS as PRESETS, MAX_CONTEXT, load_causal_lm  # noqa: F401 (PRESETS: re-export)
 from core.errors import UnlearnError
+from core.label_scoring import prefix_cache, verbalizer_scores
 
 from core.prompt import PromptTemplate
 
@@ -137,7 +139,7 @@ class InContextClassifier:
             raise UnlearnError(f"a query does not fit: {len(prefix) + longest} tokens > max_length {self.max_length}")
         scores = np.zeros((len(qids), len(self.labels)))
         with torch.inference_mode():
-            past = self._prefix_cache(prefix) if use_cache and prefix else None
+            past = prefix_cache(self.model, prefix) if use_cache and prefix else None
             for start in range(0, len(qids), batch_size):
                 batch = qids[start:start + batch_size]
                 scores[start:start + len(batch)] = self._score(prefix, past, batch)
@@ -147,63 +149,9 @@ class InContextClassifier:
         bias = _softmax(scores[n:]).mean(axis=0)  # what the prompt alone makes of each label
         return _softmax(scores[:n] - np.log(np.maximum(bias, 1e-300)))
 
-    def _prefix_cache(self, prefix: list[int]) -> list[tuple]:
-        """Per layer (keys, values) of the prefix, batch 1; never handed to the model itself."""
-        import torch
-
-        out = self.model(input_ids=torch.tensor([prefix]), use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.cache.layers]
-
-    def _fresh_cache(self, past: list[tuple], rows: int):
-        """A new DynamicCache holding the prefix for `rows` rows (expand is a view; the cache's
-        first update concatenates, so the stored prefix tensors are never written)."""
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in past],
-                            config=self.model.config)
-
     def _score(self, prefix: list[int], past, batch: list[list[int]]) -> np.ndarray:
-        """Summed verbalizer log-likelihoods [len(batch), L]."""
-        import torch
-
-        B, L, P = len(batch), len(self.labels), len(prefix)
-        qlen = torch.tensor([len(q) for q in batch])
-        Q = int(qlen.max())
-        query = torch.full((B, Q), self.pad_id, dtype=torch.long)
-        qmask = torch.zeros((B, Q), dtype=torch.long)
-        for b, q in enumerate(batch):
-            query[b, :len(q)] = torch.tensor(q)
-            qmask[b, :len(q)] = 1
-        mask = torch.cat([torch.ones((B, P), dtype=torch.long), qmask], dim=1)
-        if past is not None:  # only the queries run; positions continue after the prefix
-            ids, cache, positions = query, self._fresh_cache(past, B), torch.arange(P, P + Q)
-        else:  # the whole prompt, per query
-            ids = torch.cat([torch.tensor([prefix] * B, dtype=torch.long).reshape(B, P), query], dim=1)
-            cache, positions = None, torch.arange(P + Q)
-        last = qlen - 1 + (ids.shape[1] - Q)  # each row's last query token in this input
-        keep, column = torch.unique(last, return_inverse=True)  # output layer only where it is scored
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(B, -1),
-                         cache=cache, use_cache=True, logits_to_keep=keep)
-        first = torch.log_softmax(out.logits[torch.arange(B), column].float(), dim=-1)  # [B, V]
-        scores = torch.stack([first[:, v[0]] for v in self.verb_ids], dim=1).double()  # [B, L]
-        M = max(len(v) for v in self.verb_ids) - 1
-        if M > 0:  # later verbalizer tokens: one row per (query, label) on top of the query's cache
-            cache = out.cache
-            cache.batch_repeat_interleave(L)
-            verb = torch.full((B * L, M), self.pad_id, dtype=torch.long)
-            vmask = torch.zeros((B * L, M), dtype=torch.long)
-            for l, v in enumerate(self.verb_ids):
-                verb[l::L, :len(v) - 1] = torch.tensor(v[:-1])
-                vmask[l::L, :len(v) - 1] = 1
-            mask2 = torch.cat([mask.repeat_interleave(L, dim=0), vmask], dim=1)
-            pos2 = P + qlen.repeat_interleave(L)[:, None] + torch.arange(M)[None, :]
-            out2 = self.model(input_ids=verb, attention_mask=mask2, position_ids=pos2, cache=cache,
-                              use_cache=True)
-            logp = torch.log_softmax(out2.logits.float(), dim=-1).reshape(B, L, M, -1)
-            for l, v in enumerate(self.verb_ids):
-                for t in range(1, len(v)):
-                    scores[:, l] += logp[:, l, t - 1, v[t]].double()
-        return scores.numpy()
+        """Summed verbalizer log-likelihoods [len(batch), L] (core.label_scoring)."""
+        return verbalizer_scores(self.model, self.pad_id, self.verb_ids, batch, prefix, past)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

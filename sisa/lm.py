@@ -25,6 +25,7 @@ import torch
 
 from core.causal_lm import load_causal_lm
 from core.errors import UnlearnError
+from core.label_scoring import verbalizer_scores
 from core.prompt import PromptTemplate
 from core.records import Record
 
@@ -122,19 +123,20 @@ class LMStageTrainer(StageTrainer):
 
     def predict_proba(self, state: State, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Label probabilities: the softmax over labels of each verbalizer's summed token
-        log-likelihood after the query (ERASE's scoring, without examples in the prompt)."""
+        log-likelihood after the query (ERASE's scoring, core.label_scoring, without examples
+        in the prompt): each query runs once, and only a verbalizer's later tokens per label."""
         L = len(self.config.labels)
         if not L:
             raise UnlearnError("this run learned prompt/completion records: it has no labels to predict "
                                "(use `unlearn generate`)")
         self._load(state)
+        pad = self.clf.tokenizer.pad_token_id
         out = []
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 queries = [self._query_ids(t) for t in texts[start:start + batch_size]]
-                pieces = [(q, v) for q in queries for v in self.verb_ids]
-                sums = torch.stack([lp.sum() for lp in self._token_logprobs(pieces)]).view(len(queries), L)
-                out.append(torch.softmax(sums, dim=-1).cpu().numpy())
+                sums = verbalizer_scores(self.causal, pad, self.verb_ids, queries)
+                out.append(torch.softmax(torch.from_numpy(sums), dim=-1).numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, L))
 
     def next_token_probs(self, state: State, sequences: Sequence[list[int]]) -> np.ndarray:

@@ -97,6 +97,19 @@ def test_labelled_lm_run_scores_labels_like_erase_and_deletes_exactly(tmp_path):
                                                      for lab in ("neg", "pos")])
     sums = np.array([v.sum() for v in lp])
     assert np.allclose(p[0], np.exp(sums) / np.exp(sums).sum(), atol=1e-5)
+    # multi-token verbalizers of unequal length, queries of unequal length: the cached scoring
+    # (each query once, later label tokens on its cache) equals one full pass per label
+    from sisa.lm import LMStageTrainer
+
+    labels = ("neg", "quite positive indeed")
+    multi = LMStageTrainer(SisaConfig(**{**LM, "labels": labels}), worker.trainer.clf)
+    assert [len(v) for v in multi.verb_ids] == [1, 3]
+    texts = ["the film was great", "a much longer review of a film that was dull and flat, said nobody"]
+    got = multi.predict_proba(state, texts, batch_size=2)
+    for text, row in zip(texts, got):
+        lp = multi.completion_logprobs(state, [Record(f"x{i}", text, lab, "x") for i, lab in enumerate(labels)])
+        sums = np.array([v.sum() for v in lp])
+        assert np.allclose(row, np.exp(sums) / np.exp(sums).sum(), atol=1e-5), (row, sums)
     assert run.evaluate(records)["records"] == len(records)
     victim = run.manifest.shards[1].slices[0].ids[0]
     run.delete(ids=[victim])
@@ -221,6 +234,53 @@ def test_generate_leaves_out_a_shard_with_an_acknowledged_deletion(tmp_path):
         coordinator.apply_due()
     after = coordinator.generate(prompt, next_probs, 6)
     assert after["shards"] == [0, 1, 2] and after["quarantined"] == []
+
+
+@pytest.mark.integration
+def test_generate_over_http_leaves_out_a_quarantined_shard(ray_local, tmp_path):
+    """The style of the /predict one (test_durability_serve): with the run lock held
+    elsewhere, a deletion accepted over HTTP stays queued; meanwhile /generate answers from
+    the other shard only, token for token what that shard generates alone; after the commit
+    both shards answer again."""
+    from ray import serve
+
+    from cluster.serving import start_serving
+    from core.lock import RunLock
+    from proc_helpers import http, wait_until
+    from seaweedfs import free_port
+    from sisa.generate import generate_answers
+
+    store = LocalStore(str(tmp_path / "store"))
+    run = SisaRun.train(store, "lmhttp", qa_records(24), SisaConfig(**{**LM, "shards": 2, "slices": 2}))
+    prompt = ["Q: Where was person 4 born?\nA:"]
+    url = start_serving(store, "lmhttp", port=free_port())
+    try:
+        def answered():
+            status, out = http(url, "/generate", {"prompts": prompt, "max_new_tokens": 5})
+            return out if status == 200 else None
+
+        before = wait_until(answered, 120, "/generate", poll=0.5)
+        assert before["shards"] == [0, 1] and before["quarantined"] == []
+        victim = run.manifest.shards[1].slices[0].ids[0]
+        with RunLock(store, "lmhttp", "delete"):
+            status, out = http(url, "/delete", {"ids": [victim]})
+            assert status == 202
+            status, during = http(url, "/generate", {"prompts": prompt, "max_new_tokens": 5})
+            assert status == 200 and during["quarantined"] == [1] and during["shards"] == [0], during
+            alone = generate_answers(run.config, prompt, [run.manifest.shards[0]],
+                                     run._executor(False).next_token_probs, 5)
+            assert during["generations"] == alone["generations"]
+            status, out2 = http(url, "/generate", {"prompts": prompt, "max_new_tokens": 5, "shard": 1})
+            assert status == 503 and "shard 1 is being retrained" in out2["error"], out2
+        rid = out["request_id"]
+        wait_until(lambda: http(url, f"/requests/{rid}")[1].get("status") == "done", 120, rid, poll=0.2)
+        status, after = http(url, "/generate", {"prompts": prompt, "max_new_tokens": 5})
+        assert status == 200 and after["shards"] == [0, 1] and after["quarantined"] == []
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.kill(ray.get_actor("lmhttp/coordinator", namespace="unlearn"))
 
 
 def test_generate_over_http_is_validated_before_the_coordinator():
