@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from cluster import options as opt  # noqa: E402
+from sisa.approx.config import APPROX_METHODS, ApproxConfig  # noqa: E402
 from core.errors import UnlearnError  # noqa: E402
 
 EPILOG = """storage: --store takes a directory or file:///directory (default $UNLEARN_STORE or
@@ -70,13 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=opt.given,
                    help="JSONL, CSV or Parquet with id, text, label[, owner] (or id, prompt, completion[, owner] "
                         "for --objective lm); or dataset:NAME[?split=train|test&limit=N]")
-    p.add_argument("--method", choices=("sisa", "erase"), default="sisa", help="unlearning method (default sisa)")
-    p.add_argument("--objective", choices=("classify", "lm"), default="classify",
+    p.add_argument("--method", choices=("sisa", "erase", "approx"), default="sisa",
+                   help="unlearning method (default sisa); approx: a BASELINE, not exact (one LoRA model on the "
+                        "causal LM, each deletion unlearned in place by --approx; never verifiable)")
+    p.add_argument("--objective", choices=("classify", "lm"), default=None,
                    help="SISA shards: classify (a classification head, default) or lm (a LoRA adapter on a causal "
                         "LM trained on completions: labelled records as 'Text: ...\nLabel: <label>', or "
                         "prompt/completion records; predict/eval score labels, generate writes text)")
-    p.add_argument("--shards", type=opt.bounded(int, 1, opt.MAX_SHARDS), default=4, help="number of shards S (default 4)")
-    p.add_argument("--slices", type=opt.bounded(int, 1, opt.MAX_SLICES), default=4, help="slices per shard R (default 4)")
+    p.add_argument("--shards", type=opt.bounded(int, 1, opt.MAX_SHARDS), default=None,
+                   help="number of shards S (default 4; 1 for --method approx)")
+    p.add_argument("--slices", type=opt.bounded(int, 1, opt.MAX_SLICES), default=None,
+                   help="slices per shard R (default 4; 1 for --method approx)")
     p.add_argument("--model", default=None,
                    help=f"preset ({', '.join(PRESETS)}; tiny-lm with --objective lm), a Hugging Face folder, or a hub "
                         "id (default minilm; smollm2-135m for --objective lm)")
@@ -104,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="raw label probabilities (default: contextual calibration, which removes the small "
                         "model's bias towards one label; see bench/results/erase_accuracy.md)")
+    a = p.add_argument_group("approximate unlearning (--method approx; a baseline to audit, not exact)")
+    a.add_argument("--approx", choices=APPROX_METHODS, default="gd-sine",
+                   help="how a deletion is unlearned: ga (gradient ascent on the deleted records), gd (gradient "
+                        "difference: descent on the retained records too), gd-sine (gd with the MLP updates "
+                        "bounded by a sine); default gd-sine")
+    a.add_argument("--approx-steps", type=opt.bounded(int, 1, 100_000), default=ApproxConfig.steps,
+                   help=f"optimizer steps per deletion (default {ApproxConfig.steps})")
+    a.add_argument("--approx-lr", type=opt.bounded(float, 0, 10.0, above=True), default=ApproxConfig.lr,
+                   help=f"AdamW learning rate of the unlearning updates (default {ApproxConfig.lr:g})")
+    a.add_argument("--approx-omega", type=opt.bounded(float, 0, 1e6, above=True), default=ApproxConfig.omega,
+                   help=f"gd-sine: the sine's frequency (default {ApproxConfig.omega:g})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where shard models train and answer (default cpu). Part of the run's configuration: "
                         "GPU and CPU kernels round differently, so a deletion is exact against the same device")
@@ -220,6 +236,8 @@ def _status_text(st: dict) -> str:
              f"{st['config']['shards']} shards x {st['config']['slices']} slices, model {st['config']['model']}"
              + (" (objective lm: LoRA adapters on the causal LM)" if st["config"]["extra"].get("objective") == "lm"
                 else "")]
+    if "approximate" in st:
+        lines.append(f"  {st['approximate'].upper().split(' (')[0]} ({st['approximate'].split(' (', 1)[1]}")
     for s in st["shards"]:
         lines.append(f"  shard {s['shard']:>3}: {s['records']:>7} records  slices {s['slices']}  digest {s['digest'][:16]}")
     return "\n".join(lines)
@@ -713,6 +731,9 @@ def run_command(args) -> int:
         extra = {"device": args.device} if args.device != "cpu" else {}
         if args.objective == "lm":
             extra["objective"] = "lm"
+        if args.method == "approx":
+            extra["approx"] = ApproxConfig(method=args.approx, steps=args.approx_steps, lr=args.approx_lr,
+                                           omega=args.approx_omega).to_json()
         model = args.model or ("smollm2-135m" if args.objective == "lm" else "minilm")
         config = SisaConfig(
             shards=args.shards, slices=args.slices, epochs=args.epochs, seed=args.seed, model=model,
@@ -765,7 +786,10 @@ def run_command(args) -> int:
                                      args.actor_cpus, args.actor_gpus)
     if args.command == "delete":
         receipt = _delete(args, store, run, progress)
-        text = (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
+        approx = run.config.approx
+        text = (f"unlearned {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s "
+                f"by {approx.method} ({approx.steps} steps, in place): APPROXIMATE, not verifiable; purged "
+                f"{receipt['purged_objects']} objects") if approx else (f"deleted {len(receipt['ids'])} records from run {receipt['run']} in {receipt['seconds']:.1f} s: "
                 f"retrained shards {receipt['shards'] or 'none'}"
                 + "".join(f", shard {k} from stage {v[0]}" for k, v in receipt["stages_redone"].items())
                 + "; "

@@ -343,7 +343,8 @@ class Coordinator:
             req.records_deleted, req.already_deleted_count, req.not_found_count = n_targets, n_already, n_unknown
             req.shards = units
             if run.manifest.method == "sisa":
-                req.stages_redone = {str(k): receipt.stages_redone.get(str(k), []) for k in units}
+                req.stages_redone = {str(k): receipt.stages_redone[str(k)] for k in units  # none: approximate
+                                     if str(k) in receipt.stages_redone}
                 req.digests = {str(k): receipt.digests[str(k)] for k in units if str(k) in receipt.digests}
             else:  # one clustering state for the whole run
                 req.digests = dict(receipt.digests) if units else {}

@@ -252,9 +252,20 @@ def check_layout(args, records) -> str | None:
 def check_options(args) -> None:
     """The checks that need more than one option's value, or the Ray cluster; before the
     store is touched. Raises OptionError (exit 2)."""
-    if args.command == "train" and args.method == "erase" and args.objective != "classify":
+    if args.command == "train" and args.method == "erase" and args.objective not in (None, "classify"):
         raise OptionError("--objective", "is a SISA option (ERASE prompts a frozen LM; it never trains one)")
-    if args.command == "train" and args.method == "sisa":
+    if args.command == "train":
+        approx = args.method == "approx"
+        for name in ("shards", "slices"):
+            if approx and getattr(args, name) not in (None, 1):
+                raise OptionError(f"--{name}", "must be 1 with --method approx (one model, unlearned in place)")
+            if getattr(args, name) is None:
+                setattr(args, name, 1 if approx else 4)
+        if approx and args.objective == "classify":
+            raise OptionError("--objective", "must be lm with --method approx (a LoRA adapter on a causal LM)")
+        if args.objective is None:
+            args.objective = "lm" if approx else "classify"
+    if args.command == "train" and args.method in ("sisa", "approx"):
         if args.model is None:
             args.model = "smollm2-135m" if args.objective == "lm" else "minilm"
         check_max_length(args.model, args.max_length)

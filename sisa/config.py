@@ -83,6 +83,12 @@ class SisaConfig:
                                f"(presets: {', '.join(presets)}, or a model folder)")
         if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels):
             raise bad("labels", f"need at least two distinct labels, got {list(self.labels)}")
+        if "approx" in self.extra:
+            self.approx  # noqa: B018 (validates)
+            if self.objective != "lm" or self.shards != 1 or self.slices != 1:
+                raise bad("extra.approx", "approximate unlearning is for one model: the lm objective, "
+                                          f"1 shard and 1 slice (got {self.objective}, {self.shards} shards, "
+                                          f"{self.slices} slices)")
 
     @property
     def device(self) -> str:
@@ -97,6 +103,15 @@ class SisaConfig:
         (a LoRA adapter on a causal LM, trained on completions). Kept in `extra`, so that
         classifier runs keep the digests they always had."""
         return self.extra.get("objective", "classify")
+
+    @property
+    def approx(self):
+        """The approximate-unlearning settings of an approximate run (`--method approx`),
+        else None: deletions then retrain, exactly."""
+        from .approx.config import ApproxConfig
+
+        raw = self.extra.get("approx")
+        return None if raw is None else ApproxConfig.from_json(raw)
 
     @property
     def epochs_fraction(self) -> Fraction:

@@ -161,4 +161,17 @@ class LMStageTrainer(StageTrainer):
 
     def _load(self, state: State) -> None:
         self.clf.load_params({k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
+        self._sync_deltas(state)
         self.clf.model.eval()
+
+    def _restore(self, state: State):
+        opt = super()._restore(state)
+        self._sync_deltas(state)
+        return opt
+
+    def _sync_deltas(self, state: State) -> None:
+        """An approximate run's unlearning deltas, if its state has any; else none at all.
+        Always: one process may hold one base model for several runs (and tests do)."""
+        from .approx.unlearn import load_deltas
+
+        load_deltas(self.causal, self.config.approx, state)

@@ -154,10 +154,15 @@ class SisaRun(StoredRun):
             f"label {quote(label)} has no records left; a from-scratch run must pass "
             f"--labels {','.join(self.config.labels)} to reproduce this state"
             for label in self.config.labels if label not in remaining]
+        if self.config.approx is not None:
+            receipt.warnings.append(APPROXIMATE.format(method=self.config.approx.method))
         receipt.purged_objects = self._commit(new)
         receipt.version = new.version
-        redone = [len(stage_ids(new_layout[d.shard], j)) for d in plan for j in range(d.first_stage, R)]
-        receipt.retrain_fraction = round(retrain_fraction(redone, R, new.records), 6)
+        if self.config.approx is None:
+            redone = [len(stage_ids(new_layout[d.shard], j)) for d in plan for j in range(d.first_stage, R)]
+            receipt.retrain_fraction = round(retrain_fraction(redone, R, new.records), 6)
+        else:  # nothing was retrained: the model was changed in place
+            receipt.stages_redone = {}
         receipt.seconds = round(time.perf_counter() - t0, 3)
         return receipt
 
@@ -167,6 +172,11 @@ class SisaRun(StoredRun):
         every stage's digest with the manifest and with the stored checkpoint tensors;
         and re-derive each record's shard and slice from its owner, since a retrain on a
         wrong layout would reproduce the stored digests."""
+        approx = self.config.approx
+        if approx is not None:
+            raise UnlearnError(f"run {quote(self.name)} is approximate ({approx.method}): not verifiable; its "
+                               f"deletions were unlearned in place, which no retraining reproduces (see what it "
+                               f"still knows with `unlearn audit`)")
         S = self.config.shards
         chosen = list(range(S)) if shards is None else list(shards)
         for k in chosen:
@@ -189,6 +199,7 @@ class SisaRun(StoredRun):
             "run": m.run, "method": m.method, "store": self.store.uri, "version": m.version,
             "created": m.created, "updated": m.updated, "records": m.records,
             "deleted_items": len(m.tombstones), "config": m.config.to_json(),
+            **({"approximate": APPROXIMATE.format(method=self.config.approx.method)} if self.config.approx else {}),
             "shards": [{"shard": s.shard, "records": s.records, "slices": [len(sl.ids) for sl in s.slices],
                         "digest": s.digest} for s in m.shards],
         }
@@ -217,6 +228,10 @@ class SisaRun(StoredRun):
         check_labels(self.config, records)
         shards, probs = self.shard_probabilities([r.text for r in records])
         return evaluation(self.manifest, records, shards, probs, method)
+
+
+APPROXIMATE = ("approximate: not verifiable ({method} unlearned the deleted records in place; the model may "
+               "still hold what they taught it)")
 
 
 def config_for(config: SisaConfig, records: Sequence[Record]) -> SisaConfig:

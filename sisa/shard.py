@@ -19,7 +19,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from core.errors import IntegrityError, ObjectMissing, UnlearnError
-from core.keys import sha256_hex
+from core.keys import keyed_seed, sha256_hex
 from core.records import Record, quote
 from core.slices import decode_slice, encode_slice, record_problems
 from core.store import Store
@@ -220,6 +220,32 @@ class ShardWorker:
         return ShardEntry(job.shard, slices, [k for k, _ in stages], [d for _, d in stages])
 
     def retrain(self, job: RetrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:
+        if self.config.approx is not None:
+            return self._unlearn_approximately(job, on_step)
+        return self._retrain(job, on_step)
+
+    def _unlearn_approximately(self, job: RetrainJob, on_step: Callable[[], None] | None) -> ShardEntry:
+        """An approximate run (one shard, one slice): no retraining; the current model is
+        "unlearned" in place (sisa/approx), the removed records leave the stored slice, and
+        the new state is stored under a key of its own (never one a training would use)."""
+        from .approx.unlearn import unlearn_state
+
+        old = job.entry
+        gone = set(job.removed)
+        held = [r for sl in old.slices for r in self.load_checked_slice(sl)]
+        forget = [r for r in held if r.id in gone]
+        retain = [r for r in held if r.id not in gone]
+        state = self.load_checkpoint(old.checkpoints[-1], old.stage_digests[-1])
+        state, _report = unlearn_state(self.trainer, state, forget, retain, self.config.approx,
+                                       keyed_seed(self.config.seed, "approx", old.stage_digests[-1]), on_step)
+        slices = [self.write_slice(retain)]
+        digest = state_digest(state)
+        key = f"{self.run}/ckpt/{old.shard:04d}/approx-{digest[:32]}.safetensors"
+        self.store.put(key, dump_state(state, {"run": self.run, "shard": old.shard, "approximate": True,
+                                               "digest": digest, "records": len(retain)}))
+        return ShardEntry(old.shard, slices, [key], [digest])
+
+    def _retrain(self, job: RetrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:
         """Drop `removed`, rewrite the changed slices, restore the checkpoint before
         `first_stage` and redo the later stages. Writes only new objects, and only after
         every object it builds on (the shard's slices, the restore point) has been checked."""

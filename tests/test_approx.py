@@ -1,0 +1,171 @@
+"""Approximate unlearning baselines (GA, GD, GD+Sine) on tiny-lm: they move the model the
+expected way on the forget set, GD+Sine's MLP update stays within its bound under long
+ascent, and an approximate run says everywhere that it is not verifiable."""
+import numpy as np
+import pytest
+import torch
+
+from core.errors import UnlearnError
+from core.store import LocalStore
+from sisa.approx.config import ApproxConfig
+from sisa.approx.layer import DeltaLinear
+from sisa.approx.unlearn import attach_deltas, attached
+from sisa.config import SisaConfig
+from sisa.run import SisaRun
+from sisa.shard import ShardWorker
+from test_sisa_lm import qa_records
+
+BASE = dict(shards=1, slices=1, model="tiny-lm", epochs="3", batch_size=4, max_length=32, seed=5)
+
+
+def approx_config(method: str, **over) -> SisaConfig:
+    approx = {"method": method, "steps": 6, "lr": 0.02, "batch_size": 4, **over}
+    return SisaConfig(**BASE, extra={"objective": "lm", "approx": approx})
+
+
+def mean_logprob(store, run: SisaRun, records) -> float:
+    worker = ShardWorker(store, run.name, run.config)
+    _key, state = worker.serving_state(run.manifest.shards[0])
+    return float(np.mean([lp.mean() for lp in worker.trainer.completion_logprobs(state, records)]))
+
+
+@pytest.fixture(scope="module")
+def records():
+    return qa_records(30)
+
+
+@pytest.mark.parametrize("method", ["ga", "gd", "gd-sine"])
+def test_each_method_lowers_what_the_model_knows_of_the_forget_set(tmp_path, records, method):
+    store = LocalStore(str(tmp_path))
+    run = SisaRun.train(store, "a", records, approx_config(method))
+    owner = records[0].owner
+    forget = [r for r in records if r.owner == owner]
+    before = mean_logprob(store, run, forget)
+    before_digest = run.manifest.shards[0].digest
+    receipt = run.delete(owners=[owner])
+    assert sorted(receipt.ids) == sorted(r.id for r in forget)
+    assert any(w.startswith("approximate: not verifiable") for w in receipt.warnings)
+    after = mean_logprob(store, run, forget)
+    assert after < before - 0.05, (method, before, after)  # the forget set got less likely
+    assert run.manifest.shards[0].digest != before_digest and run.manifest.records == len(records) - len(forget)
+    # the deleted records are gone from the store; the state holds the adapter plus the deltas
+    blob = b"".join(p.read_bytes() for p in tmp_path.rglob("*.jsonl"))
+    assert all(r.id.encode() not in blob for r in forget)
+    worker = ShardWorker(store, "a", run.config)
+    _key, state = worker.serving_state(run.manifest.shards[0])
+    assert any(k.startswith("delta.") for k in state) and any(k.startswith("param.") for k in state)
+    # and it says so: status, verify
+    assert run.status()["approximate"].startswith("approximate: not verifiable (" + method)
+    with pytest.raises(UnlearnError, match="is approximate .*not verifiable"):
+        run.verify()
+
+
+def test_an_approximate_deletion_is_deterministic_and_continues_from_its_deltas(tmp_path, records):
+    digests = []
+    for name in ("x", "y"):
+        store = LocalStore(str(tmp_path / name))
+        run = SisaRun.train(store, "a", records, approx_config("gd"))
+        run.delete(ids=[records[3].id])
+        first = run.manifest.shards[0].digest
+        run.delete(ids=[records[4].id])
+        digests.append((first, run.manifest.shards[0].digest))
+    assert digests[0] == digests[1] and digests[0][0] != digests[0][1]
+
+
+def test_gd_sine_keeps_the_mlp_update_within_its_bound_under_long_ascent():
+    """Property: whatever A and B become, every entry of a bounded delta's update stays
+    within (alpha/r)/sqrt(d_in); a plain delta under the same ascent grows past it."""
+    torch.manual_seed(0)
+    config = ApproxConfig(method="gd-sine", rank=4, alpha=8, omega=100.0)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        layer = torch.nn.Linear(24, 40)
+        bounded = DeltaLinear(layer, 24, 40, config.rank, config.scale, config.omega)
+        plain = DeltaLinear(layer, 24, 40, config.rank, config.scale, None)
+        for d in (bounded, plain):
+            with torch.no_grad():
+                d.A.copy_(torch.randn(d.A.shape, generator=gen))
+        # Adam: a step moves a parameter by about lr at most, so A and B grow far (to tens)
+        # yet stay finite; it is dW the sine bounds, not A and B
+        opt = torch.optim.Adam([bounded.A, bounded.B, plain.A, plain.B], lr=0.1)
+        x = torch.randn(16, 24, generator=gen)
+        for _ in range(200):  # ascent: push the outputs (and with them the update) ever larger
+            opt.zero_grad()
+            loss = -(bounded(x).pow(2).mean() + plain(x).pow(2).mean())
+            loss.backward()
+            opt.step()
+        assert (bounded.omega * (bounded.B @ bounded.A)).abs().max().item() > 100  # far past the sine's first peak
+        assert bounded.delta_weight().abs().max().item() <= bounded.bound() + 1e-6
+        assert plain.delta_weight().abs().max().item() > 10 * plain.bound()
+
+
+def test_gd_sine_bounds_only_the_mlp_deltas_and_a_fresh_delta_changes_nothing(tmp_path):
+    from core.causal_lm import load_causal_lm
+
+    _tok, model = load_causal_lm("tiny-lm", "--model")
+    ids = torch.tensor([[1, 5, 9, 200, 31]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    deltas = attach_deltas(model, ApproxConfig(method="gd-sine"))
+    kinds = {name.rsplit(".", 1)[1]: d.bounded for name, d in deltas.items()}
+    assert kinds == {"q_proj": False, "v_proj": False, "gate_proj": True, "up_proj": True, "down_proj": True}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)  # B = 0: bit for bit the same outputs
+    assert attach_deltas(model, ApproxConfig(method="gd-sine")) is not None and len(attached(model)) == len(deltas)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"objective": "lm", "approx": {"method": "gd-sin"}}, "method must be one of ga, gd, gd-sine"),
+    ({"objective": "lm", "approx": {"method": "gd", "steps": 0}}, "steps must be an integer in 1..100000"),
+    ({"objective": "lm", "approx": {"method": "gd", "lr": float("nan")}}, "lr must be a number"),
+    ({"objective": "lm", "approx": {"method": "gd", "bound": 1}}, "unknown field 'bound'"),
+    ({"approx": {"method": "gd"}}, "approximate unlearning is for one model: the lm objective"),
+])
+def test_bad_approximate_settings_are_one_line(extra, message):
+    with pytest.raises(UnlearnError, match=message.replace("(", r"\(")):
+        SisaConfig(**{**BASE, "model": "tiny-lm" if extra.get("objective") else "tiny"}, extra=extra)
+    with pytest.raises(UnlearnError, match="1 shard and 1 slice"):
+        SisaConfig(**{**BASE, "shards": 2}, extra={"objective": "lm", "approx": {"method": "gd"}})
+
+
+def test_approximate_run_through_the_cli_says_it_is_not_verifiable(tmp_path, capsys):
+    """train --method approx, delete through the coordinator and the log, purge; the receipt
+    and status say approximate; verify exits non-zero with one line; bad options are usage errors."""
+    import json
+
+    from cluster.cli import main
+
+    store = str(tmp_path / "s")
+    common = ["--run", "ax", "--store", store, "--runtime", "local"]
+    assert main(["train", "--method", "approx", "--approx", "ga", "--approx-steps", "3", "--model", "tiny-lm",
+                 "--data", "dataset:facts?people=6&facts=2", "--epochs", "1", "--max-length", "32", "--quiet",
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["delete", "--owners", "person-001", "--json", *common]) == 0
+    receipt = json.loads(capsys.readouterr().out)
+    assert receipt["ids"] == ["person-001-birthplace", "person-001-profession"] and receipt["stages_redone"] == {}
+    assert receipt["warnings"][0].startswith("approximate: not verifiable (ga")
+    assert main(["status", "--json", "--run", "ax", "--store", store]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["config"]["extra"]["approx"]["method"] == "ga" and st["records"] == 10 and "approximate" in st
+    assert main(["verify", *common]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is approximate (ga): not verifiable" in err
+    for argv, message in [(["--slices", "2"], "--slices: must be 1 with --method approx"),
+                          (["--objective", "classify"], "--objective: must be lm with --method approx"),
+                          (["--approx", "sine"], "invalid choice: 'sine'"),
+                          (["--approx-steps", "0"], "--approx-steps")]:
+        with pytest.raises(SystemExit) if "invalid" in message or "steps" in message else _no_raise():
+            code = main(["train", "--method", "approx", "--model", "tiny-lm", "--data", "dataset:facts",
+                         "--run", "bad", "--store", store, *argv])
+            assert code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s" / "bad").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
