@@ -211,6 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=opt.given, help="labelled records, same formats as train")
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="vote (default), mean, or weighted by shard size")
 
+    p = sub.add_parser("audit", help="what a run still knows about a forget set: knowledge, membership "
+                                     "inference, relearning and quantization attacks, next to a reference run",
+                       description="Measures what the run's model (the mean of its shards, for SISA) still knows "
+                                   "about the forget records: exact match, token accuracy and mean log-probability of "
+                                   "their answers (and of paraphrased questions, retained records and the holdout); "
+                                   "the AUC of forget vs holdout for loss, zlib and min-k%% membership scores; the "
+                                   "same after fine-tuning a copy on part of the forget set (relearning) and after "
+                                   "rounding its weights to 8 and 4 bits. With --reference (a run trained without the "
+                                   "forget set) both side by side: after an exact deletion every figure is equal. "
+                                   "Runs in this process; the stored runs are never changed.")
+    _common(p)
+    p.add_argument("--forget", required=True, type=opt.given,
+                   help="the forget set: records the run holds or deleted (same formats as train)")
+    p.add_argument("--holdout", required=True, type=opt.given,
+                   help="records no run was trained on (the non-members), same form as --forget")
+    p.add_argument("--paraphrased", type=opt.given, default=None,
+                   help="the forget set's questions reworded (any ids), scored for knowledge only")
+    p.add_argument("--reference", type=opt.run_name, default=None,
+                   help="a run of the same store trained without the forget set, audited the same way")
+    p.add_argument("--retain-sample", type=opt.bounded(int, 1, 100_000), default=64,
+                   help="retained records scored for utility, a keyed sample of what the run holds (default 64)")
+    p.add_argument("--relearn-steps", type=opt.bounded(int, 1, 10_000), default=10,
+                   help="fine-tuning steps of the relearning attack (default 10)")
+    p.add_argument("--relearn-fraction", type=opt.bounded(float, 0, 1, above=True), default=0.2,
+                   help="part of the forget set the relearning attack trains on; the rest is measured (default 0.2)")
+    p.add_argument("--plot", type=opt.given, default=None, help="write a PNG chart of the figures to this path")
+
     from cluster.capacity.commands import add_parsers as add_capacity_parsers
 
     add_capacity_parsers(sub)  # profile, plan
@@ -222,6 +249,57 @@ def _split(value: str, what: str) -> list[str]:
     if not items:
         raise UnlearnError(f"--{what}: no values given")
     return items
+
+
+def _audit(args, store, progress: bool) -> int:
+    from cluster.audit import audit
+    from core.sources import load_records
+
+    sets = {name: load_records(getattr(args, name)) if getattr(args, name) else []
+            for name in ("forget", "holdout", "paraphrased")}
+    say = (lambda msg: print(f"unlearn: audit: {msg}", file=sys.stderr)) if progress else None
+    out = audit(store, args.run, sets["forget"], sets["holdout"], sets["paraphrased"], args.reference,
+                files={name: getattr(args, name) for name in sets if getattr(args, name)},
+                retain_sample=args.retain_sample, relearn_steps=args.relearn_steps,
+                relearn_fraction=args.relearn_fraction, progress=say)
+    if args.plot:
+        from cluster.audit_plot import plot_audit
+
+        plot_audit(out, args.plot)
+    _emit(args, out, _audit_text(out))
+    return 0
+
+
+def _audit_text(out: dict) -> str:
+    reports = [out["subject"]] + ([out["reference"]] if "reference" in out else [])
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"audit of {len(reports)} run(s): {out['forget_records']} forget, {out['holdout_records']} holdout, "
+             f"{out['paraphrased_records']} paraphrased, {out['retain_records']} retained records",
+             f"{'':34}" + "".join(f"{r['run'][:20]:>22}" for r in reports)]
+
+    def row(label, get):
+        values = []
+        for r in reports:
+            try:
+                values.append(fmt(get(r)))
+            except (KeyError, TypeError):
+                values.append("n/a")
+        lines.append(f"{label:34}" + "".join(f"{v:>22}" for v in values))
+
+    for part in ("forget", "forget_paraphrased", "retain", "holdout"):
+        if part in out["subject"]["knowledge"]:
+            row(f"{part}: exact match", lambda r, p=part: r["knowledge"][p]["exact_match"])
+            row(f"{part}: mean log-prob", lambda r, p=part: r["knowledge"][p]["mean_logprob"])
+    for k in ("loss_auc", "zlib_auc", "min_k_auc"):
+        row(f"membership AUC ({k[:-4]})", lambda r, k=k: r["membership"][k])
+    row("relearned: forget rest exact match", lambda r: r["relearn"]["after"]["exact_match"])
+    row("  (before relearning)", lambda r: r["relearn"]["before"]["exact_match"])
+    for bits in (8, 4):
+        row(f"{bits}-bit: forget exact match", lambda r, b=bits: r["quantization"][f"{b}bit"]["forget"]["exact_match"])
+    if "identical_to_reference" in out:
+        lines.append("every figure equals the reference's" if out["identical_to_reference"]
+                     else "the figures differ from the reference's (see membership_gap in --json)")
+    return "\n".join(lines)
 
 
 def _emit(args, obj: dict, text: str) -> None:
@@ -778,6 +856,8 @@ def run_command(args) -> int:
     if args.command == "requests":  # the log alone: readable even if the manifest is not
         check_run_name(args.run)
         return _requests(args, store)
+    if args.command == "audit":
+        return _audit(args, store, progress)
     if run_method(store, args.run) == "erase":
         return erase_command(args, store, progress)
     run = SisaRun.open(store, args.run)

@@ -159,6 +159,29 @@ class LMStageTrainer(StageTrainer):
                 out.extend(lp.cpu().numpy() for lp in self._token_logprobs([self._piece(r) for r in chunk]))
         return out
 
+    def answer_distributions(self, state: State | None, records: Sequence[Record],
+                             batch_size: int = 16) -> list[np.ndarray]:
+        """Per record, the next-token distributions [T, V] at the T positions of its completion
+        (its verbalizer for a labelled record): what an audit scores. `state` None: the model
+        as it stands (an audit's quantized copy)."""
+        if state is not None:
+            self._load(state)
+        self.clf.model.eval()
+        out: list[np.ndarray] = []
+        head = self.causal.get_output_embeddings()
+        with torch.no_grad():
+            for start in range(0, len(records), batch_size):
+                pieces = [self._piece(r) for r in records[start:start + batch_size]]
+                hidden = self._hidden([p + c for p, c in pieces])
+                rows = [i for i, (p, c) in enumerate(pieces) for _ in c]
+                cols = [len(p) - 1 + j for p, c in pieces for j in range(len(c))]
+                probs = torch.softmax(head(hidden[rows, cols]).float(), dim=-1).cpu().numpy()
+                out.extend(np.split(probs, np.cumsum([len(c) for _, c in pieces])[:-1]))
+        return out
+
+    def answer_tokens(self, record: Record) -> list[int]:
+        return self._piece(record)[1]
+
     def _load(self, state: State) -> None:
         self.clf.load_params({k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
         self._sync_deltas(state)
