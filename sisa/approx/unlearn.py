@@ -171,6 +171,7 @@ def unlearn_state(trainer, state: dict, forget: Sequence[Record], retain: Sequen
     if losses[-1]["retain"] is not None:
         report["retain_loss"] = [losses[0]["retain"], losses[-1]["retain"]]
     if config.method == "gd-sine":
-        report["max_abs_mlp_delta"] = max(float(d.delta_weight().abs().max()) for d in deltas.values() if d.bounded)
+        with torch.no_grad():
+            report["max_abs_mlp_delta"] = max(d.delta_weight().abs().max().item() for d in deltas.values() if d.bounded)
         report["bound"] = max(d.bound() for d in deltas.values() if d.bounded)
     return out, report
