@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measures what the run's model (the mean of its shards, for SISA) still knows "
                                    "about the forget records: exact match, token accuracy and mean log-probability of "
                                    "their answers (and of paraphrased questions, retained records and the holdout); "
-                                   "the AUC of forget vs holdout for loss, zlib and min-k%% membership scores; the "
+                                   "the AUC of forget vs holdout for loss, zlib and min-k% membership scores; the "
                                    "same after fine-tuning a copy on part of the forget set (relearning) and after "
                                    "rounding its weights to 8 and 4 bits. With --reference (a run trained without the "
                                    "forget set) both side by side: after an exact deletion every figure is equal. "
@@ -262,6 +262,13 @@ def _audit(args, store, progress: bool) -> int:
                 files={name: getattr(args, name) for name in sets if getattr(args, name)},
                 retain_sample=args.retain_sample, relearn_steps=args.relearn_steps,
                 relearn_fraction=args.relearn_fraction, progress=say)
+    from cluster.requestlog import RequestLog
+
+    queued, _problems = RequestLog(store, args.run).queued()
+    if queued:  # an audit inspects; it never serves: say what state it saw
+        out["pending_requests"] = len(queued)
+        print(f"unlearn: warning: run {args.run} has {len(queued)} deletion request(s) accepted but not yet "
+              "applied; this audits its committed state, from before them", file=sys.stderr)
     if args.plot:
         from cluster.audit_plot import plot_audit
 
