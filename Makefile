@@ -51,7 +51,7 @@ bench: venv
 	$(BIN)/python bench/quarantine_bench.py
 	$(BIN)/python bench/memory_bench.py
 
-# ERASE vs SISA-LM on the same frozen LM, four BIG-bench tasks (about 27 minutes on 2 cores);
+# ERASE vs SISA-LM on the same frozen LM, four BIG-bench tasks (about 22 minutes on 2 cores);
 # not part of `make bench`. Results in bench/results/paper.{json,md}.
 bench-paper: venv
 	$(BIN)/python bench/paper_bench.py
