@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import numpy as np
+
 from core.errors import UnlearnError
 from core.keys import keyed_hash
 from core.membership import Scored, knowledge, membership
@@ -55,8 +57,8 @@ class EraseSubject:
             return []
         probs = self.run.classifier().predict_proba(self.run.examples(), [r.text for r in records],
                                                     calibrate=self.run.config.calibrate)
-        return [Scored.from_distributions(row[None, :], [self._index[r.label]], r.text + " " + r.label)
-                for row, r in zip(probs, records)]
+        return [Scored.from_logprobs(np.log(np.maximum(np.asarray(row, dtype=np.float64), 1e-300))[None, :],
+                                     [self._index[r.label]], r.text + " " + r.label) for row, r in zip(probs, records)]
 
 
 class SisaSubject:

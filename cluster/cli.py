@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint after every stage. ERASE (--method erase): embed every record, choose "
                                    "k examples by quantized k-means for the prompt of a frozen language model.")
     _common(p, ray=True)
-    p.add_argument("--data", required=True, type=opt.given,
+    p.add_argument("--data", type=opt.given, default=None,
                    help="JSONL, CSV or Parquet with id, text, label[, owner] (or id, prompt, completion[, owner] "
-                        "for --objective lm); or dataset:NAME[?split=train|test&limit=N]")
+                        "for --objective lm); or dataset:NAME[?split=train|test&limit=N] (required, but for "
+                        "--method approx --from)")
     p.add_argument("--method", choices=("sisa", "erase", "approx"), default="sisa",
                    help="unlearning method (default sisa); approx: a BASELINE, not exact (one LoRA model on the "
                         "causal LM, each deletion unlearned in place by --approx; never verifiable)")
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"optimizer steps per deletion (default {ApproxConfig.steps})")
     a.add_argument("--approx-lr", type=opt.bounded(float, 0, 10.0, above=True), default=ApproxConfig.lr,
                    help=f"AdamW learning rate of the unlearning updates (default {ApproxConfig.lr:g})")
+    a.add_argument("--from", dest="source", type=opt.run_name, default=None,
+                   help="start from the model of this run (an lm run of 1 shard and 1 slice in the same store) "
+                        "instead of training: what training would give, without the wait; no --data then")
     a.add_argument("--approx-omega", type=opt.bounded(float, 0, 1e6, above=True), default=ApproxConfig.omega,
                    help=f"gd-sine: the sine's frequency (default {ApproxConfig.omega:g})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -810,6 +814,12 @@ def run_command(args) -> int:
     store = open_store(args.store)
     if args.command == "train" and args.method == "erase":
         return train_erase(args, store, progress)
+    if args.command == "train" and args.source is not None:
+        approx = ApproxConfig(method=args.approx, steps=args.approx_steps, lr=args.approx_lr, omega=args.approx_omega)
+        run = SisaRun.start_approx(store, args.run, args.source, approx)
+        st = run.status()
+        _emit(args, st, _status_text(st))
+        return 0
     if args.command == "train":
         from sisa.config import SisaConfig
 

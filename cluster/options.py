@@ -256,6 +256,17 @@ def check_options(args) -> None:
         raise OptionError("--objective", "is a SISA option (ERASE prompts a frozen LM; it never trains one)")
     if args.command == "train":
         approx = args.method == "approx"
+        if args.source is not None and not approx:
+            raise OptionError("--from", "is for --method approx (start an approximate run from a trained model)")
+        if args.source is not None and args.data is not None:
+            raise OptionError("--data", "not with --from (the records are the source run's)")
+        if args.source is None and args.data is None:
+            raise OptionError("--data", "is required (a file or dataset:NAME)")
+        if args.source is not None:
+            explicit = [f"--{n}" for n in ("shards", "slices", "objective", "model", "labels")
+                        if getattr(args, n) is not None]
+            if explicit:
+                raise OptionError(explicit[0], "not with --from (the source run's settings are kept)")
         for name in ("shards", "slices"):
             if approx and getattr(args, name) not in (None, 1):
                 raise OptionError(f"--{name}", "must be 1 with --method approx (one model, unlearned in place)")

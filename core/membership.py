@@ -36,12 +36,19 @@ class Scored:
     text: str  # what the zlib ratio compresses: the prompt and the answer
 
     @classmethod
-    def from_distributions(cls, probs: np.ndarray, target: Sequence[int], text: str) -> "Scored":
-        """probs [T, V] (rows sum to 1) at the answer's T positions; target: its T token ids."""
+    def from_logprobs(cls, logprobs: np.ndarray, target: Sequence[int], text: str) -> "Scored":
+        """logprobs [T, V]: log-distributions at the answer's T positions; target: its T token
+        ids. Log-probabilities, not probabilities: an unlearned answer can be far less likely
+        than float32 can hold as a probability."""
         rows = np.arange(len(target))
-        p = probs[rows, list(target)]
-        return cls(tuple(float(math.log(max(x, 1e-300))) for x in p),
-                   tuple(bool(probs[t].argmax() == target[t]) for t in rows), text)
+        return cls(tuple(float(x) for x in logprobs[rows, list(target)]),
+                   tuple(bool(logprobs[t].argmax() == target[t]) for t in rows), text)
+
+
+def mean_distribution(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """log of the mean of several distributions given as log-probabilities (an ensemble)."""
+    stack = np.stack([np.asarray(lp, dtype=np.float64) for lp in logprobs])
+    return np.logaddexp.reduce(stack, axis=0) - math.log(len(logprobs))
 
 
 def knowledge(scored: Sequence[Scored]) -> dict:

@@ -24,7 +24,7 @@ import torch
 from core.determinism import deterministic
 from core.errors import UnlearnError
 from core.keys import keyed_hash
-from core.membership import Scored, fake_quantize
+from core.membership import Scored, fake_quantize, mean_distribution
 from core.records import Record, quote
 
 from .checkpoint import State
@@ -72,22 +72,22 @@ class ShardModels:
         return self.trainer.answer_tokens(r) if self.tokens else [self._index[r.label]]
 
     def distributions(self, state: State | None, records: Sequence[Record]) -> list[np.ndarray]:
+        """Per record, log-distributions [T, V] at its answer's positions under one shard."""
         if self.tokens:
             return self.trainer.answer_distributions(state, records)
         probs = self.trainer.predict_proba(state, [r.text for r in records])
-        return [row[None, :] for row in probs]
+        return [np.log(np.maximum(np.asarray(row, dtype=np.float64), 1e-300))[None, :] for row in probs]
+
+    def _scored(self, per_shard: list[list[np.ndarray]], records: Sequence[Record]) -> list[Scored]:
+        return [Scored.from_logprobs(mean_distribution([d[i] for d in per_shard]), self.target(r), self.text(r))
+                for i, r in enumerate(records)]
 
     def score(self, states: Sequence[State], records: Sequence[Record], chunk: int = 32) -> list[Scored]:
         """Each record scored under the mean of the shards' distributions."""
         out: list[Scored] = []
         for start in range(0, len(records), chunk):
             part = list(records[start:start + chunk])
-            total = None
-            for state in states:
-                d = self.distributions(state, part)
-                total = d if total is None else [a + b for a, b in zip(total, d)]
-            out.extend(Scored.from_distributions(t / len(states), self.target(r), self.text(r))
-                       for t, r in zip(total, part))
+            out.extend(self._scored([self.distributions(state, part) for state in states], part))
         return out
 
     # -- attacks -------------------------------------------------------------------
@@ -118,15 +118,14 @@ class ShardModels:
         """Records scored by the ensemble of the shard models with their weights rounded to
         `bits` (8: per output channel; 4: per group of 32 input columns)."""
         group = None if bits >= 8 else 32
-        total = None
+        per_shard = []
         for state in states:
             self.trainer._load(state) if self.tokens else self.trainer.clf.load_params(
                 {k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
             with quantized(self.trainer.clf.model, bits, group):
                 plain = {k: v for k, v in state.items() if not k.startswith("delta.")}  # merged in already
-                d = self.distributions(None if self.tokens else plain, records)
-            total = d if total is None else [a + b for a, b in zip(total, d)]
-        return [Scored.from_distributions(t / len(states), self.target(r), self.text(r)) for t, r in zip(total, records)]
+                per_shard.append(self.distributions(None if self.tokens else plain, records))
+        return self._scored(per_shard, records)
 
 
 def effective_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -161,9 +161,9 @@ class LMStageTrainer(StageTrainer):
 
     def answer_distributions(self, state: State | None, records: Sequence[Record],
                              batch_size: int = 16) -> list[np.ndarray]:
-        """Per record, the next-token distributions [T, V] at the T positions of its completion
-        (its verbalizer for a labelled record): what an audit scores. `state` None: the model
-        as it stands (an audit's quantized copy)."""
+        """Per record, the next-token log-distributions [T, V] at the T positions of its
+        completion (its verbalizer for a labelled record): what an audit scores. `state` None:
+        the model as it stands (an audit's quantized copy)."""
         if state is not None:
             self._load(state)
         self.clf.model.eval()
@@ -175,8 +175,8 @@ class LMStageTrainer(StageTrainer):
                 hidden = self._hidden([p + c for p, c in pieces])
                 rows = [i for i, (p, c) in enumerate(pieces) for _ in c]
                 cols = [len(p) - 1 + j for p, c in pieces for j in range(len(c))]
-                probs = torch.softmax(head(hidden[rows, cols]).float(), dim=-1).cpu().numpy()
-                out.extend(np.split(probs, np.cumsum([len(c) for _, c in pieces])[:-1]))
+                logp = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1).cpu().numpy()
+                out.extend(np.split(logp, np.cumsum([len(c) for _, c in pieces])[:-1]))
         return out
 
     def answer_tokens(self, record: Record) -> list[int]:

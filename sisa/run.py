@@ -96,6 +96,45 @@ class SisaRun(StoredRun):
         self._create(write)
         return self
 
+    @classmethod
+    def start_approx(cls, store: Store, run: str, source: str, approx) -> "SisaRun":
+        """An approximate run (`approx`: an ApproxConfig) that starts from the model of
+        `source`, an lm run of one shard and one slice: the state a training of `run` would
+        give (approximate settings play no part in training), without training again. The
+        source's records and final checkpoint are copied; the source is not changed."""
+        check_run_name(run)
+        src = cls.open(store, source)
+        c = src.config
+        if c.objective != "lm" or c.shards != 1 or c.slices != 1 or c.approx is not None:
+            kind = "approximate" if c.approx is not None else f"{c.objective}, {c.shards} shards x {c.slices} slices"
+            raise UnlearnError(f"--from {quote(source)}: an approximate run starts from an lm run of 1 shard and "
+                               f"1 slice, not approximate itself (that run is {kind})")
+        if src.manifest.shards[0].records == 0:
+            raise UnlearnError(f"--from {quote(source)}: that run holds no records")
+        config = SisaConfig.from_json({**c.to_json(), "extra": {**c.extra, "approx": approx.to_json()}})
+        now = now_iso()
+        manifest = Manifest(run=run, config=config, shards=[], salt=os.urandom(16).hex(), created=now, updated=now)
+        self = cls(store, manifest)
+
+        def write() -> None:
+            from .checkpoint import dump_state
+            from .manifest import ShardEntry
+            from .shard import ShardWorker
+
+            entry = src.manifest.shards[0]
+            reader, writer = ShardWorker(store, source, c), ShardWorker(store, run, config)
+            records = [r for sl in entry.slices for r in reader.load_checked_slice(sl)]
+            state = reader.load_checkpoint(entry.checkpoints[-1], entry.stage_digests[-1])
+            stored = writer.write_slice(records)
+            key = writer.ckpt_key(0, 0, [stored.ids])
+            store.put(key, dump_state(state, {"run": run, "shard": 0, "stage": 0, "digest": entry.stage_digests[-1],
+                                              "records": len(records), "from": source}))
+            manifest.shards = [ShardEntry(0, [stored], [key], [entry.stage_digests[-1]])]
+            self._commit(manifest)
+
+        self._create(write)
+        return self
+
     # -- deletion ------------------------------------------------------------------
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
         """(ids to remove, requested ids/owners already deleted earlier, unknown ones)."""

@@ -169,3 +169,37 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_an_approximate_run_started_from_a_trained_model_equals_one_trained_from_scratch(tmp_path, records, capsys):
+    """--from copies the model of an lm run (1 shard, 1 slice) instead of training: the same
+    state, digest for digest, as training the approximate run; and then the same deletion."""
+    import json
+
+    from cluster.cli import main
+
+    store = LocalStore(str(tmp_path))
+    trained = SisaRun.train(store, "trained", records, approx_config("gd"))
+    source = SisaRun.train(store, "src", records, SisaConfig(**BASE, extra={"objective": "lm"}))
+    capsys.readouterr()
+    assert main(["train", "--method", "approx", "--approx", "ga", "--approx-steps", "6", "--approx-lr", "0.02",
+                 "--from", "src", "--run", "cli", "--store", str(tmp_path), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["config"]["extra"]["approx"]["method"] == "ga" and st["shards"][0]["digest"] == \
+        source.manifest.shards[0].digest
+    forked = SisaRun.start_approx(store, "forked", "src", trained.config.approx)
+    assert forked.manifest.shards[0].digest == trained.manifest.shards[0].digest == source.manifest.shards[0].digest
+    for run in (trained, forked):
+        run.delete(ids=[records[2].id])
+    assert forked.manifest.shards[0].digest == trained.manifest.shards[0].digest
+    assert SisaRun.open(store, "src").manifest.version == 1  # the source is untouched
+    for argv, message in [(["--from", "trained"], "not approximate itself (that run is approximate)"),
+                          (["--from", "src", "--data", "dataset:facts"], "--data: not with --from"),
+                          (["--from", "src", "--shards", "1"], "--shards: not with --from"),
+                          (["--from", "nope"], "nope")]:
+        code = main(["train", "--method", "approx", "--run", "again", "--store", str(tmp_path), *argv])
+        err = capsys.readouterr().err.strip()
+        assert code in (1, 2) and len(err.splitlines()) == 1 and message in err, (argv, err)
+    assert main(["train", "--from", "src", "--run", "again", "--store", str(tmp_path)]) == 2
+    assert "--from: is for --method approx" in capsys.readouterr().err
+    assert not SisaRun.exists(store, "again")

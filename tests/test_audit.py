@@ -9,7 +9,7 @@ import torch
 
 from cluster.audit import audit
 from cluster.cli import main
-from core.membership import Scored, auc, fake_quantize, knowledge, membership, min_k_score
+from core.membership import Scored, auc, fake_quantize, knowledge, mean_distribution, membership, min_k_score
 from core.sources import load_records
 from core.store import LocalStore
 from sisa.config import SisaConfig
@@ -135,12 +135,16 @@ def test_measures_on_their_own():
     assert auc([3, 4], [1, 2]) == 1.0 and auc([1], [1]) == 0.5 and auc([1, 2], [2, 3]) == 0.125
     assert auc([], [1]) is None
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
-    s = Scored.from_distributions(probs, [0, 1], "q a")
+    s = Scored.from_logprobs(np.log(probs), [0, 1], "q a")
     assert s.top == (True, False) and np.allclose(s.logprobs, np.log([0.7, 0.3]))
     k = knowledge([s])
     assert k["exact_match"] == 0.0 and k["token_accuracy"] == 0.5
     assert min_k_score(Scored((-1.0, -5.0, -2.0, -0.5, -3.0), (True,) * 5, "x")) == -5.0
-    m = membership([s], [Scored.from_distributions(probs, [2, 0], "q b")])
+    m = membership([s], [Scored.from_logprobs(np.log(probs), [2, 0], "q b")])
+    # an ensemble is the mean of its members' distributions, kept in logs: no underflow
+    lp = mean_distribution([np.array([[0.0, -2000.0]]), np.array([[-3000.0, 0.0]])])
+    assert np.allclose(lp, [[np.log(0.5), np.log(0.5)]]) and np.isfinite(mean_distribution(
+        [np.array([[-1000.0, 0.0]])] * 2)).all()
     assert set(m) == {"loss_auc", "zlib_auc", "min_k_auc"} and m["loss_auc"] == 1.0
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     for bits, group in ((8, None), (4, 32)):
