@@ -169,3 +169,25 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("over", [{}, {"rank": 4}])
+def test_runs_with_other_approximate_settings_in_one_process_keep_their_own_deltas(tmp_path, records, over):
+    """A process holds one base model for every run of the same model and LoRA settings
+    (get_trainer), whatever their approximate settings. Seen: once a gd-sine run had been
+    loaded, a gd run answered through its sine-bounded MLP deltas (the attached ones were
+    reused and only refilled), so its answers depended on what the process had loaded; with
+    another rank it failed with a traceback (a tensor copy of the wrong shape)."""
+    store = LocalStore(str(tmp_path))
+    sequences = [[1, 5, 9, 200, 31], [7, 8, 9]]
+
+    def answer(name):
+        run = SisaRun.open(store, name)
+        return ShardWorker(store, name, run.config).next_token_probs(run.manifest.shards[0], sequences)[1]
+
+    SisaRun.train(store, "x", records, approx_config("gd")).delete(owners=[records[0].owner])
+    x_alone = answer("x")
+    SisaRun.train(store, "y", records, approx_config("gd-sine", **over)).delete(owners=[records[0].owner])
+    y_alone = answer("y")
+    assert np.array_equal(answer("x"), x_alone)
+    assert np.array_equal(answer("y"), y_alone)
