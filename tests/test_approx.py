@@ -191,3 +191,22 @@ def test_runs_with_other_approximate_settings_in_one_process_keep_their_own_delt
     y_alone = answer("y")
     assert np.array_equal(answer("x"), x_alone)
     assert np.array_equal(answer("y"), y_alone)
+
+
+def test_a_checkpoint_whose_unlearning_tensors_have_other_shapes_is_refused():
+    """load_deltas checked the tensors' names only: a [1, d_in] A was broadcast into every
+    row (silently another model), another rank was a RuntimeError traceback."""
+    from core.causal_lm import load_causal_lm
+    from sisa.approx.unlearn import delta_state, initial_deltas, load_deltas
+
+    _tok, model = load_causal_lm("tiny-lm", "--model")
+    config = ApproxConfig(method="gd")
+    deltas = attach_deltas(model, config)
+    initial_deltas(deltas, 0)
+    good = delta_state(deltas)
+    name = sorted(k for k in good if k.endswith(".A"))[0]
+    for bad in ({**good, name: good[name][:1]}, delta_state(attach_deltas(model, ApproxConfig(method="gd", rank=4)))):
+        with pytest.raises(UnlearnError, match="checkpoint does not match the model: unlearning tensor .* shape"):
+            load_deltas(model, config, bad)
+    load_deltas(model, config, good)
+    assert all(torch.equal(d.A, good[f"delta.{n}.A"]) for n, d in attached(model).items())

@@ -108,6 +108,14 @@ def load_deltas(model: torch.nn.Module, config: ApproxConfig | None, state: dict
 
         raise UnlearnError(f"checkpoint does not match the model: unlearning tensors {sorted(want ^ set(tensors))[:3]} "
                            "differ")
+    for name, d in deltas.items():  # copy_ would broadcast a [1, d_in] tensor into every row
+        for x, p in (("A", d.A), ("B", d.B)):
+            got = tuple(tensors[f"{PREFIX}{name}.{x}"].shape)
+            if got != tuple(p.shape):
+                from core.errors import UnlearnError
+
+                raise UnlearnError(f"checkpoint does not match the model: unlearning tensor {PREFIX}{name}.{x} has "
+                                   f"shape {list(got)}, the run's settings give {list(p.shape)}")
     with torch.no_grad():
         for name, d in deltas.items():
             d.A.copy_(tensors[f"{PREFIX}{name}.A"])
