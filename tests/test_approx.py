@@ -210,3 +210,24 @@ def test_a_checkpoint_whose_unlearning_tensors_have_other_shapes_is_refused():
             load_deltas(model, config, bad)
     load_deltas(model, config, good)
     assert all(torch.equal(d.A, good[f"delta.{n}.A"]) for n, d in attached(model).items())
+
+
+@pytest.mark.parametrize("where", [{"dtype": torch.float64}, {"device": "cuda"}])
+def test_deltas_live_where_the_layer_does(where):
+    """Deltas were created on the CPU in float32 whatever the layer: a run with --device cuda
+    failed its first approximate deletion with a device-mismatch traceback (float64 stands
+    for it on a machine without a GPU: the same fix, the layer's device and dtype)."""
+    from core.causal_lm import load_causal_lm
+
+    if where.get("device") == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    _tok, model = load_causal_lm("tiny-lm", "--model")
+    model.to(**where)
+    ids = torch.tensor([[1, 5, 9, 200, 31]], device=where.get("device", "cpu"))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    deltas = attach_deltas(model, ApproxConfig(method="gd-sine"))
+    weight = model.get_input_embeddings().weight
+    assert all(p.device == weight.device and p.dtype == weight.dtype for d in deltas.values() for p in (d.A, d.B))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
