@@ -9,6 +9,7 @@ import torch
 
 from cluster.audit import audit
 from cluster.cli import main
+from core.errors import UnlearnError
 from core.membership import Scored, auc, fake_quantize, knowledge, membership, min_k_score
 from core.sources import load_records
 from core.store import LocalStore
@@ -84,6 +85,8 @@ def test_audit_bad_input_is_one_line(runs, tmp_path, capsys):
         (["--run", "a", "--forget", str(labelled), "--holdout", holdout], "has no completion"),
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--reference", "c"],
          'reference run "c" holds forget record'),
+        # seen: the run as its own reference, "every figure equals the reference's" whatever it still knew
+        (["--run", "a", "--forget", forget, "--holdout", holdout, "--reference", "a"], '--reference "a" is the run audited'),
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--plot", str(tmp_path / "no" / "x.png")],
          "--plot"),
     ]:
@@ -103,6 +106,10 @@ def test_an_approximate_run_is_audited_and_differs_from_the_reference(tmp_path):
     assert out["subject"]["method"] == "approx (gd-sine)" and out["reference"]["method"] == "sisa (lm, S=1)"
     assert out["identical_to_reference"] is False
     assert set(out["subject"]["quantization"]) == {"8bit", "4bit"}
+    # an approximate run that unlearned the forget set is no reference: its model may still hold it
+    SisaRun.train(store, "all", facts("train"), SisaConfig(**{**LM, "shards": 1, "slices": 1}))
+    with pytest.raises(UnlearnError, match='reference run "x" is approximate and unlearned forget record'):
+        audit(store, "all", forget, facts("holdout"), reference="x")
 
 
 def test_classifier_and_erase_runs_are_audited(tmp_path, capsys):
