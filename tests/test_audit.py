@@ -89,6 +89,9 @@ def test_audit_bad_input_is_one_line(runs, tmp_path, capsys):
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--reference", "a"], '--reference "a" is the run audited'),
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--plot", str(tmp_path / "no" / "x.png")],
          "--plot"),
+        # seen: matplotlib's ValueError as a traceback, after the whole audit had run
+        (["--run", "a", "--forget", forget, "--holdout", holdout, "--plot", str(tmp_path / "x.xyz")],
+         "cannot write a 'xyz' image"),
     ]:
         code = main([*base, *argv])
         err = capsys.readouterr().err.strip()
