@@ -54,6 +54,22 @@ def test_after_an_exact_deletion_every_figure_equals_the_reference(runs):
     assert sub["relearn"]["after"]["mean_logprob"] != sub["relearn"]["before"]["mean_logprob"]
 
 
+def test_the_relearning_attack_starts_from_the_weights_alone(runs):
+    """An attacker holds the weights, not the optimizer. Seen: each shard was fine-tuned with
+    the Adam moments its state stored from training, which an approximate run's unlearned state
+    does not keep: approximate runs and their references were attacked with different optimizers."""
+    from sisa.audit import ShardModels
+    from sisa.checkpoint import state_digest
+
+    models = ShardModels(SisaRun.open(runs, "c"))
+    states = models.states()
+    assert all(any(k.startswith("opt.") for k in s) for s in states)
+    bare = [{k: v for k, v in s.items() if not k.startswith("opt.")} for s in states]
+    attack = facts("forget")[:2]
+    assert ([state_digest(s) for s in models.relearned(states, attack, 2)]
+            == [state_digest(s) for s in models.relearned(bare, attack, 2)])
+
+
 def test_audit_cli_json_plot_and_text(runs, tmp_path, capsys):
     plot = tmp_path / "audit.png"
     argv = ["audit", "--run", "a", "--store", runs.root, "--forget", f"{FACTS}&split=forget",
