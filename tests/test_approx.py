@@ -231,3 +231,31 @@ def test_deltas_live_where_the_layer_does(where):
     assert all(p.device == weight.device and p.dtype == weight.dtype for d in deltas.values() for p in (d.A, d.B))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("point", ["before-stage-0", "during-stage-0", "after-stage-0"])
+def test_the_fault_points_hold_for_an_approximate_deletion(tmp_path, records, point):
+    """crash_at (what the fault tests kill shard actors with) was ignored by an approximate
+    deletion: it ran to the end. Now the process exits at the point; HEAD is unchanged, and the
+    next deletion collects what it wrote and unlearns both records."""
+    import subprocess
+    import sys
+
+    from proc_helpers import assert_no_trace
+
+    store = LocalStore(str(tmp_path))
+    run = SisaRun.train(store, "a", records, approx_config("gd"))
+    head = (tmp_path / "a" / "HEAD").read_bytes()
+    script = (f"from core.store import LocalStore; from sisa.run import SisaRun, LocalExecutor\n"
+              f"store = LocalStore({str(tmp_path)!r}); run = SisaRun.open(store, 'a')\n"
+              f"run.executor = LocalExecutor(store, 'a', run.config); run.executor.worker.crash_at({point!r})\n"
+              f"run.delete(owners=[{records[3].owner!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert (tmp_path / "a" / "HEAD").read_bytes() == head
+    owners = {records[3].owner, records[6].owner}  # every record of an owner: records share texts per owner
+    run.delete(owners=sorted(owners))
+    gone = {r.id for r in records if r.owner in owners}
+    assert len(gone) == 6 and run.manifest.records == len(records) - 6 and run.manifest.version == 2
+    assert_no_trace(str(tmp_path), records, gone)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1 and len(list(tmp_path.rglob("*.jsonl"))) == 1
