@@ -104,6 +104,9 @@ def check_sets(sub, forget: Sequence[Record], holdout: Sequence[Record], paraphr
             rid = sorted(targets)[0]
             raise UnlearnError(f"{files['forget']}: reference run {quote(run.name)} holds forget record {quote(rid)}: "
                                "a reference is a run trained without the forget set")
+        if already and getattr(run.config, "approx", None) is not None:  # its model may still hold them
+            raise UnlearnError(f"{files['forget']}: reference run {quote(run.name)} is approximate and unlearned "
+                               f"forget record {quote(already[0])}: a reference is a run trained without the forget set")
     elif unknown:
         raise UnlearnError(f"{files['forget']}: {unknown[0]}: run {quote(run.name)} never held it (it neither holds "
                            "it nor deleted it)")
@@ -167,6 +170,9 @@ def audit(store: Store, name: str, forget: Sequence[Record], holdout: Sequence[R
     files = {"forget": "--forget", "holdout": "--holdout", "paraphrased": "--paraphrased", **(files or {})}
     if not forget or not holdout:
         raise UnlearnError(f"{files['forget' if not forget else 'holdout']}: no records")
+    if reference == name:  # it would equal itself in every figure, whatever it still knows
+        raise UnlearnError(f"--reference {quote(name)} is the run audited; a reference is another run, trained "
+                           "without the forget set")
     sub = subject(store, name)
     check_sets(sub, forget, holdout, paraphrased, files)
     ref = None

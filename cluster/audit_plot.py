@@ -2,7 +2,18 @@
 attacks, one bar per run."""
 from __future__ import annotations
 
+import os
+
 from core.errors import UnlearnError
+
+
+def check_plot_path(path: str) -> None:
+    """Before an audit runs (minutes): a file name whose extension matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext and ext not in FigureCanvasBase.get_supported_filetypes():
+        raise UnlearnError(f"--plot {path}: cannot write a {ext!r} image (use .png, .svg or .pdf)")
 
 
 def plot_audit(out: dict, path: str) -> None:
@@ -40,7 +51,7 @@ def plot_audit(out: dict, path: str) -> None:
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=110)
-    except OSError as exc:
-        raise UnlearnError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a format matplotlib does not write
+        raise UnlearnError(f"--plot {path}: cannot write ({getattr(exc, 'strerror', None) or exc})") from None
     finally:
         plt.close(fig)

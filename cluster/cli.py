@@ -259,6 +259,10 @@ def _audit(args, store, progress: bool) -> int:
     from cluster.audit import audit
     from core.sources import load_records
 
+    if args.plot:
+        from cluster.audit_plot import check_plot_path
+
+        check_plot_path(args.plot)
     sets = {name: load_records(getattr(args, name)) if getattr(args, name) else []
             for name in ("forget", "holdout", "paraphrased")}
     say = (lambda msg: print(f"unlearn: audit: {msg}", file=sys.stderr)) if progress else None

@@ -21,7 +21,7 @@ def prefix_cache(model, prefix: list[int]) -> list[tuple]:
     """Per layer (keys, values) of the prefix, batch 1; never handed to the model itself."""
     import torch
 
-    out = model(input_ids=torch.tensor([prefix]), use_cache=True)
+    out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers]
 
 
@@ -44,6 +44,7 @@ def verbalizer_scores(model, pad_id: int, verb_ids: Sequence[list[int]], batch: 
     Both feed the model the same token ids."""
     import torch
 
+    dev = model.device  # a SISA-LM shard may run on a GPU (--device cuda): its inputs go there too
     B, L, P = len(batch), len(verb_ids), len(prefix)
     qlen = torch.tensor([len(q) for q in batch])
     Q = int(qlen.max())
@@ -60,9 +61,9 @@ def verbalizer_scores(model, pad_id: int, verb_ids: Sequence[list[int]], batch: 
         cache, positions = None, torch.arange(P + Q)
     last = qlen - 1 + (ids.shape[1] - Q)  # each row's last query token in this input
     keep, column = torch.unique(last, return_inverse=True)  # output layer only where it is scored
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions.expand(B, -1),
-                cache=cache, use_cache=True, logits_to_keep=keep)
-    first = torch.log_softmax(out.logits[torch.arange(B), column].float(), dim=-1)  # [B, V]
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.expand(B, -1).to(dev),
+                cache=cache, use_cache=True, logits_to_keep=keep.to(dev))
+    first = torch.log_softmax(out.logits[torch.arange(B, device=dev), column.to(dev)].float(), dim=-1)  # [B, V]
     scores = torch.stack([first[:, v[0]] for v in verb_ids], dim=1).double()  # [B, L]
     M = max(len(v) for v in verb_ids) - 1
     if M > 0:  # later verbalizer tokens: one row per (query, label) on top of the query's cache
@@ -75,9 +76,10 @@ def verbalizer_scores(model, pad_id: int, verb_ids: Sequence[list[int]], batch: 
             vmask[l::L, :len(v) - 1] = 1
         mask2 = torch.cat([mask.repeat_interleave(L, dim=0), vmask], dim=1)
         pos2 = P + qlen.repeat_interleave(L)[:, None] + torch.arange(M)[None, :]
-        out2 = model(input_ids=verb, attention_mask=mask2, position_ids=pos2, cache=cache, use_cache=True)
+        out2 = model(input_ids=verb.to(dev), attention_mask=mask2.to(dev), position_ids=pos2.to(dev), cache=cache,
+                     use_cache=True)
         logp = torch.log_softmax(out2.logits.float(), dim=-1).reshape(B, L, M, -1)
         for l, v in enumerate(verb_ids):
             for t in range(1, len(v)):
                 scores[:, l] += logp[:, l, t - 1, v[t]].double()
-    return scores.numpy()
+    return scores.cpu().numpy()

@@ -9,7 +9,7 @@ are bit-identical to another's gets the same figures, to the last bit.
 
 Attacks (each on a copy; the stored run never changes):
 - relearning: every shard's model fine-tuned for a few steps on part of the forget set
-  (its own objective and optimizer, the run's learning rate unless given), then scored;
+  (its own objective, a fresh AdamW at the run's learning rate unless given), then scored;
 - quantization: every linear layer of the shard models (the adapter and any unlearning
   update merged in first; embeddings and output heads kept) rounded to 8 or 4 bits.
 """
@@ -94,7 +94,9 @@ class ShardModels:
     def relearned(self, states: Sequence[State], attack: Sequence[Record], steps: int,
                   lr: float | None = None) -> list[State]:
         """Each shard's state after `steps` fine-tuning steps on `attack` (batches of the
-        run's batch size, in a keyed order; no dropout), its unlearning updates kept."""
+        run's batch size, in a keyed order; no dropout), its unlearning updates kept. A fresh
+        AdamW for every run: an attacker holds the weights, not the training's Adam moments
+        (which an exact run's state keeps and an approximate run's unlearned state does not)."""
         trainer = self.trainer
         out = []
         order = sorted(attack, key=lambda r: (keyed_hash(0, "relearn", r.id), r.id))
@@ -102,7 +104,7 @@ class ShardModels:
         for state in states:
             trainer._encode(order)
             with deterministic():
-                opt = trainer._restore(state)
+                opt = trainer._restore({k: v for k, v in state.items() if not k.startswith("opt.")})
                 for group in opt.param_groups:
                     group["lr"] = lr or self.config.learning_rate
                 trainer.clf.model.eval()

@@ -236,13 +236,19 @@ class ShardWorker:
         forget = [r for r in held if r.id in gone]
         retain = [r for r in held if r.id not in gone]
         state = self.load_checkpoint(old.checkpoints[-1], old.stage_digests[-1])
+        self._fault("before-stage-0")  # the fault points of a retraining's one stage (crash_at, pause_at)
+        step = on_step
+        if self.fault == "during-stage-0":
+            def step():
+                self._fault("during-stage-0")
         state, _report = unlearn_state(self.trainer, state, forget, retain, self.config.approx,
-                                       keyed_seed(self.config.seed, "approx", old.stage_digests[-1]), on_step)
+                                       keyed_seed(self.config.seed, "approx", old.stage_digests[-1]), step)
         slices = [self.write_slice(retain)]
         digest = state_digest(state)
         key = f"{self.run}/ckpt/{old.shard:04d}/approx-{digest[:32]}.safetensors"
         self.store.put(key, dump_state(state, {"run": self.run, "shard": old.shard, "approximate": True,
                                                "digest": digest, "records": len(retain)}))
+        self._fault("after-stage-0")
         return ShardEntry(old.shard, slices, [key], [digest])
 
     def _retrain(self, job: RetrainJob, on_step: Callable[[], None] | None = None) -> ShardEntry:

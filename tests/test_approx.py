@@ -203,3 +203,93 @@ def test_an_approximate_run_started_from_a_trained_model_equals_one_trained_from
     assert main(["train", "--from", "src", "--run", "again", "--store", str(tmp_path)]) == 2
     assert "--from: is for --method approx" in capsys.readouterr().err
     assert not SisaRun.exists(store, "again")
+
+
+@pytest.mark.parametrize("over", [{}, {"rank": 4}])
+def test_runs_with_other_approximate_settings_in_one_process_keep_their_own_deltas(tmp_path, records, over):
+    """A process holds one base model for every run of the same model and LoRA settings
+    (get_trainer), whatever their approximate settings. Seen: once a gd-sine run had been
+    loaded, a gd run answered through its sine-bounded MLP deltas (the attached ones were
+    reused and only refilled), so its answers depended on what the process had loaded; with
+    another rank it failed with a traceback (a tensor copy of the wrong shape)."""
+    store = LocalStore(str(tmp_path))
+    sequences = [[1, 5, 9, 200, 31], [7, 8, 9]]
+
+    def answer(name):
+        run = SisaRun.open(store, name)
+        return ShardWorker(store, name, run.config).next_token_probs(run.manifest.shards[0], sequences)[1]
+
+    SisaRun.train(store, "x", records, approx_config("gd")).delete(owners=[records[0].owner])
+    x_alone = answer("x")
+    SisaRun.train(store, "y", records, approx_config("gd-sine", **over)).delete(owners=[records[0].owner])
+    y_alone = answer("y")
+    assert np.array_equal(answer("x"), x_alone)
+    assert np.array_equal(answer("y"), y_alone)
+
+
+def test_a_checkpoint_whose_unlearning_tensors_have_other_shapes_is_refused():
+    """load_deltas checked the tensors' names only: a [1, d_in] A was broadcast into every
+    row (silently another model), another rank was a RuntimeError traceback."""
+    from core.causal_lm import load_causal_lm
+    from sisa.approx.unlearn import delta_state, initial_deltas, load_deltas
+
+    _tok, model = load_causal_lm("tiny-lm", "--model")
+    config = ApproxConfig(method="gd")
+    deltas = attach_deltas(model, config)
+    initial_deltas(deltas, 0)
+    good = delta_state(deltas)
+    name = sorted(k for k in good if k.endswith(".A"))[0]
+    for bad in ({**good, name: good[name][:1]}, delta_state(attach_deltas(model, ApproxConfig(method="gd", rank=4)))):
+        with pytest.raises(UnlearnError, match="checkpoint does not match the model: unlearning tensor .* shape"):
+            load_deltas(model, config, bad)
+    load_deltas(model, config, good)
+    assert all(torch.equal(d.A, good[f"delta.{n}.A"]) for n, d in attached(model).items())
+
+
+@pytest.mark.parametrize("where", [{"dtype": torch.float64}, {"device": "cuda"}])
+def test_deltas_live_where_the_layer_does(where):
+    """Deltas were created on the CPU in float32 whatever the layer: a run with --device cuda
+    failed its first approximate deletion with a device-mismatch traceback (float64 stands
+    for it on a machine without a GPU: the same fix, the layer's device and dtype)."""
+    from core.causal_lm import load_causal_lm
+
+    if where.get("device") == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    _tok, model = load_causal_lm("tiny-lm", "--model")
+    model.to(**where)
+    ids = torch.tensor([[1, 5, 9, 200, 31]], device=where.get("device", "cpu"))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    deltas = attach_deltas(model, ApproxConfig(method="gd-sine"))
+    weight = model.get_input_embeddings().weight
+    assert all(p.device == weight.device and p.dtype == weight.dtype for d in deltas.values() for p in (d.A, d.B))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+@pytest.mark.parametrize("point", ["before-stage-0", "during-stage-0", "after-stage-0"])
+def test_the_fault_points_hold_for_an_approximate_deletion(tmp_path, records, point):
+    """crash_at (what the fault tests kill shard actors with) was ignored by an approximate
+    deletion: it ran to the end. Now the process exits at the point; HEAD is unchanged, and the
+    next deletion collects what it wrote and unlearns both records."""
+    import subprocess
+    import sys
+
+    from proc_helpers import assert_no_trace
+
+    store = LocalStore(str(tmp_path))
+    run = SisaRun.train(store, "a", records, approx_config("gd"))
+    head = (tmp_path / "a" / "HEAD").read_bytes()
+    script = (f"from core.store import LocalStore; from sisa.run import SisaRun, LocalExecutor\n"
+              f"store = LocalStore({str(tmp_path)!r}); run = SisaRun.open(store, 'a')\n"
+              f"run.executor = LocalExecutor(store, 'a', run.config); run.executor.worker.crash_at({point!r})\n"
+              f"run.delete(owners=[{records[3].owner!r}])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert (tmp_path / "a" / "HEAD").read_bytes() == head
+    owners = {records[3].owner, records[6].owner}  # every record of an owner: records share texts per owner
+    run.delete(owners=sorted(owners))
+    gone = {r.id for r in records if r.owner in owners}
+    assert len(gone) == 6 and run.manifest.records == len(records) - 6 and run.manifest.version == 2
+    assert_no_trace(str(tmp_path), records, gone)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1 and len(list(tmp_path.rglob("*.jsonl"))) == 1

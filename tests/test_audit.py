@@ -9,6 +9,7 @@ import torch
 
 from cluster.audit import audit
 from cluster.cli import main
+from core.errors import UnlearnError
 from core.membership import Scored, auc, fake_quantize, knowledge, mean_distribution, membership, min_k_score
 from core.sources import load_records
 from core.store import LocalStore
@@ -53,6 +54,22 @@ def test_after_an_exact_deletion_every_figure_equals_the_reference(runs):
     assert sub["relearn"]["after"]["mean_logprob"] != sub["relearn"]["before"]["mean_logprob"]
 
 
+def test_the_relearning_attack_starts_from_the_weights_alone(runs):
+    """An attacker holds the weights, not the optimizer. Seen: each shard was fine-tuned with
+    the Adam moments its state stored from training, which an approximate run's unlearned state
+    does not keep: approximate runs and their references were attacked with different optimizers."""
+    from sisa.audit import ShardModels
+    from sisa.checkpoint import state_digest
+
+    models = ShardModels(SisaRun.open(runs, "c"))
+    states = models.states()
+    assert all(any(k.startswith("opt.") for k in s) for s in states)
+    bare = [{k: v for k, v in s.items() if not k.startswith("opt.")} for s in states]
+    attack = facts("forget")[:2]
+    assert ([state_digest(s) for s in models.relearned(states, attack, 2)]
+            == [state_digest(s) for s in models.relearned(bare, attack, 2)])
+
+
 def test_audit_cli_json_plot_and_text(runs, tmp_path, capsys):
     plot = tmp_path / "audit.png"
     argv = ["audit", "--run", "a", "--store", runs.root, "--forget", f"{FACTS}&split=forget",
@@ -84,8 +101,13 @@ def test_audit_bad_input_is_one_line(runs, tmp_path, capsys):
         (["--run", "a", "--forget", str(labelled), "--holdout", holdout], "has no completion"),
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--reference", "c"],
          'reference run "c" holds forget record'),
+        # seen: the run as its own reference, "every figure equals the reference's" whatever it still knew
+        (["--run", "a", "--forget", forget, "--holdout", holdout, "--reference", "a"], '--reference "a" is the run audited'),
         (["--run", "a", "--forget", forget, "--holdout", holdout, "--plot", str(tmp_path / "no" / "x.png")],
          "--plot"),
+        # seen: matplotlib's ValueError as a traceback, after the whole audit had run
+        (["--run", "a", "--forget", forget, "--holdout", holdout, "--plot", str(tmp_path / "x.xyz")],
+         "cannot write a 'xyz' image"),
     ]:
         code = main([*base, *argv])
         err = capsys.readouterr().err.strip()
@@ -103,6 +125,10 @@ def test_an_approximate_run_is_audited_and_differs_from_the_reference(tmp_path):
     assert out["subject"]["method"] == "approx (gd-sine)" and out["reference"]["method"] == "sisa (lm, S=1)"
     assert out["identical_to_reference"] is False
     assert set(out["subject"]["quantization"]) == {"8bit", "4bit"}
+    # an approximate run that unlearned the forget set is no reference: its model may still hold it
+    SisaRun.train(store, "all", facts("train"), SisaConfig(**{**LM, "shards": 1, "slices": 1}))
+    with pytest.raises(UnlearnError, match='reference run "x" is approximate and unlearned forget record'):
+        audit(store, "all", forget, facts("holdout"), reference="x")
 
 
 def test_classifier_and_erase_runs_are_audited(tmp_path, capsys):

@@ -78,6 +78,24 @@ def test_cross_run_exactness_prompt_completion_via_cli(tmp_path, capsys):
         assert all("lora_" in n for n in names), sorted(names)[:3]
 
 
+def test_label_scoring_runs_where_the_shard_model_is():
+    """core.label_scoring built its inputs on the CPU: since SISA-LM scored labels with it, a
+    --device cuda lm run failed every predict with a device-mismatch traceback (only a GPU
+    shows it; before, _token_logprobs moved its inputs to the run's device)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from sisa.shard import get_trainer
+
+    cpu = get_trainer(SisaConfig(**{**LM, "labels": ("neg", "quite positive")}))
+    state = cpu.initial_state(0)
+    texts = ["the film was great", "a much longer review of a film that was dull and flat"]
+    want = cpu.predict_proba(state, texts)
+    cuda = get_trainer(SisaConfig(**{**LM, "labels": ("neg", "quite positive"), "extra": {**LM["extra"], "device": "cuda"}}))
+    assert np.allclose(cuda.predict_proba(state, texts), want, atol=1e-4)
+
+
 def test_labelled_lm_run_scores_labels_like_erase_and_deletes_exactly(tmp_path):
     records = labelled_records()
     store = LocalStore(str(tmp_path / "s"))

@@ -27,8 +27,10 @@ class DeltaLinear(torch.nn.Module):
         self.layer = layer
         self.scale, self.omega = scale, omega
         self.d_in = d_in
-        self.A = torch.nn.Parameter(torch.zeros(rank, d_in))
-        self.B = torch.nn.Parameter(torch.zeros(d_out, rank))
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)  # on its device, in its dtype
+        like = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        self.A = torch.nn.Parameter(torch.zeros(rank, d_in, **like))
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, **like))
 
     @property
     def bounded(self) -> bool:

@@ -49,16 +49,29 @@ def attached(model: torch.nn.Module) -> dict[str, DeltaLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DeltaLinear)}
 
 
+def _omega(config: ApproxConfig, leaf: str) -> float | None:
+    return config.omega if config.method == "gd-sine" and leaf in MLP else None
+
+
+def _fits(deltas: dict[str, DeltaLinear], config: ApproxConfig) -> bool:
+    """Whether attached deltas are the ones `config` builds (rank, scale, which are bounded
+    and at what frequency): a process holds one base model for every run of the same model
+    and LoRA settings, whatever their approximate settings."""
+    return all(d.A.shape[0] == config.rank and d.scale == config.scale
+               and d.omega == _omega(config, name.rpartition(".")[2]) for name, d in deltas.items())
+
+
 def attach_deltas(model: torch.nn.Module, config: ApproxConfig) -> dict[str, DeltaLinear]:
-    """Wrap the target projections (once); returns name -> delta, names as before wrapping."""
+    """Wrap the target projections (once per config: deltas another run's settings built
+    are replaced); returns name -> delta, names as before wrapping."""
     have = attached(model)
-    if have:
+    if have and _fits(have, config):
         return have
+    detach_deltas(model)
     for parent, leaf in _targets(model):
         layer = getattr(parent, leaf)
         d_in, d_out = _dims(layer)
-        omega = config.omega if config.method == "gd-sine" and leaf in MLP else None
-        setattr(parent, leaf, DeltaLinear(layer, d_in, d_out, config.rank, config.scale, omega))
+        setattr(parent, leaf, DeltaLinear(layer, d_in, d_out, config.rank, config.scale, _omega(config, leaf)))
     return attached(model)
 
 
@@ -95,6 +108,14 @@ def load_deltas(model: torch.nn.Module, config: ApproxConfig | None, state: dict
 
         raise UnlearnError(f"checkpoint does not match the model: unlearning tensors {sorted(want ^ set(tensors))[:3]} "
                            "differ")
+    for name, d in deltas.items():  # copy_ would broadcast a [1, d_in] tensor into every row
+        for x, p in (("A", d.A), ("B", d.B)):
+            got = tuple(tensors[f"{PREFIX}{name}.{x}"].shape)
+            if got != tuple(p.shape):
+                from core.errors import UnlearnError
+
+                raise UnlearnError(f"checkpoint does not match the model: unlearning tensor {PREFIX}{name}.{x} has "
+                                   f"shape {list(got)}, the run's settings give {list(p.shape)}")
     with torch.no_grad():
         for name, d in deltas.items():
             d.A.copy_(tensors[f"{PREFIX}{name}.A"])
