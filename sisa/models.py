@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.assets import quiet_transformers, resolve_model
+from core.assets import MODEL_LOADING, quiet_transformers, resolve_model
 from core.shared_weights import attach_shared, parameters_on_meta
 from core.errors import UnlearnError
 from core.keys import keyed_seed
@@ -122,7 +122,8 @@ def base_weights(spec: str, num_labels: int) -> dict:
 
 def load_classifier(spec: str, num_labels: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                     shared: dict | None = None) -> Classifier:
-    tokenizer, base = _load_base(spec, num_labels, shared)
+    with MODEL_LOADING:
+        tokenizer, base = _load_base(spec, num_labels, shared)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base.config.pad_token_id = tokenizer.pad_token_id

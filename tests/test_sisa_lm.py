@@ -419,3 +419,19 @@ def test_shared_base_weights_give_the_same_bits_as_a_loaded_model(tmp_path):
     assert shared_digest == own_digest
     assert np.array_equal(shared_probs, own_probs) and shared_tokens == own_tokens
     assert all(own_tokens)
+
+
+def test_models_load_from_several_threads_of_a_fresh_process():
+    """Seen in the audit bench: two threads (two executors) loading SmolLM2 at once in one
+    process, the second saw a half-imported transformers ("cannot import name
+    'AutoConfig'"). Loads now take a process-wide lock."""
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom core.causal_lm import load_causal_lm, load_tokenizer\nerrors = []\n"
+            "def go(f):\n    try:\n        f()\n    except Exception as exc:\n        errors.append(repr(exc))\n"
+            "jobs = [lambda: load_causal_lm('tiny-lm', '--model'), lambda: load_tokenizer('tiny-lm')] * 3\n"
+            "ts = [threading.Thread(target=go, args=(f,)) for f in jobs]\n[t.start() for t in ts]\n"
+            "[t.join() for t in ts]\nprint(errors)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
