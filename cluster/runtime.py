@@ -252,10 +252,24 @@ def _shard_actor_class():
     return ShardActor
 
 
+def actor_scope(store: Store, run: str) -> str:
+    """What every actor name of `run` starts with: the run and a tag of its store. Actors
+    are found by name (get_if_exists), so without the store two runs of one name in two
+    stores on one cluster (a long-lived cluster, `serve`) would share actors: one store's
+    deletion applied through the other's coordinator."""
+    from core.keys import sha256_hex
+
+    return f"{run}@{sha256_hex(store.uri.encode())[:10]}"
+
+
+def coordinator_name(store: Store, run: str) -> str:
+    return f"{actor_scope(store, run)}/coordinator"
+
+
 class RayExecutor:
     """Runs each shard's jobs in that shard's actor, all shards in parallel.
 
-    Actors are named `<run>/<config digest>/shard-<k>` in the `unlearn` namespace and
+    Actors are named `<run>@<store tag>/<config digest>/shard-<k>` in the `unlearn` namespace and
     reused by later commands of the same Ray session (a long-lived cluster keeps its
     models loaded)."""
 
@@ -292,7 +306,7 @@ class RayExecutor:
             return [self._shared_ref]
 
     def _name(self, shard: int) -> str:
-        return f"{self.run}/{self.config.digest()[:12]}/shard-{shard}"
+        return f"{actor_scope(self.store, self.run)}/{self.config.digest()[:12]}/shard-{shard}"
 
     def _ensure(self, shards: Sequence[int]) -> None:
         with self._lock:
@@ -404,11 +418,11 @@ class RayPartitionPool:
     """ERASE's PartitionPool over Ray: one named actor per partition p (holding that leaf
     of every group), calls in parallel.
 
-    Actors are named `<run>/erase/<config digest>/p<p>`; results are small (outputs,
+    Actors are named `<run>@<store tag>/erase/<config digest>/p<p>`; results are small (outputs,
     candidates, deltas), the points never leave their actor except to be stored."""
 
-    def __init__(self, run: str, config_digest: str, actor_cpus: float):
-        self.prefix = f"{run}/erase/{config_digest[:12]}"
+    def __init__(self, scope: str, config_digest: str, actor_cpus: float):
+        self.prefix = f"{scope}/erase/{config_digest[:12]}"
         self.actor_cpus = actor_cpus
         self._actors: dict[str, object] = {}
 
@@ -433,7 +447,7 @@ def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) 
 
     if actor_cpus is None:  # half the cluster at most: the in-context actors take the other half
         actor_cpus = actor_share(ray.cluster_resources().get("CPU", 1.0) / 2, config.partitions, cap=0.5)
-    return RayPartitionPool(run, config.digest(), actor_cpus)
+    return RayPartitionPool(actor_scope(store, run), config.digest(), actor_cpus)
 
 
 def _icl_actor_class():
@@ -629,7 +643,7 @@ def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus:
     which would bind no token, print Ray's logs and start its dashboard)."""
     init_ray(address)
     cls = _coordinator_actor_class()
-    return cls.options(name=f"{run}/coordinator", namespace=NAMESPACE, get_if_exists=True).remote(
+    return cls.options(name=coordinator_name(store, run), namespace=NAMESPACE, get_if_exists=True).remote(
         store.uri, run, window_s, actor_cpus)
 
 

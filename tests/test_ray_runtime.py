@@ -72,3 +72,22 @@ def test_project_errors_raised_in_an_actor_keep_their_class_and_one_line(ray_loc
         with pytest.raises(cls) as exc:
             ray_get(fail.remote(kind))
         assert type(exc.value) is cls and str(exc.value) == f"{kind}: it broke", (kind, type(exc.value), exc.value)
+
+
+def test_actor_names_tell_stores_apart(tmp_path):
+    """Two runs of one name in two stores on one cluster must never share an actor (a
+    deletion sent to store B's run would go through store A's coordinator)."""
+    from cluster.runtime import RayExecutor, actor_scope, coordinator_name
+    from core.store import LocalStore
+    from sisa.config import SisaConfig
+
+    a, b = LocalStore(str(tmp_path / "a")), LocalStore(str(tmp_path / "b"))
+    assert actor_scope(a, "r") != actor_scope(b, "r") and coordinator_name(a, "r") != coordinator_name(b, "r")
+    assert actor_scope(a, "r") == actor_scope(LocalStore(str(tmp_path / "a")), "r")  # stable
+    config = SisaConfig(shards=2, slices=1, model="tiny", labels=("a", "b"))
+    shard = RayExecutor.__new__(RayExecutor)  # the naming alone, no cluster needed
+    names = []
+    for store in (a, b):
+        shard.store, shard.run, shard.config = store, "r", config
+        names.append(shard._name(0))
+    assert names[0] != names[1] and names[0].endswith("/shard-0")

@@ -298,7 +298,9 @@ def test_generate_over_http_leaves_out_a_quarantined_shard(ray_local, tmp_path):
         serve.shutdown()
         import ray
 
-        ray.kill(ray.get_actor("lmhttp/coordinator", namespace="unlearn"))
+        from cluster.runtime import coordinator_name
+
+        ray.kill(ray.get_actor(coordinator_name(store, "lmhttp"), namespace="unlearn"))
 
 
 def test_generate_over_http_is_validated_before_the_coordinator():
