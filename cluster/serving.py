@@ -11,15 +11,21 @@ Requests are read and validated by `http_api.py` (limits, strict types, status c
 before anything reaches the coordinator. Everything goes through the run's coordinator
 actor, so predictions honour the quarantine of shards retraining for an acknowledged
 deletion. Concurrent /predict calls are batched into one ensemble pass (`serve.batch`).
+
+Two ways to run it: `unlearn serve` (`start_serving`: starts Serve and deploys the app), or a
+Serve config file such as KubeRay's RayService (`import_path: cluster.serving:app`, see `app`).
 """
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 from cluster.http_api import (CLOSE, Generate, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
                               public_receipt, read_body, route)
 from cluster.requestlog import UnknownRequest
 from cluster.runtime import coordinator_actor
 from core.errors import Unavailable, UnlearnError, one_line
-from core.store import Store
+from core.store import Store, open_store
 
 
 def _ingress_class():
@@ -30,6 +36,8 @@ def _ingress_class():
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class UnlearnIngress:
         def __init__(self, coordinator, aggregate: str, store_uri: str = ""):
+            if isinstance(coordinator, CoordinatorSpec):  # an app built by `app`: this replica owns it
+                coordinator = coordinator.handle()
             self.coordinator = coordinator
             self.aggregate = aggregate
             self.hide = [store_uri]  # never said over HTTP: errors name the run and keys, not the store
@@ -105,3 +113,85 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     serve.start(http_options={"host": host, "port": port})
     serve.run(_ingress_class().bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"
+
+
+APP_ARGS = ("store", "run", "aggregate", "window", "actor_cpus")
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec:
+    """What a replica needs to get or create the run's coordinator actor itself. Serve calls
+    an application builder in a short-lived task (one call per worker process): a
+    coordinator created there would be owned by that process and die with it, so `app`
+    passes this instead and the ingress replica calls `handle()` in its constructor. The
+    replica then owns the coordinator, as the `unlearn serve` process owns it there."""
+    store_uri: str
+    run: str
+    window_s: float = 0.0
+    actor_cpus: float | None = None
+
+    def handle(self):
+        coordinator = coordinator_actor(open_store(self.store_uri), self.run, self.window_s, self.actor_cpus)
+        coordinator.warm.remote()  # shard models load while the replica starts
+        return coordinator
+
+
+def _app_number(name: str, value, high: float, above: bool) -> float:
+    """A number from a Serve config (YAML int or float, or its text), read as the CLI reads it."""
+    import argparse
+
+    from cluster import options as opt
+
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UnlearnError(f"cluster.serving:app: args.{name} must be a number, got {value!r}")
+    try:
+        return opt.bounded(float, 0, high, above=above)(str(value))
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"not a number: {value!r}"
+        raise UnlearnError(f"cluster.serving:app: args.{name} {detail}") from None
+
+
+def app(args: dict | None = None):
+    """Ray Serve application builder: the same HTTP app as `unlearn serve`, for a Serve config
+    file or KubeRay's RayService (`import_path: cluster.serving:app`). `args`: `run` (default
+    $UNLEARN_RUN), `store` (default $UNLEARN_STORE), and optionally `aggregate` (vote, mean,
+    weighted; default vote), `window` (seconds, as `--window`) and `actor_cpus` (as
+    `--actor-cpus`). Checks them and returns the bound ingress; starts neither Ray nor
+    Serve (Serve deploys it, on the cluster it runs in; host and port are the config's
+    `http_options`). Every problem is one UnlearnError line."""
+    import argparse
+
+    from cluster import options as opt
+    from sisa.aggregate import METHODS
+
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise UnlearnError(f"cluster.serving:app: args must be a mapping, got {type(args).__name__}")
+    unknown = sorted(str(k) for k in args if k not in APP_ARGS)
+    if unknown:
+        raise UnlearnError(f"cluster.serving:app: unknown args {', '.join(unknown)}; known: {', '.join(APP_ARGS)}")
+    run = args.get("run") or os.environ.get("UNLEARN_RUN")
+    if not run:
+        raise UnlearnError("cluster.serving:app: no run: set args.run (or $UNLEARN_RUN)")
+    if not isinstance(run, str):
+        raise UnlearnError(f"cluster.serving:app: args.run must be a string, got {run!r}")
+    try:
+        opt.run_name(run)
+    except argparse.ArgumentTypeError as exc:
+        raise UnlearnError(f"cluster.serving:app: run {exc}") from None
+    store_uri = args.get("store") or os.environ.get("UNLEARN_STORE")
+    if not store_uri:
+        raise UnlearnError("cluster.serving:app: no store: set args.store (or $UNLEARN_STORE), "
+                           "e.g. s3://bucket/prefix")
+    if not isinstance(store_uri, str):
+        raise UnlearnError(f"cluster.serving:app: args.store must be a string, got {store_uri!r}")
+    store = open_store(store_uri)
+    aggregate = args.get("aggregate", "vote")
+    if aggregate not in METHODS:
+        raise UnlearnError(f"cluster.serving:app: args.aggregate {aggregate!r}: choose one of {', '.join(METHODS)}")
+    window_s = _app_number("window", args.get("window", 0), opt.MAX_WINDOW_S, above=False)
+    cpus = args.get("actor_cpus")
+    actor_cpus = None if cpus is None else _app_number("actor_cpus", cpus, opt.MAX_ACTOR_CPUS, above=True)
+    spec = CoordinatorSpec(store.uri, run, window_s, actor_cpus)
+    return _ingress_class().bind(spec, aggregate, store.uri)
