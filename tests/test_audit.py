@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 
 
 def test_after_an_exact_deletion_every_figure_equals_the_reference(runs):
-    out = audit(runs, "a", facts("forget"), facts("holdout"), facts("forget", True), reference="b")
+    out = audit(runs, "a", facts("forget"), facts("holdout"), facts("forget", True), reference="b", relearn_steps=3)
     assert out["identical_to_reference"] is True
     assert all(v == 0 for v in out["membership_gap"].values())
     sub, ref = out["subject"], out["reference"]
@@ -47,7 +47,7 @@ def test_after_an_exact_deletion_every_figure_equals_the_reference(runs):
     assert sub["quantization"] == ref["quantization"] and sub["relearn"]["attack_records"] == 1
     assert out["forget_records"] == 6 and out["paraphrased_records"] == 6 and out["retain_records"] == 18
     # not vacuous: the run that still holds the forget set differs from the reference
-    before = audit(runs, "c", facts("forget"), facts("holdout"), reference="b")
+    before = audit(runs, "c", facts("forget"), facts("holdout"), reference="b", relearn_steps=1, retain_sample=4)
     assert before["identical_to_reference"] is False
     assert before["subject"]["knowledge"]["forget"] != before["reference"]["knowledge"]["forget"]
     # the relearning attack moved the shard models (an attack that could fail)
@@ -73,7 +73,7 @@ def test_the_relearning_attack_starts_from_the_weights_alone(runs):
 def test_audit_cli_json_plot_and_text(runs, tmp_path, capsys):
     plot = tmp_path / "audit.png"
     argv = ["audit", "--run", "a", "--store", runs.root, "--forget", f"{FACTS}&split=forget",
-            "--holdout", f"{FACTS}&split=holdout", "--reference", "b", "--relearn-steps", "2", "--quiet"]
+            "--holdout", f"{FACTS}&split=holdout", "--reference", "b", "--relearn-steps", "2", "--retain-sample", "6", "--quiet"]
     assert main([*argv, "--json", "--plot", str(plot)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["identical_to_reference"] and out["subject"]["relearn"]["steps"] == 2

@@ -55,7 +55,7 @@ def test_default_shares_on_two_cpus_fit_three_and_seven_shards(monkeypatch, tmp_
         def digest(self):
             return "0" * 64
 
-    assert 3 * erase_pool(None, "r", Erase()).actor_cpus <= 1.0
+    assert 3 * erase_pool(LocalStore(str(tmp_path)), "r", Erase()).actor_cpus <= 1.0
 
 
 def test_actors_that_can_never_fit_fail_at_once_and_say_why(monkeypatch):
