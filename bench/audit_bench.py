@@ -74,6 +74,10 @@ def main() -> None:
     ap.add_argument("--sisa-slices", type=int, default=2)
     ap.add_argument("--relearn-steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--relearn-lr", type=float, default=1e-4)
+    ap.add_argument("--store", default=None,
+                    help="keep the runs in this folder; runs already there are reused (not trained or deleted "
+                         "again: their times come from the results file), so the audits can be redone alone")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     if args.quick:
@@ -93,7 +97,42 @@ def main() -> None:
         extra = {"objective": "lm", **({"approx": ApproxConfig(method=approx).to_json()} if approx else {})}
         return SisaConfig(shards=shards, slices=slices, extra=extra, **base)
 
-    store = LocalStore(tempfile.mkdtemp(prefix="audit-bench-"))
+    store = LocalStore(args.store or tempfile.mkdtemp(prefix="audit-bench-"))
+    name = "audit_quick" if args.quick else "audit"
+    earlier = os.path.join(args.out, f"{name}.json")
+    reuse = args.store is not None and SisaRun.exists(store, "sisa-reference")
+    if reuse:  # every run trained and every deletion done before: audit again only
+        with open(earlier) as f:
+            result = json.load(f)
+        times = result["times"]
+        runs = {n: SisaRun.open(store, n) for n in ("before", "reference", *METHODS, "sisa", "sisa-reference")}
+        log(f"reusing the runs in {store.root} (times from {earlier})")
+    else:
+        times, runs = train_and_delete(args, store, config, train, retain, owners)
+    digests_equal = ([s.digest for s in runs["sisa"].manifest.shards]
+                     == [s.digest for s in runs["sisa-reference"].manifest.shards])
+    audits = {}
+    for run_name, ref in [("before", "reference"), *[(m, "reference") for m in METHODS], ("sisa", "sisa-reference")]:
+        audits[run_name], seconds = timed(lambda: audit(store, run_name, forget, holdout, paraphrased, reference=ref,
+                                                        relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr))
+        log(f"audited {run_name} against {ref} in {seconds} s: identical {audits[run_name]['identical_to_reference']}")
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "spec": spec, "config": {k: v for k, v in base.items()}, "approx": ApproxConfig().to_json(),
+              "sisa": {"shards": args.sisa_shards, "slices": args.sisa_slices}, "relearn_steps": args.relearn_steps,
+              "relearn_lr": args.relearn_lr,
+              "records": {"train": len(train), "forget": len(forget), "holdout": len(holdout),
+                          "forget_people": len(owners)},
+              "sisa_digests_equal_reference": digests_equal, "times": times, "audits": audits}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+        f.write(markdown(result))
+    plot(result, os.path.join(args.out, f"{name}.png"))
+    print(markdown(result))
+
+
+def train_and_delete(args, store, config, train, retain, owners) -> tuple[dict, dict]:
     times: dict[str, dict] = {}
     runs = {}
     init_ray(num_cpus=os.cpu_count())
@@ -119,27 +158,7 @@ def main() -> None:
         times[name]["delete_s"] = seconds
         times[name]["retrain_fraction"] = receipt.retrain_fraction
         log(f"{name}: deleted {len(receipt.ids)} records in {seconds} s")
-    digests_equal = ([s.digest for s in runs["sisa"].manifest.shards]
-                     == [s.digest for s in runs["sisa-reference"].manifest.shards])
-    audits = {}
-    for name, ref in [("before", "reference"), *[(m, "reference") for m in METHODS], ("sisa", "sisa-reference")]:
-        audits[name], seconds = timed(lambda: audit(store, name, forget, holdout, paraphrased, reference=ref,
-                                                    relearn_steps=args.relearn_steps))
-        log(f"audited {name} against {ref} in {seconds} s: identical {audits[name]['identical_to_reference']}")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "spec": spec, "config": {k: v for k, v in base.items()}, "approx": ApproxConfig().to_json(),
-              "sisa": {"shards": args.sisa_shards, "slices": args.sisa_slices}, "relearn_steps": args.relearn_steps,
-              "records": {"train": len(train), "forget": len(forget), "holdout": len(holdout),
-                          "forget_people": len(owners)},
-              "sisa_digests_equal_reference": digests_equal, "times": times, "audits": audits}
-    os.makedirs(args.out, exist_ok=True)
-    name = "audit_quick" if args.quick else "audit"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(markdown(result))
-    plot(result, os.path.join(args.out, f"{name}.png"))
-    print(markdown(result))
+    return times, runs
 
 
 ROWS = [("before", "before forgetting"), ("ga", "GA (approx.)"), ("gd", "GD (approx.)"),
@@ -147,16 +166,22 @@ ROWS = [("before", "before forgetting"), ("ga", "GA (approx.)"), ("gd", "GD (app
 
 
 def columns(r: dict) -> dict:
+    """Mean log-probability per answer token (the graded measure: exact match was 0 for every
+    model at this size, see `em` in the JSON) and the membership AUCs."""
     s, k = r["subject"], r["subject"]["knowledge"]
-    return {"forget EM": k["forget"]["exact_match"], "forget tok.acc": k["forget"]["token_accuracy"],
-            "forget log-p": k["forget"]["mean_logprob"],
-            "paraphr. EM": k.get("forget_paraphrased", {}).get("exact_match"),
-            "retain EM": k["retain"]["exact_match"], "holdout log-p": k["holdout"]["mean_logprob"],
+    return {"forget tok.acc": k["forget"]["token_accuracy"], "forget log-p": k["forget"]["mean_logprob"],
+            "paraphr. log-p": k.get("forget_paraphrased", {}).get("mean_logprob"),
+            "retain log-p": k["retain"]["mean_logprob"], "holdout log-p": k["holdout"]["mean_logprob"],
             "MIA loss": s["membership"]["loss_auc"], "MIA zlib": s["membership"]["zlib_auc"],
             "MIA min-k": s["membership"]["min_k_auc"],
-            "relearned EM": s["relearn"].get("after", {}).get("exact_match"),
-            "8-bit EM": s["quantization"]["8bit"]["forget"]["exact_match"],
-            "4-bit EM": s["quantization"]["4bit"]["forget"]["exact_match"]}
+            "relearned log-p": s["relearn"].get("after", {}).get("mean_logprob"),
+            "8-bit log-p": s["quantization"]["8bit"]["forget"]["mean_logprob"],
+            "4-bit log-p": s["quantization"]["4bit"]["forget"]["mean_logprob"]}
+
+
+def exact_matches(r: dict) -> list:
+    k = r["subject"]["knowledge"]
+    return [k[p]["exact_match"] for p in k] + [r["subject"]["relearn"].get("after", {}).get("exact_match")]
 
 
 def markdown(res: dict) -> str:
@@ -167,11 +192,16 @@ def markdown(res: dict) -> str:
            f"{res['records']['holdout']} holdout records of people never seen), model {res['config']['model']}, "
            f"LoRA r=8, {res['config']['epochs']} epochs at lr {res['config']['learning_rate']}; approximate "
            f"unlearning: {a['steps']} steps at lr {a['lr']}, rank {a['rank']}, omega {a['omega']}; "
-           f"relearning attack: {res['relearn_steps']} steps on 20% of the forget set; {res['machine']}; "
-           f"{res['date']}.", "",
-           "EM = exact match (greedy decoding writes the whole answer); MIA = membership-inference AUC of forget "
-           "vs holdout (0.5: indistinguishable). Each row's reference is the model retrained without the forget "
-           "set (S=1 for the first four rows, S=4 for SISA-LM).", ""]
+           f"relearning attack: {res['relearn_steps']} steps at lr {res.get('relearn_lr', 'the run')} on 20% of "
+           f"the forget set, measured on the rest; {res['machine']}; {res['date']}.", "",
+           "log-p = mean log-probability per answer token (higher: the model knows the answer better); MIA = "
+           "membership-inference AUC of forget vs holdout (0.5: the forget set looks like people never seen). "
+           "Each row's reference is the model retrained without the forget set (S=1 for the first four rows, "
+           "S=4 for SISA-LM). GA/GD/GD+Sine start from the `before` model (train s: its training).", ""]
+    ems = [v for key, _ in ROWS for v in exact_matches(res["audits"][key]) if v is not None]
+    if ems and max(ems) == 0:
+        out += ["Exact match (greedy decoding writes the whole answer) was 0 for every model and set: at this "
+                "size and training the models learn the answers' tokens partly, not whole answers.", ""]
     cols = list(columns(res["audits"]["before"]))
     out.append("| model | " + " | ".join(cols) + " | train s | delete s |")
     out.append("|---|" + "---|" * (len(cols) + 2))
@@ -196,17 +226,25 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["forget EM", "paraphr. EM", "retain EM", "MIA loss", "relearned EM", "4-bit EM"]
     rows = [(label, columns(res["audits"][k])) for k, label in ROWS]
     rows.append(("reference (S=1)", columns({"subject": res["audits"]["before"]["reference"]})))
-    fig, ax = plt.subplots(figsize=(11, 4))
+    panels = [("forget set: mean log-p per token", ["forget log-p", "paraphr. log-p", "relearned log-p",
+                                                    "4-bit log-p"]),
+              ("membership inference AUC (0.5 = unseen)", ["MIA loss", "MIA zlib", "MIA min-k"]),
+              ("utility: mean log-p per token", ["retain log-p", "holdout log-p"])]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [4, 3, 2]})
     width = 0.8 / len(rows)
-    for i, (label, c) in enumerate(rows):
-        ax.bar([j + i * width for j in range(len(keys))], [c[k] or 0.0 for k in keys], width, label=label)
-    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))], keys)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"What each model still knows of the forgotten people ({res['config']['model']}, dataset:facts)")
-    ax.legend(fontsize=8, ncol=3)
+    for ax, (title, keys) in zip(axes, panels):
+        for i, (label, c) in enumerate(rows):
+            ax.bar([j + i * width for j in range(len(keys))], [c[k] or 0.0 for k in keys], width, label=label)
+        ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))], keys, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if "AUC" in title:
+            ax.set_ylim(0, 1)
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"What each model still knows of the forgotten people ({res['config']['model']}, dataset:facts)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

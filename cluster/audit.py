@@ -32,6 +32,7 @@ from core.store import Store
 RETAIN_SAMPLE = 64
 RELEARN_FRACTION = 0.2
 RELEARN_STEPS = 10
+RELEARN_LR = 1e-4  # an attacker's gentle fine-tuning (the usual LoRA rate), not the training's
 BITS = (8, 4)
 
 
@@ -120,6 +121,7 @@ def check_sets(sub, forget: Sequence[Record], holdout: Sequence[Record], paraphr
 
 
 def audit_run(sub, forget, holdout, paraphrased, retain, relearn_steps: int, relearn_fraction: float,
+              relearn_lr: float,
               progress=None) -> dict:
     say = progress or (lambda _msg: None)
     t0 = time.perf_counter()
@@ -142,8 +144,9 @@ def audit_run(sub, forget, holdout, paraphrased, retain, relearn_steps: int, rel
         else:
             say(f"relearning: {relearn_steps} steps on {len(attack)} forget records")
             models = sub.models
-            attacked = models.relearned(sub.states, attack, relearn_steps)
-            out["relearn"] = {"steps": relearn_steps, "attack_records": len(attack), "measured_records": len(rest),
+            attacked = models.relearned(sub.states, attack, relearn_steps, relearn_lr)
+            out["relearn"] = {"steps": relearn_steps, "lr": relearn_lr, "attack_records": len(attack),
+                              "measured_records": len(rest),
                               "before": knowledge(models.score(sub.states, rest)),
                               "after": knowledge(models.score(attacked, rest))}
         out["quantization"] = {}
@@ -166,7 +169,7 @@ def method_of(run) -> str:
 def audit(store: Store, name: str, forget: Sequence[Record], holdout: Sequence[Record],
           paraphrased: Sequence[Record] = (), reference: str | None = None, files: dict | None = None,
           retain_sample: int = RETAIN_SAMPLE, relearn_steps: int = RELEARN_STEPS,
-          relearn_fraction: float = RELEARN_FRACTION, progress=None) -> dict:
+          relearn_fraction: float = RELEARN_FRACTION, relearn_lr: float = RELEARN_LR, progress=None) -> dict:
     files = {"forget": "--forget", "holdout": "--holdout", "paraphrased": "--paraphrased", **(files or {})}
     if not forget or not holdout:
         raise UnlearnError(f"{files['forget' if not forget else 'holdout']}: no records")
@@ -189,10 +192,12 @@ def audit(store: Store, name: str, forget: Sequence[Record], holdout: Sequence[R
     say(f"run {name}")
     out = {"forget_records": len(forget), "holdout_records": len(holdout), "paraphrased_records": len(paraphrased),
            "retain_records": len(retain), "subject": audit_run(sub, forget, holdout, paraphrased, retain,
-                                                               relearn_steps, relearn_fraction, progress)}
+                                                               relearn_steps, relearn_fraction, relearn_lr,
+                                                               progress)}
     if ref is not None:
         say(f"reference {reference}")
         out["reference"] = audit_run(ref, forget, holdout, paraphrased, retain, relearn_steps, relearn_fraction,
+                                     relearn_lr,
                                      progress)
         out["membership_gap"] = {k: (None if v is None or out["reference"]["membership"][k] is None
                                      else round(v - out["reference"]["membership"][k], 6))

@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retained records scored for utility, a keyed sample of what the run holds (default 64)")
     p.add_argument("--relearn-steps", type=opt.bounded(int, 1, 10_000), default=10,
                    help="fine-tuning steps of the relearning attack (default 10)")
+    p.add_argument("--relearn-lr", type=opt.bounded(float, 0, 1.0, above=True), default=1e-4,
+                   help="learning rate of the relearning attack's fine-tuning (default 1e-4)")
     p.add_argument("--relearn-fraction", type=opt.bounded(float, 0, 1, above=True), default=0.2,
                    help="part of the forget set the relearning attack trains on; the rest is measured (default 0.2)")
     p.add_argument("--plot", type=opt.given, default=None, help="write a PNG chart of the figures to this path")
@@ -269,7 +271,7 @@ def _audit(args, store, progress: bool) -> int:
     out = audit(store, args.run, sets["forget"], sets["holdout"], sets["paraphrased"], args.reference,
                 files={name: getattr(args, name) for name in sets if getattr(args, name)},
                 retain_sample=args.retain_sample, relearn_steps=args.relearn_steps,
-                relearn_fraction=args.relearn_fraction, progress=say)
+                relearn_fraction=args.relearn_fraction, relearn_lr=args.relearn_lr, progress=say)
     from cluster.requestlog import RequestLog
 
     queued, _problems = RequestLog(store, args.run).queued()

@@ -91,8 +91,7 @@ class ShardModels:
         return out
 
     # -- attacks -------------------------------------------------------------------
-    def relearned(self, states: Sequence[State], attack: Sequence[Record], steps: int,
-                  lr: float | None = None) -> list[State]:
+    def relearned(self, states: Sequence[State], attack: Sequence[Record], steps: int, lr: float) -> list[State]:
         """Each shard's state after `steps` fine-tuning steps on `attack` (batches of the
         run's batch size, in a keyed order; no dropout), its unlearning updates kept. A fresh
         AdamW for every run: an attacker holds the weights, not the training's Adam moments
@@ -106,7 +105,7 @@ class ShardModels:
             with deterministic():
                 opt = trainer._restore({k: v for k, v in state.items() if not k.startswith("opt.")})
                 for group in opt.param_groups:
-                    group["lr"] = lr or self.config.learning_rate
+                    group["lr"] = lr
                 trainer.clf.model.eval()
                 for step in range(steps):
                     batch = [order[(step * size + i) % len(order)] for i in range(size)]
