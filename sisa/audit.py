@@ -121,8 +121,10 @@ class ShardModels:
         group = None if bits >= 8 else 32
         per_shard = []
         for state in states:
-            self.trainer._load(state) if self.tokens else self.trainer.clf.load_params(
-                {k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
+            if self.tokens:  # the adapter and any unlearning updates, merged by quantized() below
+                self.trainer._load(state)
+            else:
+                self.trainer.clf.load_params({k[len("param."):]: v for k, v in state.items() if k.startswith("param.")})
             with quantized(self.trainer.clf.model, bits, group):
                 plain = {k: v for k, v in state.items() if not k.startswith("delta.")}  # merged in already
                 per_shard.append(self.distributions(None if self.tokens else plain, records))

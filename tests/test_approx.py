@@ -111,7 +111,9 @@ def test_gd_sine_bounds_only_the_mlp_deltas_and_a_fresh_delta_changes_nothing(tm
     assert kinds == {"q_proj": False, "v_proj": False, "gate_proj": True, "up_proj": True, "down_proj": True}
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, before)  # B = 0: bit for bit the same outputs
-    assert attach_deltas(model, ApproxConfig(method="gd-sine")) is not None and len(attached(model)) == len(deltas)
+    again = attach_deltas(model, ApproxConfig(method="gd-sine"))  # the same settings: the same modules, reused
+    assert again.keys() == deltas.keys() and all(again[n] is deltas[n] for n in deltas)
+    assert len(attached(model)) == len(deltas)
 
 
 @pytest.mark.parametrize("extra, message", [
