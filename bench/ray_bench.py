@@ -63,7 +63,7 @@ def stream(store, records, window_s: float, n_requests: int, interval_s: float, 
         time.sleep(interval_s)
     done = [wait_request(handle, i, timeout_s=3600) for i in ids]
     total = time.perf_counter() - t0
-    batches = {tuple(r["batch"]) for r in done}
+    batches = {r["batch_id"] for r in done}
     return {"window_s": window_s, "requests": n_requests, "interval_s": interval_s, "total_s": round(total, 2),
             "requests_per_min": round(60 * n_requests / total, 2), "batches": len(batches),
             "all_done": all(r["status"] == "done" for r in done)}

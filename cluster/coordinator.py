@@ -1,7 +1,10 @@
 """The deletion coordinator: durable intake, one applier at a time, receipts.
 
 A request (ids and/or owners) is validated against the committed state and appended to
-the run's queue in the store (`requestlog.py`) BEFORE it is acknowledged. From then on
+the run's queue in the store (`requestlog.py`) BEFORE it is acknowledged. Requests that
+arrive together are group-committed: while one thread writes a group, the others queue
+up in memory, and the next of them writes all of those in one durable write (no timer:
+a lone request is written at once, a busy front door forms larger groups by itself). From then on
 it belongs to the log, not to the process that accepted it: whichever coordinator holds
 the run lock applies every queued request (its own and those other processes accepted),
 in batches: every request accepted within `window_s` of the oldest queued one goes
@@ -26,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -33,6 +37,7 @@ from core.errors import IntegrityError, UnlearnError, one_line
 from core.lock import LockLost, LockWatch, RunBusy, RunLock, describe
 from core.records import quote
 from core.store import Store
+from core.stored_run import head_key
 
 from .methods import open_run
 from .quarantine import Serving
@@ -49,6 +54,31 @@ def _epoch(iso: str) -> float:
         return datetime.fromisoformat(iso).timestamp()
     except (TypeError, ValueError):
         return 0.0  # unparseable: due at once
+
+
+MAX_GROUP = 1024  # requests per group commit (a queue object of about 400 KB); a bulk is never split
+
+
+@dataclass
+class _Intake:
+    """One request waiting to be group-committed: its thread waits on `done` until it
+    has its `request_id` or `error`, or until it is asked to lead (write the next group)."""
+    ids: list[str]
+    owners: list[str]
+    ignore_missing: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    request_id: str | None = None
+    error: BaseException | None = None
+    siblings: list = field(default_factory=list, repr=False)  # its bulk (itself included): accepted or refused whole
+    index: int = 0  # its place in the bulk
+    targets: set = field(default_factory=set, repr=False)  # the record ids it deletes, once validated
+
+
+def _in_bulk(bulk: list, item, message: str) -> str:
+    """`message` about `item`; in a bulk of several, which one it is and that none was accepted."""
+    if len(bulk) <= 1 or item is None:
+        return message
+    return f"requests[{item.index}]: {message.replace('; request not accepted', '; no request of the bulk accepted')}"
 
 
 def batch_due(accepted_times: list[float], now: float, window_s: float) -> bool:
@@ -84,6 +114,12 @@ class Coordinator:
         self._watch = LockWatch()  # a holder elsewhere is judged by its heartbeat across our tries
         self.problems: list[str] = []  # unreadable log entries seen (reported once each)
         self.fault: str | None = None  # tests: exit the process at "after-commit"
+        self._intake_lock = threading.Lock()
+        self._intake: list[_Intake] = []  # waiting for the group being written to be durable
+        self._committing = False  # a thread is writing a group
+        self._intake_run: tuple[bytes, object] | None = None  # (HEAD's bytes, the run opened at it)
+        self._last_ns = 0  # request ids keep increasing within this process
+        self.groups_written = 0
         self.committed.read()
         # what was queued before this coordinator started is a replay (after a crash, or
         # accepted by another process): due at once, whatever the window
@@ -115,25 +151,119 @@ class Coordinator:
 
     # -- intake --------------------------------------------------------------------------
     def submit(self, ids: list[str] = (), owners: list[str] = (), ignore_missing: bool = False) -> str:
-        """Validate, log durably, then return the request id (the acknowledgement)."""
-        ids, owners = list(ids), list(owners)
-        if not ids and not owners:
-            raise UnlearnError("a deletion request needs ids or owners")
-        run = open_run(self.store, self.run)
-        targets, _already, unknown = run.resolve(ids, owners)
-        if unknown and not ignore_missing:
-            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise UnlearnError(f"run {quote(self.run)}: unknown {unknown[0]}{more}; request not accepted, nothing was deleted")
-        now = time.time()
-        units = run.quarantine_of(targets)
-        req = DeletionRequest(request_id=f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}", accepted=_iso(now),
-                              ids=ids, owners=owners, units=sorted(units), ignore_missing=ignore_missing,
-                              requested={"ids": len(ids), "owners": len(owners)})
-        self.requests.append(req)  # durable before acknowledged; from now on serving leaves `units` out
-        if not self.store.exists(f"{self.run}/HEAD"):  # dropped meanwhile: leave nothing behind
-            self.requests.drop_queued(req.request_id)
+        """Validate, log durably, then return the request id (the acknowledgement).
+
+        Group commit: the first caller writes its group; callers that arrive meanwhile wait,
+        and when that write is durable the first of them writes all of theirs at once. Each
+        request is validated on its own (a bad one fails alone); the group's one write is what
+        acknowledges them all, so none is acknowledged before it is durable."""
+        (out,) = self.submit_bulk([[(ids, owners, ignore_missing)]])
+        if isinstance(out, BaseException):
+            raise out
+        return out[0]
+
+    def submit_bulk(self, bulks: list[list[tuple[list[str], list[str], bool]]]) -> list[list[str] | BaseException]:
+        """Bulks of requests, each request `(ids, owners, ignore_missing)`, from one caller
+        (an HTTP front end's batch of POST /delete). A bulk is accepted whole (its request
+        ids, in order, once durable) or refused whole (the exception, naming the request by
+        its index); bulks succeed or fail apart. They join the same group commit as `submit`."""
+        mine: list[list[_Intake]] = []
+        todo: list[_Intake] = []
+        for bulk in bulks:
+            items = [_Intake(list(ids), list(owners), bool(im)) for ids, owners, im in bulk]
+            for i, item in enumerate(items):
+                item.siblings, item.index = items, i
+            empty = next((item for item in items if not item.ids and not item.owners), None)
+            if not items or empty is not None:
+                error = UnlearnError(_in_bulk(items, empty, "a deletion request needs ids or owners"))
+                for item in items:
+                    item.error = error
+            else:
+                todo += items
+            mine.append(items)
+        if todo:
+            with self._intake_lock:
+                self._intake.extend(todo)
+                lead = not self._committing
+                self._committing = True
+            for item in todo:
+                while item.request_id is None and item.error is None:
+                    # `done` without an answer: the last writer handed the next group to us
+                    if lead or item.done.is_set():
+                        lead = False
+                        self._write_next_group()
+                    else:
+                        item.done.wait()
+        out: list[list[str] | BaseException] = []
+        for items in mine:
+            error = next((item.error for item in items if item.error is not None), None)
+            out.append(error if error is not None or not items else [item.request_id for item in items])
+        return out
+
+    def _write_next_group(self) -> None:
+        with self._intake_lock:
+            n = min(MAX_GROUP, len(self._intake))
+            while n < len(self._intake) and self._intake[n].siblings is self._intake[n - 1].siblings:
+                n += 1  # a bulk is never split between two writes
+            group, self._intake = self._intake[:n], self._intake[n:]
+        try:
+            self._write_group(group)
+        except BaseException as exc:  # nothing of this group is acknowledged; every caller hears why
+            for item in group:
+                if item.request_id is None and item.error is None:
+                    item.error = exc
+        finally:
+            with self._intake_lock:
+                for item in group:
+                    item.done.set()
+                if self._intake:
+                    self._intake[0].done.set()  # no answer yet: it leads the next group
+                else:
+                    self._committing = False
+
+    def _run_for_intake(self):
+        """The run at its committed state, opened again only when HEAD changed: validating
+        a request then costs a look-up, not a read of the manifest."""
+        try:
+            head = self.store.get(head_key(self.run))
+        except KeyError:
+            raise UnlearnError(f"run {quote(self.run)} not found in store {self.store.uri}") from None
+        if self._intake_run is None or self._intake_run[0] != head:
+            self._intake_run = (head, open_run(self.store, self.run))
+        return self._intake_run[1]
+
+    def _write_group(self, group: list[_Intake]) -> None:
+        run = self._run_for_intake()
+        base = max(time.time_ns(), self._last_ns + 1)
+        accepted: list[tuple[_Intake, DeletionRequest]] = []
+        now = _iso(time.time())
+        for item in group:
+            targets, _already, unknown = run.resolve(item.ids, item.owners)
+            if unknown and not item.ignore_missing:
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                error = UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}{more}; "
+                                                                   f"request not accepted, nothing was deleted"))
+                for sibling in item.siblings:  # its bulk is refused whole
+                    sibling.error = sibling.error or error
+                continue
+            item.targets = targets
+        for item in group:
+            if item.error is None:
+                req = DeletionRequest(request_id=f"{base + len(accepted):020d}-{uuid.uuid4().hex[:8]}", accepted=now,
+                                      ids=item.ids, owners=item.owners, units=sorted(run.quarantine_of(item.targets)),
+                                      ignore_missing=item.ignore_missing,
+                                      requested={"ids": len(item.ids), "owners": len(item.owners)})
+                accepted.append((item, req))
+        self._last_ns = base + len(accepted)
+        if not accepted:
+            return
+        group_id = self.requests.append([req for _item, req in accepted])  # durable before acknowledged
+        if not self.store.exists(head_key(self.run)):  # dropped meanwhile: leave nothing behind
+            self.requests.drop_group(group_id)
             raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete")
-        return req.request_id
+        self.groups_written += 1
+        for item, req in accepted:  # from now on serving leaves `units` out
+            item.request_id = req.request_id
 
     # -- serving ---------------------------------------------------------------------------
     def predict(self, texts: list[str], serve, method: str = "vote", wait: bool = False,
@@ -168,7 +298,7 @@ class Coordinator:
         returns the requests finished (empty if none). When another live process holds the
         lock, `busy` says who, and the queue is left to it."""
         with self._apply_lock:
-            queued, problems = self.requests.queued()
+            queued, problems = self.requests.queued(copies=False)
             self._report(problems)
             todo = [r for r in queued if r.status != "failed"]
             now = time.time() if now is None else now
@@ -189,12 +319,10 @@ class Coordinator:
     def _apply_locked(self, lock: RunLock, progress: bool) -> list[DeletionRequest]:
         self._sweep()
         queued, _problems = self.requests.queued()  # again, now that we own the log
-        batch = []
-        for req in queued:
-            if self.requests.receipt(req.request_id) is not None:
-                self.requests.drop_queued(req.request_id)  # done before a crash took its cleanup
-            elif req.status != "failed":
-                batch.append(req)
+        finished = self.requests.finished_among([r.request_id for r in queued])
+        if finished:
+            self.requests.drop_queued(sorted(finished))  # done before a crash took its cleanup
+        batch = [r for r in queued if r.request_id not in finished and r.status != "failed"]
         if not batch:
             return []
         took_over = (f"took over the run lock: {describe(lock.took_over)} ({lock.took_over['why']})"
@@ -203,7 +331,7 @@ class Coordinator:
             req.status, req.attempts, req.reason = "applying", req.attempts + 1, None
             if took_over:  # kept with the request until its receipt: the audit trail of a crash
                 req.warnings = [*req.warnings, took_over]
-            self.requests.update(req)
+        self.requests.update(batch)
         try:
             done = self._apply(batch, progress, lock)
         except BaseException as exc:
@@ -260,7 +388,7 @@ class Coordinator:
                 else:
                     req.status = "pending"
                 req.last_error = line
-                self.requests.update(req)
+            self.requests.update(batch)
         except Exception:  # the lock is gone or the store is down: the entries stay as they are
             pass
 
@@ -297,7 +425,7 @@ class Coordinator:
             gone = []
             for key in self.requests.queued_keys():
                 try:
-                    self.requests._read(key)
+                    self.requests._read_group(key)
                 except KeyError:
                     continue
                 except ValueError as exc:
@@ -313,13 +441,12 @@ class Coordinator:
         with RunLock(self.store, self.run, "resume", wait=True, on_wait=on_wait, watch=self._watch):
             queued, problems = self.requests.queued()
             self._report(problems)
-            again = []
-            for req in queued:
-                if req.status == "failed":
-                    req.status, req.reason = "pending", None
-                    self.requests.update(req)
-                    again.append(req.request_id)
-        return again
+            again = [req for req in queued if req.status == "failed"]
+            for req in again:
+                req.status, req.reason = "pending", None
+            if again:
+                self.requests.update(again)
+        return [req.request_id for req in again]
 
     def _apply(self, batch: list[DeletionRequest], progress: bool, lock: RunLock) -> list[DeletionRequest]:
         t0 = time.perf_counter()
@@ -339,7 +466,7 @@ class Coordinator:
         for req in batch:
             units, n_targets, n_already, n_unknown = per_request[req.request_id]
             req.status, req.completed, req.seconds, req.last_error = "done", finished, seconds, None
-            req.batch = [r.request_id for r in batch]
+            req.batch_id, req.batch_size = batch[0].request_id, len(batch)
             req.records_deleted, req.already_deleted_count, req.not_found_count = n_targets, n_already, n_unknown
             req.shards = units
             if run.manifest.method == "sisa":
@@ -352,7 +479,7 @@ class Coordinator:
             req.version = receipt.version
             req.retrain_fraction, req.purged_objects = receipt.retrain_fraction, receipt.purged_objects
             req.warnings = [*req.warnings, *receipt.warnings]
-            self.requests.finish(req)  # the receipt keeps no trace of what was deleted
+        self.requests.finish(batch)  # the receipts keep no trace of what was deleted
         return batch
 
 

@@ -3,6 +3,7 @@ request, and the one-line error that goes back (functional core of `serving.py`)
 
     POST /predict        {"texts": [str, ...], "wait": bool}
     POST /delete         {"ids": [str, ...] or "owners": [str, ...], "ignore_missing": bool}
+                         or a bulk: {"requests": [{"ids": ...} or {"owners": ...}, ...]}
     GET  /requests/<id>
 
 Strict: the body is one JSON object of at most MAX_BODY_BYTES, UTF-8, nested at most
@@ -34,7 +35,8 @@ MAX_TEXTS = 1000  # texts per /predict
 MAX_PROMPTS = 64  # prompts per /generate (each costs up to max_new_tokens ensemble passes)
 MAX_NEW_TOKENS = 512
 MAX_TEXT_CHARS = 10_000  # characters per text
-MAX_NAMES = 10_000  # ids (or owners) per /delete
+MAX_NAMES = 10_000  # ids (or owners) per /delete, all the requests of a bulk together
+MAX_BULK = 1000  # deletion requests per /delete {"requests": [...]}
 MAX_DEPTH = 32  # nesting of arrays and objects in a body
 QUOTE_CHARS = 64  # characters of a value quoted back in a message
 MAX_MESSAGE_CHARS = 1000
@@ -65,6 +67,13 @@ class Delete:
     ids: tuple[str, ...] = ()
     owners: tuple[str, ...] = ()
     ignore_missing: bool = False
+
+
+@dataclass(frozen=True)
+class DeleteMany:
+    """A bulk of deletion requests in one POST: each gets its own request id and receipt;
+    they are acknowledged together (one durable write) or refused together."""
+    requests: tuple[Delete, ...]
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,7 @@ def _count(body: dict, name: str, low: int, high: int, default: int | None) -> i
     return value
 
 
-def parse_body(kind: str, body: bytes) -> Predict | Delete | Generate:
+def parse_body(kind: str, body: bytes) -> Predict | Delete | DeleteMany | Generate:
     """The validated request of route `kind` ("predict", "generate" or "delete"), or HttpError 400."""
     obj = parse_json(body)
     if kind == "generate":
@@ -259,14 +268,45 @@ def parse_body(kind: str, body: bytes) -> Predict | Delete | Generate:
     if kind == "predict":
         _fields(obj, ("texts", "wait"))
         return Predict(tuple(_strings(obj, "texts", True, MAX_TEXTS, _text_problem)), _flag(obj, "wait"))
+    if "requests" in obj:
+        return _bulk(obj)
+    return _delete(obj, MAX_NAMES)
+
+
+def _delete(obj: dict, limit: int) -> Delete:
     _fields(obj, ("ids", "owners", "ignore_missing"))
     if "ids" in obj and "owners" in obj:  # as the CLI's --ids and --owners
         raise HttpError(400, "a deletion request takes 'ids' or 'owners', not both (send two requests)")
-    ids = _strings(obj, "ids", False, MAX_NAMES, id_problem, " is not a valid record id")
-    owners = _strings(obj, "owners", False, MAX_NAMES, owner_problem, " is not a valid owner")
+    ids = _strings(obj, "ids", False, limit, id_problem, " is not a valid record id")
+    owners = _strings(obj, "owners", False, limit, owner_problem, " is not a valid owner")
     if not ids and not owners:
         raise HttpError(400, "a deletion request needs 'ids' or 'owners' (a non-empty list of strings)")
     return Delete(tuple(ids), tuple(owners), _flag(obj, "ignore_missing"))
+
+
+def _bulk(obj: dict) -> DeleteMany:
+    """{"requests": [...]}: each element a deletion request as above; errors name it by index."""
+    _fields(obj, ("requests",))
+    items = obj["requests"]
+    if not isinstance(items, list) or not items:
+        raise HttpError(400, f"'requests' must be a non-empty list of deletion requests (got "
+                             f"{'an empty list' if items == [] else _kind(items)})")
+    if len(items) > MAX_BULK:
+        raise HttpError(400, f"'requests': {len(items)} deletion requests, more than the {MAX_BULK} a bulk may carry")
+    out, names = [], 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise HttpError(400, f"'requests'[{i}] must be an object (a deletion request), not {_kind(item)}")
+        try:
+            one = _delete(item, MAX_NAMES)
+        except HttpError as exc:
+            raise HttpError(exc.status, f"'requests'[{i}]: {exc.message}") from None
+        names += len(one.ids) + len(one.owners)
+        if names > MAX_NAMES:
+            raise HttpError(400, f"'requests': more than the {MAX_NAMES} ids and owners a bulk may carry in all "
+                                 f"(reached at 'requests'[{i}])")
+        out.append(one)
+    return DeleteMany(tuple(out))
 
 
 def parse_request(method: str, path: str, body: bytes = b"") -> Predict | Delete | Lookup:

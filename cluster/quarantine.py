@@ -68,27 +68,28 @@ class Quarantine:
 
     def __init__(self, store: Store, run: str):
         self.log = RequestLog(store, run)
-        self._units: dict[str, frozenset] = {}  # queue key -> its units (never change)
         self.problems: list[str] = []  # every damaged entry seen, one line each
         self.damaged: list[str] = []  # those in the queue at the last read
 
     def read(self) -> set:
+        """Each queue group is read every time (its bytes: the lock holder rewrites a group
+        when some of its requests finish), and parsed only when they changed."""
         keys = self.log.queued_keys()
-        self._units = {k: v for k, v in self._units.items() if k in keys}
-        damaged = []
+        self.log._keep_parsed(keys)
+        units, damaged = set(), []
         for key in keys:
-            if key not in self._units:
-                try:
-                    self._units[key] = frozenset(self.log._read(key).units)
-                except KeyError:
-                    continue  # finished meanwhile
-                except ValueError as exc:
-                    line = self.log._unreadable(key, exc)
-                    damaged.append(line)
-                    if line not in self.problems:
-                        self.problems.append(line)
+            try:
+                for req in self.log._read_group(key):
+                    units.update(req.units)
+            except KeyError:
+                continue  # finished meanwhile
+            except ValueError as exc:
+                line = self.log._unreadable(key, exc)
+                damaged.append(line)
+                if line not in self.problems:
+                    self.problems.append(line)
         self.damaged = damaged
-        return set().union(*self._units.values()) if self._units else set()
+        return units
 
     def fail_closed(self) -> str:
         return (f"{self.damaged[0].removesuffix('; skipped')}: it could name any record, so nothing answers until it "

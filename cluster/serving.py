@@ -5,12 +5,15 @@
     POST /generate       {"prompts": [...], "max_new_tokens": 32, "shard": null, "wait": false}
                          -> {"generations": [{"prompt", "completion", "tokens"}], "shards": [...]}  (lm runs)
     POST /delete         {"ids": [...]} or {"owners": [...]} -> {"request_id": ...}  (once durable)
+                         {"requests": [{"ids": [...]}, {"owners": [...]}, ...]} -> {"request_ids": [...]}
+                         (a bulk: every request durable before the answer, or none accepted)
     GET  /requests/<id>  -> the request's status and receipt
 
 Requests are read and validated by `http_api.py` (limits, strict types, status codes)
 before anything reaches the coordinator. Everything goes through the run's coordinator
 actor, so predictions honour the quarantine of shards retraining for an acknowledged
-deletion. Concurrent /predict calls are batched into one ensemble pass (`serve.batch`).
+deletion. Concurrent /predict calls are batched into one ensemble pass, and concurrent
+/delete calls into one group commit of the coordinator (`serve.batch`).
 
 Two ways to run it: `unlearn serve` (`start_serving`: starts Serve and deploys the app), or a
 Serve config file such as KubeRay's RayService (`import_path: cluster.serving:app`, see `app`).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from cluster.http_api import (CLOSE, Generate, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
+from cluster.http_api import (CLOSE, DeleteMany, Generate, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
                               public_receipt, read_body, route)
 from cluster.requestlog import UnknownRequest
 from cluster.runtime import coordinator_actor
@@ -28,12 +31,17 @@ from core.errors import Unavailable, UnlearnError, one_line
 from core.store import Store, open_store
 
 
+MAX_ONGOING = 1024  # requests one ingress replica holds at once
+
+
 def _ingress_class():
     from ray import serve
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    # Serve's default of 5 requests at a time per replica would make the front door a queue
+    # of five: batches of /delete (and /predict) form only from requests the replica holds
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
     class UnlearnIngress:
         def __init__(self, coordinator, aggregate: str, store_uri: str = ""):
             if isinstance(coordinator, CoordinatorSpec):  # an app built by `app`: this replica owns it
@@ -58,6 +66,13 @@ def _ingress_class():
                 start += len(ts)
             return results
 
+        @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
+        async def _delete(self, bulks: list[list[tuple[list[str], list[str], bool]]]) -> list:
+            """POST /delete calls that arrive while the last batch is being made durable go to
+            the coordinator together: one call and one group commit for all of them (each
+            call's requests accepted or refused whole)."""
+            return await self.coordinator.submit_bulk.remote(bulks)
+
         async def __call__(self, request: Request):
             response = await self._answer(request)
             if request.state.body_unread:  # else the server would read on, however long the body
@@ -81,8 +96,12 @@ def _ingress_class():
                 if isinstance(call, Generate):
                     return JSONResponse(await self.coordinator.generate.remote(
                         list(call.prompts), call.max_new_tokens, call.shard, call.wait))
-                request_id = await self.coordinator.submit.remote(list(call.ids), list(call.owners), call.ignore_missing)
-                return JSONResponse({"request_id": request_id}, status_code=202)
+                bulk = call.requests if isinstance(call, DeleteMany) else (call,)
+                out = await self._delete([(list(d.ids), list(d.owners), d.ignore_missing) for d in bulk])
+                if isinstance(out, BaseException):  # this call refused, not the others of its batch
+                    raise out
+                body = {"request_ids": out} if isinstance(call, DeleteMany) else {"request_id": out[0]}
+                return JSONResponse(body, status_code=202)
             except HttpError as exc:
                 return JSONResponse({"error": exc.message}, status_code=exc.status)
             except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray

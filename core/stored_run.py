@@ -20,13 +20,14 @@ import json
 import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterable
 
 from .errors import ObjectMissing, UnlearnError
 from .keys import sha256_hex
 from .lock import RunLock, lock_key
 from .records import id_problem, quote
 from .store import Store
+from .tombstones import Resolver
 
 
 def now_iso() -> str:
@@ -84,10 +85,24 @@ class StoredRun:
         self.store = store
         self.manifest = manifest
         self._lock: RunLock | None = None  # held during a mutation
+        self._resolver: tuple[object, Resolver] | None = None  # (the manifest it was built for, it)
 
     @property
     def name(self) -> str:
         return self.manifest.run
+
+    def resolver(self) -> Resolver:
+        """Resolves ids and owners against `manifest`; built once per manifest object (a
+        commit makes a new one, none is changed in place), so a batch of thousands of
+        requests costs one pass over the records, not one per request."""
+        if self._resolver is None or self._resolver[0] is not self.manifest:
+            m = self.manifest
+            self._resolver = (m, Resolver(m.owners(), m.tombstones, m.salt))
+        return self._resolver[1]
+
+    def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
+        """(ids to remove, requested ids/owners already deleted earlier, unknown ones)."""
+        return self.resolver().resolve(ids, owners)
 
     @staticmethod
     def _head(run: str) -> str:

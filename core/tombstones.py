@@ -19,26 +19,41 @@ def tombstone(salt: str, kind: str, value: str) -> str:
     return hmac.new(bytes.fromhex(salt), f"{kind}\x1f{value}".encode(), "sha256").hexdigest()
 
 
+class Resolver:
+    """What ids and owners name, for one committed state: built once (O(records)), then
+    each request resolves in O(its own size). A coordinator accepting thousands of requests
+    against a large run cannot afford to rebuild the owner table per request."""
+
+    def __init__(self, held: dict[str, str], tombstones: Iterable[str], salt: str):
+        self.held = held
+        self.by_owner: dict[str, list[str]] = defaultdict(list)
+        for rid, owner in held.items():
+            self.by_owner[owner].append(rid)
+        self.tombs = set(tombstones)
+        self.salt = salt
+
+    def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
+        """(ids to remove, requested ids/owners already deleted earlier, unknown ones quoted
+        for messages)."""
+        targets: set[str] = set()
+        already: list[str] = []
+        unknown: list[str] = []
+        for kind, values, table in (("id", ids, None), ("owner", owners, self.by_owner)):
+            for v in values:
+                if (v in self.held) if table is None else (v in table):
+                    targets.update([v] if table is None else table[v])
+                elif tombstone(self.salt, kind, v) in self.tombs:
+                    already.append(v)
+                else:
+                    unknown.append(f"{kind} {quote(v)}")
+        return targets, already, unknown
+
+
 def resolve(held: dict[str, str], tombstones: Iterable[str], salt: str, ids: Iterable[str] = (),
             owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
-    """(ids to remove, requested ids/owners already deleted earlier, unknown ones quoted
-    for messages). `held` maps every retained record id to its owner."""
-    by_owner: dict[str, list[str]] = defaultdict(list)
-    for rid, owner in held.items():
-        by_owner[owner].append(rid)
-    tombs = set(tombstones)
-    targets: set[str] = set()
-    already: list[str] = []
-    unknown: list[str] = []
-    for kind, values, table in (("id", ids, None), ("owner", owners, by_owner)):
-        for v in values:
-            if (v in held) if table is None else (v in table):
-                targets.update([v] if table is None else table[v])
-            elif tombstone(salt, kind, v) in tombs:
-                already.append(v)
-            else:
-                unknown.append(f"{kind} {quote(v)}")
-    return targets, already, unknown
+    """One-off `Resolver(held, tombstones, salt).resolve(ids, owners)`. `held` maps every
+    retained record id to its owner."""
+    return Resolver(held, tombstones, salt).resolve(ids, owners)
 
 
 def after_deletion(salt: str, tombstones: Iterable[str], targets: Iterable[str], owners: Iterable[str],

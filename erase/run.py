@@ -34,7 +34,7 @@ from core.records import Record, quote, with_labels
 from core.slices import decode_slice, encode_slice
 from core.store import Store
 from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
-from core.tombstones import after_deletion, resolve
+from core.tombstones import after_deletion
 
 from .config import EraseConfig
 from .manifest import EraseManifest, PartitionRecords
@@ -234,9 +234,6 @@ class EraseRun(StoredRun):
         return self
 
     # -- deletion --------------------------------------------------------------------------
-    def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
-        return resolve(self.manifest.owners(), self.manifest.tombstones, self.manifest.salt, ids, owners)
-
     def units_of(self, targets: Iterable[str]) -> list[int]:
         """The partitions holding any of `targets` (the only ones a deletion touches)."""
         return sorted({partition_of(self.config, t) for t in targets})

@@ -22,7 +22,7 @@ from core.receipts import DeletionReceipt, not_found
 from core.records import Record, quote, with_labels
 from core.store import Store
 from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
-from core.tombstones import after_deletion, resolve
+from core.tombstones import after_deletion
 
 from .aggregate import aggregate, vote_counts
 from .config import SisaConfig
@@ -57,6 +57,7 @@ class SisaRun(StoredRun):
     def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
         super().__init__(store, manifest)
         self.executor = executor
+        self._shard_of: tuple[Manifest, dict[str, int]] | None = None
 
     @property
     def config(self) -> SisaConfig:
@@ -136,13 +137,14 @@ class SisaRun(StoredRun):
         return self
 
     # -- deletion ------------------------------------------------------------------
-    def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
-        """(ids to remove, requested ids/owners already deleted earlier, unknown ones)."""
-        return resolve(self.manifest.owners(), self.manifest.tombstones, self.manifest.salt, ids, owners)
-
     def units_of(self, targets: Iterable[str]) -> list[int]:
-        """The shards whose models hold any of `targets` (what a deletion must retrain)."""
-        return [d.shard for d in plan_deletion(self.manifest.layout(), set(targets))]
+        """The shards whose models hold any of `targets` (what a deletion must retrain).
+        The record -> shard table is built once per manifest object, like the resolver."""
+        if self._shard_of is None or self._shard_of[0] is not self.manifest:
+            self._shard_of = (self.manifest, {rid: s.shard for s in self.manifest.shards for sl in s.slices
+                                               for rid in sl.ids})
+        where = self._shard_of[1]
+        return sorted({where[t] for t in targets if t in where})
 
     def quarantine_of(self, targets: Iterable[str]) -> list[int]:
         """What may not answer predictions once the deletion of `targets` is acknowledged."""

@@ -77,16 +77,18 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.02):
 
 
 def queue(store_dir: str, run: str) -> dict[str, dict]:
-    """The run's queued requests as stored: request id -> entry."""
+    """The run's queued requests as stored: request id -> entry (out of their groups)."""
     out = {}
     folder = os.path.join(store_dir, run, "queue")
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         if name.endswith(".json"):
             try:
                 with open(os.path.join(folder, name)) as f:
-                    out[name[:-5]] = json.load(f)
+                    group = json.load(f)
             except (OSError, ValueError):
                 continue  # finished (or being replaced) while listed
+            for entry in group.get("requests", [group]):
+                out[entry.get("request_id", name[:-5])] = entry
     return out
 
 

@@ -67,11 +67,11 @@ def _measured_batches(log, records_before):
     """Per batch (in order): requests, retrain fraction, seconds, examples trained."""
     batches, seen = [], set()
     for req in sorted(log["requests"], key=lambda r: r["request_id"]):
-        key = tuple(req["batch"])
+        key = req["batch_id"]
         if key not in seen:
             seen.add(key)
-            batches.append({"size": len(key), "fraction": req["retrain_fraction"], "seconds": req["seconds"],
-                            "deleted": sum(r["records_deleted"] for r in log["requests"] if r["request_id"] in key)})
+            batches.append({"size": req["batch_size"], "fraction": req["retrain_fraction"], "seconds": req["seconds"],
+                            "deleted": sum(r["records_deleted"] for r in log["requests"] if r["batch_id"] == key)})
     left = records_before
     for b in batches:  # a receipt's fraction is of one training over the records left after it
         left -= b["deleted"]

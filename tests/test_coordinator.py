@@ -32,7 +32,7 @@ def test_request_is_logged_before_it_is_acknowledged_and_forgotten_after(trained
     store, run = trained
     coord = Coordinator(store, "r")
     rid = coord.submit(ids=["r0003"], owners=["owner007"])
-    entry = json.loads(store.get(f"r/queue/{rid}.json"))  # durable at acknowledgement
+    (entry,) = json.loads(store.get(f"r/queue/{rid}.json"))["requests"]  # durable at acknowledgement
     assert entry["status"] == "pending" and entry["ids"] == ["r0003"] and entry["owners"] == ["owner007"]
     assert sorted(entry["units"]) == sorted(run.units_of(["r0003", "r0007"]))  # quarantined from now on
     done = coord.apply_due()
@@ -66,7 +66,7 @@ def test_window_batches_requests_and_receipts_are_per_request(trained):
     done = coord.apply_due(now=1e12)
     assert sorted(r.request_id for r in done) == sorted([a, b])
     ra, rb = coord.get(a), coord.get(b)
-    assert ra.batch == rb.batch == sorted([a, b])
+    assert ra.batch_id == rb.batch_id == min(a, b) and ra.batch_size == rb.batch_size == 2
     assert ra.records_deleted == 1 and rb.records_deleted == 2
     assert ra.version == rb.version == 2  # one deletion for the whole batch
 

@@ -260,8 +260,8 @@ def test_read_only_commands_never_lock_or_apply_and_serve_withholds(served, tmp_
         assert status == 202
         state["deleted"].add(victim)
         rid = out["request_id"]
-        entry = store.get(f"r/queue/{rid}.json")
-        shard = json.loads(entry)["units"][0]
+        entry = store.get(f"r/queue/{rid}.json")  # a group of one: it came alone
+        shard = json.loads(entry)["requests"][0]["units"][0]
         status, answer = http(url, "/predict", {"texts": ["great fun"]})
         assert status == 200 and answer["quarantined"] == [shard] and shard not in answer["shards"]
         out = run_cli("predict", "--run", "r", "--store", state["store"], "--input", str(texts), "--json",

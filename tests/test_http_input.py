@@ -35,7 +35,7 @@ class FakeCoordinator:
     def __init__(self):
         self.calls, self.fail = [], None
         self.predict = _Remote(lambda texts, aggregate, wait: self._do("predict", texts, wait))
-        self.submit = _Remote(lambda ids, owners, ignore: self._do("submit", ids, owners, ignore))
+        self.submit_bulk = _Remote(lambda bulks: [[self._do("submit", *req) for req in bulk] for bulk in bulks])
         self.get = _Remote(lambda request_id: self._do("get", request_id))
 
     def _do(self, what, *args):
@@ -64,7 +64,12 @@ def server(ingress_class):
         out = await coordinator.predict.remote(texts, "vote", wait)
         return {**out, "predictions": out["predictions"][:len(texts)]}
 
+    async def delete(bulk):  # likewise: one POST /delete, one batch
+        (out,) = await coordinator.submit_bulk.remote([bulk])
+        return out
+
     ingress._predict = predict
+    ingress._delete = delete
     return ingress, coordinator
 
 
@@ -238,7 +243,7 @@ def test_errors_from_behind_the_server_never_name_the_store_nor_echo_much(server
         assert status == 400 and "secret" not in out["error"], out
     store = "/srv/secret place/unlearn-store"
     ingress = ingress_class(coordinator, "vote", store)
-    ingress._predict = server[0]._predict
+    ingress._predict, ingress._delete = server[0]._predict, server[0]._delete
     server = (ingress, coordinator)
     cases = [
         (UnlearnError(f"store {store}: cannot write r/queue/1.json: No space left on device"), 400,
@@ -348,6 +353,28 @@ def test_a_body_that_stalls_or_trickles_is_408_and_closes(server, monkeypatch):
     status, out, _ = call(server, "POST", "/predict", raw=b"", length="900000", sent=gone)
     assert (status, out["error"]) == (400, "the client went away before the body was complete")
     assert coordinator.calls == []
+
+
+def test_a_bulk_of_deletions_is_one_call_and_its_errors_name_the_request(server):
+    _ingress, coordinator = server
+    status, out, _ = call(server, "POST", "/delete", {"requests": [{"ids": ["r1", "r2"]}, {"owners": ["o 1"]},
+                                                                   {"ids": ["r3"], "ignore_missing": True}]})
+    assert status == 202 and len(out["request_ids"]) == 3 and set(out) == {"request_ids"}
+    assert coordinator.calls == [("submit", ["r1", "r2"], [], False), ("submit", [], ["o 1"], False),
+                                 ("submit", ["r3"], [], True)]
+    for body, message in [
+        ({"requests": []}, "'requests' must be a non-empty list of deletion requests (got an empty list)"),
+        ({"requests": {"ids": ["a"]}}, "'requests' must be a non-empty list of deletion requests (got an object)"),
+        ({"requests": [{"ids": ["a"]}, "b"]}, "'requests'[1] must be an object (a deletion request), not a string"),
+        ({"requests": [{"ids": ["a"]}, {"ids": ["a\tb"]}]}, "'requests'[1]: 'ids'[0] "),
+        ({"requests": [{"ids": ["a"], "owners": ["o"]}]}, "'requests'[0]: a deletion request takes 'ids' or 'owners'"),
+        ({"requests": [{"ids": ["a"]}], "ids": ["b"]}, "unknown field \"ids\""),
+        ({"requests": [{"ids": ["a"]}] * 1001}, "1001 deletion requests, more than the 1000 a bulk may carry"),
+        ({"requests": [{"ids": [f"r{i}" for i in range(5000)]}] * 3}, "more than the 10000 ids and owners a bulk"),
+    ]:
+        status, out, _ = call(server, "POST", "/delete", body)
+        assert status == 400 and message in out["error"], (body if len(json.dumps(body)) < 200 else message, out)
+    assert len(coordinator.calls) == 3  # nothing of a refused bulk reached the coordinator
 
 
 # -- the pure parts ----------------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_a_deletion_that_fails_on_damage_keeps_its_request_and_quarantine_until_
     assert main(["delete", "--run", "r", "--store", str(store_dir), "--ids", victim, "--quiet"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("unlearn: error")]
     assert len(err) == 1 and shard.checkpoints[0] in err[0] and "--retry-failed" in err[0], err
-    (entry,) = [json.loads(store.get(k)) for k in store.list("r/queue/")]
+    (entry,) = [e for k in store.list("r/queue/") for e in json.loads(store.get(k))["requests"]]
     assert entry["status"] == "failed" and entry["ids"] == [victim] and entry["units"] == [0]
     texts = tmp_path / "t.txt"
     texts.write_text("great fun\n")
