@@ -382,7 +382,7 @@ def _with_warm(args, store, st: dict) -> dict:
     """On the cluster of `unlearn up`: the status plus the run's warm coordinator there
     (`"cluster": {"address", "coordinator_pid"}`, the pid None when none runs). Nothing is
     started or created for it."""
-    if not args.detached:
+    if not args.on_up:
         return st
     from cluster.runtime import coordinator_pid, init_ray
 
@@ -402,7 +402,7 @@ def _warm_text(st: dict) -> str:
 def _stop_warm_coordinator(args, store) -> None:
     """`drop` on the cluster of `unlearn up`: the run's warm coordinator and shard actors go
     too (they would hold CPUs for a run that no longer exists)."""
-    if not args.detached:
+    if not args.on_up:
         return
     from cluster.runtime import init_ray, stop_coordinator
 
@@ -436,10 +436,12 @@ def _delete(args, store, run, progress: bool) -> dict:
     if args.runtime == "ray":
         from cluster.runtime import coordinator_actor, ray_get, wait_request
 
-        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address, detached=args.detached)
+        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address, detached=args.on_up)
         request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
         print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
         req = wait_request(handle, request_id, on_busy=waiting)
+        if args.on_up:  # the coordinator stays: let it load every shard's model for the next deletion
+            ray_get(handle.warm_in_background.remote())
     else:
         from cluster.coordinator import Coordinator
 
@@ -516,7 +518,7 @@ def _resume(args, store, run, progress: bool) -> int:
         from cluster.runtime import coordinator_actor, ray_get
 
         handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus, address=args.address,
-                                   detached=args.detached)
+                                   detached=args.on_up)
         told = False
         while ray_get(handle.pending.remote()):
             who = ray_get(handle.busy.remote())
@@ -852,7 +854,7 @@ def run_command(args) -> int:
         return run(args)
     from cluster.up_cli import attach
 
-    args.detached = attach(args) if hasattr(args, "runtime") or args.command in ("status", "drop") else False
+    args.on_up = attach(args) if hasattr(args, "runtime") or args.command in ("status", "drop") else False
     from core.records import quote
     from core.sources import load_records
     from cluster.runtime import make_executor

@@ -148,7 +148,8 @@ def fit_problem(n: int, cpus: float, gpus: float, free: dict, total: dict) -> tu
                 f"pass {option} {actor_share(total.get(k, 0.0), n):g} or less"), True
     held = " and ".join(f"{total.get(k, 0.0) - free.get(k, 0.0):g} {k}s" for k in kinds)
     return (f"{want} do not fit in the Ray cluster's free {have}: other actors on it hold {held} "
-            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them"), False
+            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them "
+            f"(`unlearn down` stops the runs kept warm on the cluster of `unlearn up`)"), False
 
 
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
@@ -610,6 +611,20 @@ def _coordinator_actor_class():
                 if wait:
                     for ref in refs:
                         ray_get(ref)
+
+        def warm_in_background(self) -> None:
+            """Start every shard actor and load its model in a thread of this actor, and
+            return at once: after a CLI delete on the cluster of `unlearn up` the next one
+            finds its shard warm, whichever it is. A failure (no room on the cluster) is only
+            logged: a later command creates what it needs, or says why it cannot."""
+            def warm() -> None:
+                try:
+                    self.warm(wait=True)
+                except Exception as exc:
+                    print(f"unlearn: warning: run {self.run_name}: shard models not preloaded ({one_line(exc)})",
+                          file=sys.stderr, flush=True)
+
+            threading.Thread(target=warm, name="unlearn-warm", daemon=True).start()
 
         def submit(self, ids: list[str], owners: list[str], ignore_missing: bool = False) -> str:
             return self.coordinator.submit(ids, owners, ignore_missing)

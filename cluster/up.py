@@ -281,11 +281,14 @@ def _identify(p) -> tuple[int, float]:
 
 
 def processes(state: ClusterState) -> list:
-    """The live processes of the cluster: those of its session started after it, those whose
-    command line names its temp dir, the recorded ones still the same processes, and every
-    descendant of these (the workers)."""
+    """The live processes of the cluster: those of its session started after it (Ray's, by
+    their command line), those whose command line names its temp dir, the recorded ones
+    still the same processes, and every descendant of these (the workers). None after a
+    reboot: a session id or pid of then may name another process now."""
     import psutil
 
+    if psutil.boot_time() > state.started:  # the machine rebooted since: nothing of it runs
+        return []
     recorded = dict(state.pids)
     roots = {}
     for p in psutil.process_iter(["cmdline", "create_time"]):

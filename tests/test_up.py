@@ -62,6 +62,12 @@ def test_a_state_file_up_did_not_write_is_refused_with_the_reason(tmp_path, chan
         up.parse_state(json.dumps(a_state(tmp_path, **change)), tmp_path)
 
 
+def test_down_after_a_reboot_stops_nothing(tmp_path):
+    """The recorded session id and pids may name other processes after a reboot."""
+    state = up.parse_state(json.dumps(a_state(tmp_path, session=os.getsid(0), pids=[[os.getpid(), 1.0]])), tmp_path)
+    assert up.processes(state) == []  # started in 2001, before this boot
+
+
 def test_read_state_says_none_for_no_file_and_why_for_a_bad_one(tmp_path):
     assert up.read_state(tmp_path) == (None, None)
     (tmp_path / up.STATE).write_text("{not json")
