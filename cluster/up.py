@@ -213,6 +213,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    """Fail at once when the port is taken (Ray's GCS would retry for most of a minute,
+    then point at a log file)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UnlearnError(f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror}); choose another "
+                               f"or leave --port out (a free one)") from None
+
+
 def ray_start_command(temp: str, port: int, num_cpus: int, object_store_mb: int) -> list[str]:
     """`ray start --head` on loopback. The ports Ray would otherwise fix (its client server's
     10001, its dashboard agent's 52365) are free ones, so that another Ray of the machine
@@ -249,6 +260,8 @@ def start(where: Path, num_cpus: int, port: int | None) -> ClusterState:
     import tempfile
 
     prepare_home(where)
+    if port is not None:
+        check_port_free(port)
     token_file = where / TOKEN
     token_file.unlink(missing_ok=True)
     _write_private(token_file, secrets.token_hex(32))

@@ -114,7 +114,17 @@ def test_down_with_nothing_up_says_one_line_and_up_refuses_bad_input_before_star
     code, _out, err = cli_in_process(["up", "--store", str(tmp_path / "s"), "--run", "nope"], capsys)
     assert code == 1 and len(err) == 1 and "not found" in err[0], err
     assert not (tmp_path / "home" / up.STATE).exists()
-    (tmp_path / "home").mkdir()
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _out, err = cli_in_process(["up", "--port", str(port)], capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"unlearn: error: --port {port}: 127.0.0.1:{port} is in "
+                                                             f"use ("), err
+    assert not (tmp_path / "home" / up.STATE).exists() and not (tmp_path / "home" / up.TOKEN).exists()
+    (tmp_path / "home").mkdir(exist_ok=True)
     (tmp_path / "home" / up.STATE).write_text("[]")
     code, _out, err = cli_in_process(["down"], capsys)
     assert code == 0 and len(err) == 1 and "not a version 1 state object; removed it" in err[0], err
