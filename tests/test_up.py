@@ -211,7 +211,6 @@ def test_up_train_delete_twice_status_down(tmp_path):
         assert proc.returncode == code, proc.stderr
         return proc
 
-    t0 = time.monotonic()
     proc = cli("up", "--num-cpus", "2", "--json")
     state, problem = up.read_state(uhome)
     try:
@@ -249,6 +248,12 @@ def test_up_train_delete_twice_status_down(tmp_path):
         assert not exposed, exposed
         assert not any(token in " ".join(p.cmdline()) for p in procs)
         assert not (home / ".ray").exists()  # Ray's default token file (mode 644) was never written
+        for root, _dirs, files in os.walk(state.temp_dir):  # Ray's logs and session files
+            for f in files:
+                path = os.path.join(root, f)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as fh:
+                        assert token.encode() not in fh.read(), path
         _refuses_a_client_without_the_token(state.address, token)
     finally:
         down = cli("down")
@@ -256,7 +261,6 @@ def test_up_train_delete_twice_status_down(tmp_path):
     assert ray_processes(state.temp_dir, state.session) == []
     assert not os.path.exists(state.temp_dir) and not (uhome / up.STATE).exists() and not (uhome / up.TOKEN).exists()
     assert cli("down").stderr == "unlearn: no Ray cluster started by `unlearn up` (nothing to stop)\n"
-    assert time.monotonic() - t0 < 200
 
 
 def _refuses_a_client_without_the_token(address: str, token: str) -> None:
