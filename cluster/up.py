@@ -15,6 +15,7 @@ names a cluster that no longer answers with our token, is ignored with a note.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,6 +124,21 @@ def prepare_home(where: Path) -> None:
         raise UnlearnError(f"{where} belongs to another user; set UNLEARN_HOME to a folder of your own")
     if st.st_mode & 0o077:
         os.chmod(where, 0o700)
+
+
+@contextlib.contextmanager
+def home_lock(where: Path):
+    """One `up` or `down` at a time per $UNLEARN_HOME: two `up` at once would start two
+    clusters and record one (the other would run on, unrecorded)."""
+    import fcntl
+
+    prepare_home(where)
+    fd = os.open(where / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_private(path: Path, data: str) -> None:
@@ -269,28 +285,51 @@ def start(where: Path, num_cpus: int, port: int | None) -> ClusterState:
     port = port or free_port()
     object_store_mb = int(os.environ.get("UNLEARN_OBJECT_STORE_MB", "512"))
     started = time.time() - 1.0  # create times are rounded; a margin keeps `ray start` itself in
-    proc = subprocess.Popen(ray_start_command(temp, port, num_cpus, object_store_mb), env=ray_environment(token_file),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
+    try:
+        proc = subprocess.Popen(ray_start_command(temp, port, num_cpus, object_store_mb),
+                                env=ray_environment(token_file), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        clear_state(where)
+        raise UnlearnError(f"cannot start a Ray cluster: {exc.strerror or exc}") from None
     state = ClusterState(address=f"127.0.0.1:{port}", token_file=str(token_file), temp_dir=temp,
                          session=proc.pid, started=started, num_cpus=num_cpus)
     try:
-        out, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out = "ray start took more than 180 s"
-    if proc.returncode != 0:
+        _wait_started(proc)
+        state = ClusterState(**{**asdict(state), "pids": _identify(processes(state))})
+        write_state(where, state)
+    except BaseException:  # a failed start, Ctrl-C: leave nothing behind
         stop(state)
         clear_state(where)
-        lines = [line for line in (out or "").splitlines() if line.strip()]
-        raise UnlearnError(f"cannot start a Ray cluster: {(lines or ['ray start failed'])[-1].strip()}")
-    state = ClusterState(**{**asdict(state), "pids": tuple(_identify(p) for p in processes(state))})
-    write_state(where, state)
+        raise
     return state
 
 
-def _identify(p) -> tuple[int, float]:
-    return p.pid, p.create_time()
+def _wait_started(proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    """Wait for `ray start` to return; its last line is the error when it failed."""
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise UnlearnError(f"cannot start a Ray cluster: ray start took more than {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (out or "").splitlines() if line.strip()]
+        raise UnlearnError(f"cannot start a Ray cluster: {(lines or ['ray start failed'])[-1]}")
+
+
+def _identify(procs: list) -> tuple:
+    """(pid, create time) of each process still there."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            out.append((p.pid, p.create_time()))
+        except psutil.Error:
+            pass
+    return tuple(out)
 
 
 def processes(state: ClusterState) -> list:

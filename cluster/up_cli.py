@@ -60,18 +60,17 @@ def _summary(state: up.ClusterState, where) -> dict:
 
 
 def run(args) -> int:
-    if args.command == "up":
-        return up_command(args)
-    if args.command == "down":
-        return down_command(args)
-    raise AssertionError(args.command)
+    """`up` or `down`, one at a time per $UNLEARN_HOME."""
+    command = {"up": up_command, "down": down_command}[args.command]
+    if args.command == "up" and args.store is not None and not args.run:
+        raise opt.OptionError("--store", "is for --run (the runs to start warm)")
+    with up.home_lock(up.home()):
+        return command(args)
 
 
 def up_command(args) -> int:
     from core.store import open_store
 
-    if args.store is not None and not args.run:
-        raise opt.OptionError("--store", "is for --run (the runs to start warm)")
     where = up.home()
     store = None
     if args.run:  # fail before anything starts: a run that is not there
