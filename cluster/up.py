@@ -272,12 +272,31 @@ def ray_environment(token_file: Path) -> dict:
 def start(where: Path, num_cpus: int, port: int | None) -> ClusterState:
     """Start the head, record it, and return its state. On any failure nothing is left:
     no process, no temp dir, no token, no state file."""
-    import secrets
-    import tempfile
-
     prepare_home(where)
     if port is not None:
         check_port_free(port)
+    for attempt in range(1, STARTS + 1):
+        try:
+            return _launch(where, num_cpus, port)
+        except SlowStart as exc:
+            if attempt == STARTS:
+                raise UnlearnError(f"cannot start a Ray cluster: {exc} (tried {STARTS} times; is the machine "
+                                   f"overloaded?)") from None
+    raise AssertionError("unreachable")
+
+
+STARTS = 2  # Ray gives its raylet 30 s to register (fixed): on a busy machine a second try often works
+
+
+class SlowStart(Exception):
+    """`ray start` gave up waiting for its own raylet."""
+
+
+def _launch(where: Path, num_cpus: int, port: int | None) -> ClusterState:
+    """One `ray start`; on failure nothing of it is left."""
+    import secrets
+    import tempfile
+
     token_file = where / TOKEN
     token_file.unlink(missing_ok=True)
     _write_private(token_file, secrets.token_hex(32))
@@ -316,7 +335,10 @@ def _wait_started(proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
         raise UnlearnError(f"cannot start a Ray cluster: ray start took more than {timeout_s:.0f} s") from None
     if proc.returncode != 0:
         lines = [line.strip() for line in (out or "").splitlines() if line.strip()]
-        raise UnlearnError(f"cannot start a Ray cluster: {(lines or ['ray start failed'])[-1]}")
+        last = (lines or ["ray start failed"])[-1]
+        if "timed out during startup" in last:
+            raise SlowStart(last.removeprefix("Exception: "))
+        raise UnlearnError(f"cannot start a Ray cluster: {last}")
 
 
 def _identify(procs: list) -> tuple:

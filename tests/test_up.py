@@ -68,6 +68,23 @@ def test_down_after_a_reboot_stops_nothing(tmp_path):
     assert up.processes(state) == []  # started in 2001, before this boot
 
 
+def test_a_raylet_too_slow_to_register_is_tried_once_more(tmp_path, monkeypatch):
+    """Ray gives its raylet a fixed 30 s; on a busy machine (load average 22 here) one start failed."""
+    tries = []
+
+    def launch(where, num_cpus, port):
+        tries.append(port)
+        if len(tries) < 3:
+            raise up.SlowStart("The current node timed out during startup.")
+        return "started"
+
+    monkeypatch.setattr(up, "_launch", launch)
+    with pytest.raises(up.UnlearnError, match=r"^cannot start a Ray cluster: The current node timed out during "
+                                              r"startup. \(tried 2 times; is the machine overloaded\?\)$"):
+        up.start(tmp_path, 2, None)
+    assert up.start(tmp_path, 2, None) == "started" and len(tries) == 3
+
+
 def test_read_state_says_none_for_no_file_and_why_for_a_bad_one(tmp_path):
     assert up.read_state(tmp_path) == (None, None)
     (tmp_path / up.STATE).write_text("{not json")
