@@ -45,7 +45,8 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
                        help="ray: one actor per shard, shards in parallel (default; $UNLEARN_RUNTIME); "
                             "local: every shard in this process, one after another")
         p.add_argument("--address", default=None,
-                       help="join this Ray cluster (default $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
+                       help="join this Ray cluster (default $RAY_ADDRESS, else the one `unlearn up` started if it "
+                            "answers, else start a local Ray on 127.0.0.1)")
         p.add_argument("--actor-cpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_CPUS, above=True), default=None,
                        help="CPUs reserved per shard actor (default: the cluster's CPUs / S, at most 1)")
         p.add_argument("--actor-gpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_GPUS, above=True), default=None,
