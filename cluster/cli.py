@@ -45,7 +45,8 @@ def _common(p: argparse.ArgumentParser, json_help: str = "print JSON on stdout",
                        help="ray: one actor per shard, shards in parallel (default; $UNLEARN_RUNTIME); "
                             "local: every shard in this process, one after another")
         p.add_argument("--address", default=None,
-                       help="join this Ray cluster (default $RAY_ADDRESS, else start a local Ray on 127.0.0.1)")
+                       help="join this Ray cluster (default $RAY_ADDRESS, else the one `unlearn up` started if it "
+                            "answers, else start a local Ray on 127.0.0.1)")
         p.add_argument("--actor-cpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_CPUS, above=True), default=None,
                        help="CPUs reserved per shard actor (default: the cluster's CPUs / S, at most 1)")
         p.add_argument("--actor-gpus", type=opt.bounded(float, 0, opt.MAX_ACTOR_GPUS, above=True), default=None,
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.capacity.commands import add_parsers as add_capacity_parsers
 
     add_capacity_parsers(sub)  # profile, plan
+    from cluster.up_cli import add_parsers as add_up_parsers
+
+    add_up_parsers(sub)  # up, down
     return parser
 
 
@@ -375,6 +379,39 @@ def _with_queue(store, st: dict) -> dict:
     return st
 
 
+def _with_warm(args, store, st: dict) -> dict:
+    """On the cluster of `unlearn up`: the status plus the run's warm coordinator there
+    (`"cluster": {"address", "coordinator_pid"}`, the pid None when none runs). Nothing is
+    started or created for it."""
+    if not args.on_up:
+        return st
+    from cluster.runtime import coordinator_pid, init_ray
+
+    init_ray(args.address)
+    st["cluster"] = {"address": args.address, "coordinator_pid": coordinator_pid(store, args.run)}
+    return st
+
+
+def _warm_text(st: dict) -> str:
+    if "cluster" not in st:
+        return ""
+    pid = st["cluster"]["coordinator_pid"]
+    return (f"\n  on the cluster of `unlearn up` at {st['cluster']['address']}: "
+            + (f"coordinator warm (pid {pid})" if pid else "no coordinator yet (the next delete starts one)"))
+
+
+def _stop_warm_coordinator(args, store) -> None:
+    """`drop` on the cluster of `unlearn up`: the run's warm coordinator and shard actors go
+    too (they would hold CPUs for a run that no longer exists)."""
+    if not args.on_up:
+        return
+    from cluster.runtime import init_ray, stop_coordinator
+
+    init_ray(args.address)
+    if stop_coordinator(store, args.run) and not args.quiet:
+        print(f"unlearn: stopped run {args.run}'s coordinator on the cluster of `unlearn up`", file=sys.stderr)
+
+
 def _queue_text(st: dict) -> str:
     if not st["queued_requests"]:
         return ""
@@ -400,10 +437,12 @@ def _delete(args, store, run, progress: bool) -> dict:
     if args.runtime == "ray":
         from cluster.runtime import coordinator_actor, ray_get, wait_request
 
-        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address)
+        handle = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address, detached=args.on_up)
         request_id = ray_get(handle.submit.remote(ids, owners, args.ignore_missing))
         print(f"unlearn: request {request_id} accepted (durable); applying", file=sys.stderr, flush=True)
         req = wait_request(handle, request_id, on_busy=waiting)
+        if args.on_up:  # the coordinator stays: let it load every shard's model for the next deletion
+            ray_get(handle.warm_in_background.remote())
     else:
         from cluster.coordinator import Coordinator
 
@@ -479,7 +518,8 @@ def _resume(args, store, run, progress: bool) -> int:
 
         from cluster.runtime import coordinator_actor, ray_get
 
-        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus, address=args.address)
+        handle = coordinator_actor(store, args.run, actor_cpus=args.actor_cpus, address=args.address,
+                                   detached=args.on_up)
         told = False
         while ray_get(handle.pending.remote()):
             who = ray_get(handle.busy.remote())
@@ -782,8 +822,8 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, report, text)
         return 0 if report["exact"] else 3
     if args.command == "status":
-        st = _with_queue(store, run.status())
-        _emit(args, st, _erase_status_text(st) + _queue_text(st))
+        st = _with_warm(args, store, _with_queue(store, run.status()))
+        _emit(args, st, _erase_status_text(st) + _queue_text(st) + _warm_text(st))
         return 0
     if args.command == "predict":
         return _predict(args, store, run)
@@ -809,6 +849,13 @@ def run_command(args) -> int:
         from cluster.capacity.commands import run
 
         return run(args)
+    if args.command in ("up", "down"):
+        from cluster.up_cli import run
+
+        return run(args)
+    from cluster.up_cli import attach
+
+    args.on_up = attach(args) if hasattr(args, "runtime") or args.command in ("status", "drop") else False
     from core.records import quote
     from core.sources import load_records
     from cluster.runtime import make_executor
@@ -864,6 +911,7 @@ def run_command(args) -> int:
                 _emit(args, {"run": args.run, "dropped_objects": 0}, f"run {args.run} does not exist; nothing to drop")
                 return 0
             raise UnlearnError(f"run {quote(args.run)} not found in store {store.uri}")
+        _stop_warm_coordinator(args, store)
         n = SisaRun.drop(store, args.run)
         _emit(args, {"run": args.run, "dropped_objects": n}, f"dropped run {args.run}: {n} objects purged")
         return 0
@@ -914,8 +962,8 @@ def run_command(args) -> int:
     if args.command == "resume":
         return _resume(args, store, run, progress)
     if args.command == "status":
-        st = _with_queue(store, run.status())
-        _emit(args, st, _status_text(st) + _queue_text(st))
+        st = _with_warm(args, store, _with_queue(store, run.status()))
+        _emit(args, st, _status_text(st) + _queue_text(st) + _warm_text(st))
         return 0
     if args.command == "predict":
         return _predict(args, store, run)

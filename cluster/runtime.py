@@ -11,6 +11,7 @@ needs the store (a shared directory, or S3 with AWS_* set on the nodes).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -147,7 +148,8 @@ def fit_problem(n: int, cpus: float, gpus: float, free: dict, total: dict) -> tu
                 f"pass {option} {actor_share(total.get(k, 0.0), n):g} or less"), True
     held = " and ".join(f"{total.get(k, 0.0) - free.get(k, 0.0):g} {k}s" for k in kinds)
     return (f"{want} do not fit in the Ray cluster's free {have}: other actors on it hold {held} "
-            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them"), False
+            f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them "
+            f"(`unlearn down` stops the runs kept warm on the cluster of `unlearn up`)"), False
 
 
 def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: float = 60.0) -> None:
@@ -567,6 +569,10 @@ def _coordinator_actor_class():
             from core.stored_run import run_method
 
             store = open_store(store_uri)
+            self.store, self.run_name = store, run
+            # what this incarnation was built for: a run dropped and trained again under the
+            # same name (another config) must not be served or applied with this one's
+            self.identity = run_identity(store, run)
             self.method = run_method(store, run)
             if self.method == "erase":
                 from erase.run import EraseRun
@@ -575,28 +581,57 @@ def _coordinator_actor_class():
                 self.run = EraseRun.open(store, run)
                 self.run.pool = erase_pool(store, run, self.run.config, actor_cpus)
                 self.answers = InContextAnswers(store)
-                factory = lambda: self.run  # noqa: E731
+                factory = lambda: self._current(self.run)  # noqa: E731
             else:
                 from sisa.run import SisaRun
 
                 config = SisaRun.read_head(store, run).config
                 self.executor = RayExecutor(store, run, config, actor_cpus=actor_cpus)
-                factory = lambda: SisaRun.open(store, run, self.executor)  # noqa: E731
+                factory = lambda: self._current(SisaRun.open(store, run, self.executor))  # noqa: E731
             # a restarted incarnation finds the lock of the one that died (a dead process on
             # this machine, or a silent heartbeat elsewhere) and takes it over
             self.coordinator = Coordinator(store, run, run_factory=factory, window_s=window_s)
             self.loop = CoordinatorLoop(self.coordinator)
 
+        def _current(self, run):
+            """`run`, if it is still the run this coordinator was built for; else a transient
+            error (the request stays queued; the next command replaces this actor)."""
+            if run_identity(self.store, self.run_name) != self.identity:
+                raise UnlearnError(f"run {self.run_name} was trained again since its coordinator started; "
+                                   f"the next command replaces the coordinator")
+            return run
+
         def pid(self) -> int:
             return os.getpid()
 
-        def warm(self) -> None:
-            """Start every shard actor and load its model, without waiting (for serve)."""
+        def built_for(self) -> str:
+            """The identity of the run this coordinator was built for (`run_identity`)."""
+            return self.identity
+
+        def warm(self, wait: bool = False) -> None:
+            """Start every shard actor and load its model; without waiting (serve), or
+            until every model is loaded (`unlearn up --run`)."""
             if self.method == "sisa":
                 shards = range(self.executor.config.shards)
                 self.executor._ensure(list(shards))
-                for k in shards:
-                    self.executor.actor(k).warm.remote()
+                refs = [self.executor.actor(k).warm.remote() for k in shards]
+                if wait:
+                    for ref in refs:
+                        ray_get(ref)
+
+        def warm_in_background(self) -> None:
+            """Start every shard actor and load its model in a thread of this actor, and
+            return at once: after a CLI delete on the cluster of `unlearn up` the next one
+            finds its shard warm, whichever it is. A failure (no room on the cluster) is only
+            logged: a later command creates what it needs, or says why it cannot."""
+            def warm() -> None:
+                try:
+                    self.warm(wait=True)
+                except Exception as exc:
+                    print(f"unlearn: warning: run {self.run_name}: shard models not preloaded ({one_line(exc)})",
+                          file=sys.stderr, flush=True)
+
+            threading.Thread(target=warm, name="unlearn-warm", daemon=True).start()
 
         def submit(self, ids: list[str], owners: list[str], ignore_missing: bool = False) -> str:
             return self.coordinator.submit(ids, owners, ignore_missing)
@@ -647,15 +682,87 @@ def _coordinator_actor_class():
     return CoordinatorActor
 
 
+def run_identity(store: Store, run: str) -> str:
+    """What tells one training of `run` from another under the same name: its method,
+    its configuration and the random salt of its first manifest (kept by every later
+    commit, new on every train). A deletion changes none of them."""
+    from core.keys import sha256_hex
+    from core.stored_run import read_manifest_json
+
+    _key, data = read_manifest_json(store, run)
+    try:
+        m = json.loads(data)
+        return sha256_hex(json.dumps([m.get("method", "sisa"), m["config"], m["salt"]], sort_keys=True).encode())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UnlearnError(f"run {run}: {store.uri}/{_key}: unreadable manifest") from None
+
+
 def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus: float | None = None,
-                      address: str | None = None):
+                      address: str | None = None, detached: bool = False):
     """The run's named coordinator actor, created if no live one exists in this Ray cluster
     (joined or started first, if this process has none yet: never Ray's own implicit start,
-    which would bind no token, print Ray's logs and start its dashboard)."""
+    which would bind no token, print Ray's logs and start its dashboard).
+
+    `detached`: the actor (and the shard actors it owns) outlives this process, for the
+    long-running cluster of `unlearn up`; by default it lives as long as this process. A
+    live coordinator built for an earlier training of the run (dropped and trained again
+    under the same name) is replaced, never used."""
     init_ray(address)
+    handle = _get_or_create_coordinator(store, run, window_s, actor_cpus, detached)
+    if ray_get(handle.built_for.remote()) != run_identity(store, run):
+        _kill_coordinator(store, run, handle)
+        handle = _get_or_create_coordinator(store, run, window_s, actor_cpus, detached)
+    return handle
+
+
+def _get_or_create_coordinator(store: Store, run: str, window_s: float, actor_cpus: float | None, detached: bool):
     cls = _coordinator_actor_class()
-    return cls.options(name=coordinator_name(store, run), namespace=NAMESPACE, get_if_exists=True).remote(
-        store.uri, run, window_s, actor_cpus)
+    options = {"lifetime": "detached"} if detached else {}
+    return cls.options(name=coordinator_name(store, run), namespace=NAMESPACE, get_if_exists=True,
+                       **options).remote(store.uri, run, window_s, actor_cpus)
+
+
+def _kill_coordinator(store: Store, run: str, handle, timeout_s: float = 60.0) -> None:
+    """Kill a coordinator (its shard actors, which it owns, go with it) and wait until its
+    name is free, so that the next get-or-create makes a new one."""
+    import time
+
+    import ray
+
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(coordinator_name(store, run), namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.2)
+    raise UnlearnError(f"the old coordinator of run {run} did not stop within {timeout_s:.0f} s; try again")
+
+
+def stop_coordinator(store: Store, run: str) -> bool:
+    """Kill the run's coordinator on the joined cluster if one runs (`drop` on the cluster
+    of `unlearn up`: a dropped run's warm actors must not hold its CPUs). True if one ran."""
+    import ray
+
+    try:
+        handle = ray.get_actor(coordinator_name(store, run), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    _kill_coordinator(store, run, handle)
+    return True
+
+
+def coordinator_pid(store: Store, run: str) -> int | None:
+    """The pid of the run's live coordinator on the joined cluster, None if none runs
+    (found by name; never created)."""
+    import ray
+
+    try:
+        handle = ray.get_actor(coordinator_name(store, run), namespace=NAMESPACE)
+    except ValueError:
+        return None
+    return ray_get(handle.pid.remote())
 
 
 def wait_request(handle, request_id: str, timeout_s: float = 24 * 3600.0, poll_s: float = 0.2,

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+if TYPE_CHECKING:
+    import torch
 
-State = dict[str, torch.Tensor]
+# torch is imported where a tensor is touched, not here: a command that only reads the
+# store or asks a warm cluster (status, delete against `unlearn up`) should not pay the
+# seconds torch takes to import
+State = dict[str, "torch.Tensor"]
 
 
 def state_digest(state: State) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes, in sorted name order."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
@@ -30,9 +35,13 @@ def state_digest(state: State) -> str:
 
 
 def dump_state(state: State, metadata: dict[str, str]) -> bytes:
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     return st_save(tensors, metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_state(data: bytes) -> State:
+    from safetensors.torch import load as st_load
+
     return dict(st_load(data))

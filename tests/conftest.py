@@ -15,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # logic tests drive the in-process engine; tests of the Ray runtime pass --runtime ray
 os.environ["UNLEARN_RUNTIME"] = "local"
+# never attach to a cluster a developer started with `unlearn up` (a folder nobody creates;
+# tests of `up` set their own)
+os.environ["UNLEARN_HOME"] = os.path.join("/tmp", f"unlearn-test-home-{os.getpid()}-absent")
 
 from core.records import Record  # noqa: E402
 

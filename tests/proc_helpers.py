@@ -192,3 +192,29 @@ def _sid(p) -> int | None:
         return os.getsid(p.pid)
     except OSError:
         return None
+
+
+def ray_processes(marker: str, session: int | None = None) -> list:
+    """Processes of a Ray cluster started in a test: those whose command line names its temp
+    dir `marker` or that belong to the session `session` (`ray start` in a session of its
+    own: its client server names neither), with their descendants."""
+    import psutil
+
+    from cluster.up import with_descendants
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []) or (session is not None and os.getsid(p.pid) == session):
+                roots.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return with_descendants(roots)
+
+
+def stop_cluster(marker: str, deadline_s: float = 60) -> None:
+    """Stop only what our `ray start` started (never `ray stop`, which kills every Ray), in
+    rounds (TERM, then KILL, looking again each time) until none of its processes is left."""
+    from cluster.up import stop_processes
+
+    stop_processes(lambda: ray_processes(marker), deadline_s, term_wait_s=10)

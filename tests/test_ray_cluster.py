@@ -2,7 +2,6 @@
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -10,53 +9,10 @@ import tempfile
 import pytest
 
 from conftest import synthetic_records, write_jsonl
+from proc_helpers import ray_processes, stop_cluster
 
 pytestmark = pytest.mark.integration
 BIN = os.path.dirname(sys.executable)
-
-
-def ray_processes(marker: str) -> list:
-    """Processes of the cluster whose command line names our temp dir, with descendants."""
-    import psutil
-
-    roots = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    found = {p.pid: p for p in roots}
-    for p in roots:
-        try:
-            for child in p.children(recursive=True):
-                found[child.pid] = child
-        except psutil.NoSuchProcess:
-            pass
-
-    def alive(p) -> bool:  # an exited child nobody reaped yet is not running
-        try:
-            return p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    return [p for p in found.values() if alive(p)]
-
-
-def stop_cluster(marker: str, deadline_s: float = 60) -> None:
-    """Stop only what our `ray start` started (never `ray stop`, which kills every Ray).
-
-    In rounds: a raylet that is being stopped can still fork a worker after our snapshot of the
-    process tree (CI once found one such python3 alive right after the kill), and a SIGKILL is
-    not instant; so look again until nothing of the cluster is left or the deadline passes."""
-    import time
-
-    import psutil
-
-    stop = time.monotonic() + deadline_s
-    sig = signal.SIGTERM
-    while (procs := ray_processes(marker)) and time.monotonic() < stop:
-        for p in procs:
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10 if sig == signal.SIGTERM else 5)
-        sig = signal.SIGKILL
 
 
 TOKEN = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # as the README says
