@@ -168,14 +168,20 @@ class Coordinator:
         ids, in order, once durable) or refused whole (the exception, naming the request by
         its index); bulks succeed or fail apart. They join the same group commit as `submit`."""
         mine: list[list[_Intake]] = []
+        refused: dict[int, BaseException] = {}  # bulks refused before the intake (an empty one holds no item)
         todo: list[_Intake] = []
-        for bulk in bulks:
+        for b, bulk in enumerate(bulks):
             items = [_Intake(list(ids), list(owners), bool(im)) for ids, owners, im in bulk]
             for i, item in enumerate(items):
                 item.siblings, item.index = items, i
             empty = next((item for item in items if not item.ids and not item.owners), None)
-            if not items or empty is not None:
-                error = UnlearnError(_in_bulk(items, empty, "a deletion request needs ids or owners"))
+            typed = next((item for item in items
+                          if not all(isinstance(v, str) for v in (*item.ids, *item.owners))), None)
+            if not items or empty is not None or typed is not None:
+                error = UnlearnError(_in_bulk(items, empty or typed, "a deletion request needs ids or owners"
+                                              if typed is None else "ids and owners must be strings; request "
+                                              "not accepted, nothing was deleted"))
+                refused[b] = error
                 for item in items:
                     item.error = error
             else:
@@ -195,9 +201,9 @@ class Coordinator:
                     else:
                         item.done.wait()
         out: list[list[str] | BaseException] = []
-        for items in mine:
-            error = next((item.error for item in items if item.error is not None), None)
-            out.append(error if error is not None or not items else [item.request_id for item in items])
+        for b, items in enumerate(mine):
+            error = refused.get(b) or next((item.error for item in items if item.error is not None), None)
+            out.append(error if error is not None else [item.request_id for item in items])
         return out
 
     def _write_next_group(self) -> None:
@@ -237,20 +243,26 @@ class Coordinator:
         base = max(time.time_ns(), self._last_ns + 1)
         accepted: list[tuple[_Intake, DeletionRequest]] = []
         now = _iso(time.time())
+        units: dict[int, list] = {}
         for item in group:
-            targets, _already, unknown = run.resolve(item.ids, item.owners)
-            if unknown and not item.ignore_missing:
-                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-                error = UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}{more}; "
-                                                                   f"request not accepted, nothing was deleted"))
+            try:  # whatever one request raises refuses its bulk, never the others of the group
+                targets, _already, unknown = run.resolve(item.ids, item.owners)
+                if unknown and not item.ignore_missing:
+                    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                    raise UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}"
+                                                                     f"{more}; request not accepted, nothing was deleted"))
+                units[id(item)] = sorted(run.quarantine_of(targets))
+                item.targets = targets
+            except Exception as exc:
+                error = exc if isinstance(exc, UnlearnError) else UnlearnError(_in_bulk(
+                    item.siblings, item, f"run {quote(self.run)}: request not accepted, nothing was deleted "
+                                         f"({type(exc).__name__}: {exc})"))
                 for sibling in item.siblings:  # its bulk is refused whole
                     sibling.error = sibling.error or error
-                continue
-            item.targets = targets
         for item in group:
             if item.error is None:
                 req = DeletionRequest(request_id=f"{base + len(accepted):020d}-{uuid.uuid4().hex[:8]}", accepted=now,
-                                      ids=item.ids, owners=item.owners, units=sorted(run.quarantine_of(item.targets)),
+                                      ids=item.ids, owners=item.owners, units=units[id(item)],
                                       ignore_missing=item.ignore_missing,
                                       requested={"ids": len(item.ids), "owners": len(item.owners)})
                 accepted.append((item, req))
@@ -416,6 +428,17 @@ class Coordinator:
         for prefix, age in ((f"{self.run}/", 120), (f"{self.run}/requests/", 0)):
             for key in self.store.stale_temporary(prefix, older_than_s=age):
                 self.store.delete(key)
+        # A holder killed between rewriting a group without its finished requests and pruning
+        # the group's older versions left versions naming them; the current version no longer
+        # holds them, so nothing else would ever look again. Only the lock holder rewrites a
+        # group: pruning keeps the current version. A damaged group keeps its versions (an
+        # older one may be what restores it).
+        for key in self.requests.queued_keys():
+            try:
+                self.requests._read_group(key)
+            except (KeyError, ValueError):
+                continue
+            self.store.prune_versions(key)
 
     def discard_damaged(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
         """Remove queue entries that fail their checks (after restoring what can be restored:

@@ -1,0 +1,267 @@
+"""Attacks on the group commit of deletion requests (review of c0c8099): crashes at the
+worst moments of a group's rewrite, many writers at once, the leader hand-off, a run trained
+again under a live coordinator, damaged groups."""
+import json
+import random
+import shutil
+import threading
+import time
+
+import pytest
+
+from cluster.coordinator import Coordinator
+from cluster.requestlog import DeletionRequest, RequestLog, encode_group
+from conftest import synthetic_records
+from core.errors import UnlearnError
+from core.store import LocalStore
+from sisa.config import SisaConfig
+from sisa.run import SisaRun
+
+CFG = SisaConfig(shards=3, slices=2, model="tiny", batch_size=4, max_length=32)
+
+
+class Crash(BaseException):
+    """Stands for kill -9: nothing after it runs in the process that raised it."""
+
+
+class Versioned(LocalStore):
+    """A LocalStore that keeps every overwritten version of a key (as a versioned bucket
+    does) until `prune_versions` or `delete` purges it; `crash_at(pred)` raises Crash
+    the first time pred(op, key) holds."""
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        self.old: dict[str, list[bytes]] = {}
+        self._crash = None
+
+    def crash_at(self, pred):
+        self._crash = pred
+
+    def _maybe_crash(self, op, key):
+        if self._crash is not None and self._crash(op, key):
+            self._crash = None
+            raise Crash(f"{op} {key}")
+
+    def put(self, key, data):
+        self._maybe_crash("put", key)
+        try:
+            self.old.setdefault(key, []).append(super().get(key))
+        except KeyError:
+            pass
+        super().put(key, data)
+
+    def prune_versions(self, key):
+        self._maybe_crash("prune", key)
+        self.old.pop(key, None)
+
+    def delete(self, key):
+        self._maybe_crash("delete", key)
+        self.old.pop(key, None)
+        super().delete(key)
+
+    def every_version(self, prefix: str) -> list[bytes]:
+        out = [v for k, vs in self.old.items() if k.startswith(prefix) for v in vs]
+        return out + [self.get(k) for k in self.list(prefix)]
+
+
+@pytest.fixture(scope="module")
+def trained_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gca")
+    SisaRun.train(LocalStore(str(root / "s")), "r", synthetic_records(40, owners_every=1), CFG)
+    return root / "s"
+
+
+@pytest.fixture
+def store(trained_root, tmp_path):
+    shutil.copytree(trained_root, tmp_path / "s")
+    return Versioned(str(tmp_path / "s"))
+
+
+def _req(i: int, now: int, **kw) -> DeletionRequest:
+    return DeletionRequest(request_id=f"{now + i:020d}-0000000{i}", accepted="2026-01-01T00:00:00+00:00",
+                           ids=[f"r{i:04d}"], units=[0], requested={"ids": 1, "owners": 0}, **kw)
+
+
+# -- 1. kill -9 at the worst moments ------------------------------------------------------
+
+def test_a_crash_between_a_groups_rewrite_and_its_prune_leaves_no_version_naming_a_done_request(store):
+    """finish(): receipt, then the group is rewritten without the request, then its older
+    versions (which name the request's ids) are pruned. Killed between the rewrite and the
+    prune, the next lock holder sees nothing to drop (the current version no longer holds
+    the request) and, when what is left of the group is a failed request, nothing is due:
+    the deleted request's ids stayed in an older version of the queue object."""
+    log = RequestLog(store, "r")
+    now = time.time_ns()
+    failed, done = _req(1, now, status="failed"), _req(2, now)
+    key = log.queue_key(log.append([failed, done]))
+    done.status = "applying"
+    log.update([done])
+    store.crash_at(lambda op, k: op == "prune" and k == key and len(log.queued()[0]) == 1)
+    with pytest.raises(Crash):
+        log.finish([done])
+    assert [r.request_id for r in log.queued()[0]] == [failed.request_id]
+    # the next lock holders: a coordinator's batch (nothing due), then `unlearn resume`
+    coord = Coordinator(store, "r")
+    coord.apply_due()
+    coord.sweep()
+    leaked = [v for v in store.every_version("r/queue/") if b"r0002" in v]
+    assert leaked == [], "an older version of the queue group still names the finished request"
+
+
+def test_a_crash_between_receipts_and_the_group_rewrite_is_cleaned_up_by_the_next_holder(store):
+    coord = Coordinator(store, "r", window_s=0)
+    (ids,) = coord.submit_bulk([[([f"r{i:04d}"], [], False) for i in range(3)]])
+    key = RequestLog(store, "r").queued_keys()[0]
+    store.crash_at(lambda op, k: op in ("put", "delete") and k == key and
+                   len(RequestLog(store, "r").receipt_keys()) == 3)
+    with pytest.raises(Crash):
+        coord.apply_due()
+    assert RequestLog(store, "r").queued_keys() == [key]  # receipts written, group not yet dropped
+    again = Coordinator(store, "r")
+    assert again.apply_due() == []  # nothing applied a second time
+    assert RequestLog(store, "r").queued_keys() == []
+    assert all(again.get(i).status == "done" for i in ids)
+    assert not any(b"r000" in v for v in store.every_version("r/queue/"))
+
+
+def test_a_crash_in_drop_queued_of_a_group_holding_others_loses_none_and_applies_the_rest(store):
+    """The holder finishes one request of a group while another of it stays queued, and is
+    killed in the middle of the rewrite (before the put, after it)."""
+    for where in ("put", "prune"):
+        log = RequestLog(store, "r")
+        now = time.time_ns()
+        a, b = _req(5, now, status="done"), _req(6, now)
+        key = log.queue_key(log.append([a, b]))
+        store.crash_at(lambda op, k: op == where and k == key)
+        with pytest.raises(Crash):
+            log.finish([a])
+        coord = Coordinator(store, "r")
+        done = coord.apply_due()
+        assert [r.request_id for r in done] == [b.request_id]
+        assert coord.get(a.request_id).status == "done" and coord.get(b.request_id).status == "done"
+        assert log.queued_keys() == []
+        assert not [v for v in store.every_version("r/queue/") if b"r0005" in v or b"r0006" in v]
+
+
+# -- 2./3. many writers, the leader hand-off ----------------------------------------------
+
+def test_many_threads_bulks_and_failing_writes_never_hang_and_every_acknowledged_id_is_durable(store, monkeypatch):
+    import cluster.coordinator as coordinator
+
+    monkeypatch.setattr(coordinator, "MAX_GROUP", 4)
+    coord = Coordinator(store, "r", window_s=3600)
+    rng = random.Random(7)
+    real_put = Versioned.put
+
+    def flaky(self, key, data):
+        if "/queue/" in key and rng.random() < 0.2:
+            raise OSError("store timeout")
+        real_put(self, key, data)
+
+    monkeypatch.setattr(Versioned, "put", flaky)
+    results = []
+    lock = threading.Lock()
+
+    def worker(seed):
+        r = random.Random(seed)
+        for _ in range(6):
+            bulks = []
+            for _ in range(r.randint(1, 3)):
+                bulk = [([f"r{r.randrange(40):04d}"], [], False) for _ in range(r.randint(1, 6))]
+                if r.random() < 0.2:
+                    bulk.append((["nope"], [], False))
+                bulks.append(bulk)
+            out = coord.submit_bulk(bulks)
+            with lock:
+                results.extend(zip(bulks, out))
+
+    threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a submitter hangs"
+    monkeypatch.setattr(Versioned, "put", real_put)
+    acked = [i for bulk, out in results if isinstance(out, list) for i in out]
+    for bulk, out in results:
+        if any(ids == ["nope"] for ids, _o, _m in bulk):
+            assert isinstance(out, BaseException)
+        if isinstance(out, list):
+            assert len(out) == len(bulk)
+    assert acked and len(set(acked)) == len(acked)
+    for rid in acked:
+        assert coord.get(rid).status == "pending"
+    done = Coordinator(store, "r").apply_due()
+    finished = {r.request_id for r in done}
+    assert set(acked) <= finished
+    assert coord.submit(ids=["r0001"])  # the front door still works
+
+
+def test_an_empty_bulk_is_refused_not_answered_with_nothing(store):
+    coord = Coordinator(store, "r", window_s=3600)
+    out = coord.submit_bulk([[], [(["r0001"], [], False)]])
+    assert isinstance(out[0], UnlearnError), out
+    assert isinstance(out[1], list)
+
+
+def test_a_hostile_request_in_process_fails_alone(store):
+    """A request whose ids are not strings (the in-process API has no HTTP validation in
+    front) must not fail the other callers' requests written in the same group."""
+    coord = Coordinator(store, "r", window_s=3600)
+    out = coord.submit_bulk([[([["x"]], [], False)], [(["r0001"], [], False)]])
+    assert isinstance(out[1], list), out
+
+
+# -- 4. a run trained again under a live coordinator --------------------------------------
+
+def test_a_run_dropped_and_trained_again_with_another_layout_quarantines_the_new_shard(store):
+    coord = Coordinator(store, "r", window_s=3600)
+    coord.submit(ids=["r0001"])  # the intake caches the run at this HEAD
+    SisaRun.drop(store, "r")
+    cfg = SisaConfig(shards=2, slices=1, model="tiny", batch_size=4, max_length=32, seed=11)
+    SisaRun.train(store, "r", synthetic_records(40, owners_every=1), cfg)
+    fresh = SisaRun.open(store, "r")
+    for i in range(40):
+        rid = coord.submit(ids=[f"r{i:04d}"])
+        assert coord.get(rid).units == fresh.units_of([f"r{i:04d}"])
+
+
+# -- 5. damaged groups ----------------------------------------------------------------------
+
+def _write_raw(store, key, body: dict):
+    from core.keys import sha256_hex
+    from cluster.requestlog import _canonical
+
+    store.put(key, json.dumps({**body, "check": sha256_hex(_canonical(body))}).encode())
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "other-name", "twice", "truncated"])
+def test_a_damaged_group_is_never_applied_withholds_everything_and_is_discarded(store, damage):
+    coord = Coordinator(store, "r", window_s=3600)
+    (ids,) = coord.submit_bulk([[([f"r{i:04d}"], [], False) for i in range(3)]])
+    key = RequestLog(store, "r").queued_keys()[0]
+    data = store.get(key)
+    if damage == "bitflip":
+        store.put(key, data.replace(b'"r0001"', b'"r0002"', 1))
+    elif damage == "truncated":
+        store.put(key, data[: len(data) // 2])
+    else:
+        d = json.loads(data)
+        d.pop("check")
+        if damage == "other-name":
+            d["group"] = ids[1]
+        else:
+            d["requests"].append(d["requests"][0])
+        _write_raw(store, key, d)
+    coord.quarantine.read()
+    assert coord.quarantine.damaged
+    other = Coordinator(store, "r")
+    assert other.apply_due() == []
+    manifest = SisaRun.open(store, "r").manifest
+    assert {"r0000", "r0001", "r0002"} <= set(manifest.owners())  # nothing of it applied
+    with pytest.raises(UnlearnError):
+        coord.get(ids[0])
+    assert other.discard_damaged() == [key]
+    assert RequestLog(store, "r").queued_keys() == []
+    coord.quarantine.read()
+    assert not coord.quarantine.damaged
