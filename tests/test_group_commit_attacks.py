@@ -265,3 +265,89 @@ def test_a_damaged_group_is_never_applied_withholds_everything_and_is_discarded(
     assert RequestLog(store, "r").queued_keys() == []
     coord.quarantine.read()
     assert not coord.quarantine.damaged
+
+
+# -- 2. two submitting processes and an applier, each killed -9 at random --------------------
+
+SUBMITTER = r"""
+import json, random, sys, threading, time
+from cluster.coordinator import Coordinator
+from core.store import LocalStore
+store, seed = LocalStore(sys.argv[1]), int(sys.argv[2])
+coord = Coordinator(store, "r", window_s=3600)
+out = open(sys.argv[3], "a", buffering=1)
+def one(t):
+    r = random.Random(seed * 100 + t)
+    end = time.time() + 10
+    while time.time() < end:
+        ids = [f"r{r.randrange(40):04d}" for _ in range(r.randint(1, 2))]
+        if r.random() < 0.3:
+            got = coord.submit_bulk([[(ids, [], False), ([f"r{r.randrange(40):04d}"], [], False)]])[0]
+        else:
+            try:
+                got = [coord.submit(ids=ids)]
+            except Exception as exc:
+                got = exc
+        if isinstance(got, list):
+            out.write(json.dumps(got) + "\n")  # acknowledged: printed once durable
+        time.sleep(0.1)
+threads = [threading.Thread(target=one, args=(t,)) for t in range(6)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("finished", coord.groups_written, file=sys.stderr)
+"""
+
+APPLIER = r"""
+import sys, time
+from cluster.coordinator import Coordinator
+from core.store import LocalStore
+coord = Coordinator(LocalStore(sys.argv[1]), "r", window_s=0)
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    try:
+        coord.apply_due()
+    except Exception as exc:
+        print("applier:", exc, file=sys.stderr)
+    time.sleep(0.05)
+"""
+
+
+def test_two_submitting_processes_and_an_applier_killed_at_random_lose_nothing_acknowledged(trained_root, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "s"
+    shutil.copytree(trained_root, root)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    acks = tmp_path / "acks.jsonl"
+    rng = random.Random(3)
+    subs = [subprocess.Popen([sys.executable, "-c", SUBMITTER, str(root), str(s), str(acks)], env=env,
+                             stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    applier = subprocess.Popen([sys.executable, "-c", APPLIER, str(root), "600"], env=env)
+    time.sleep(rng.uniform(6, 9))  # imports (~5 s), then submitting and applying
+    subs[1].send_signal(signal.SIGKILL)  # a submitter killed in the middle of its group commits
+    applier.send_signal(signal.SIGKILL)  # and the applier, in a batch or between two
+    subs[0].wait(180)
+    subs[1].wait(10)
+    assert subs[0].returncode == 0, subs[0].stderr.read()
+    store = LocalStore(str(root))
+    coord = Coordinator(store, "r", window_s=0)
+    for _ in range(20):  # the next holder takes the dead applier's lock over and applies the rest
+        coord.apply_due()
+        if not coord.pending():
+            break
+    assert coord.pending() == []
+    acked = [i for line in acks.read_text().splitlines() if line.endswith("]") for i in json.loads(line)]
+    assert len(acked) > 20 and subs[1].returncode == -signal.SIGKILL
+    log = {r.request_id: r for r in coord.log()}  # one read of everything (a get each is slow once compacted)
+    assert not coord.problems
+    for rid in acked:
+        assert log[rid].status == "done", rid
+        assert log[rid].records_deleted + log[rid].already_deleted_count >= 1, rid
+    took_over = sum(any("took over the run lock" in w for w in log[r].warnings) for r in acked)
+    print(f"acked {len(acked)}, applied after a takeover: {took_over}")
+    for rid in rng.sample(acked, 10):  # and by `get`, wherever it is (receipt or day index)
+        assert coord.get(rid).status == "done"
+    assert store.list("r/queue/") == []
