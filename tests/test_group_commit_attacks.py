@@ -351,3 +351,43 @@ def test_two_submitting_processes_and_an_applier_killed_at_random_lose_nothing_a
     for rid in rng.sample(acked, 10):  # and by `get`, wherever it is (receipt or day index)
         assert coord.get(rid).status == "done"
     assert store.list("r/queue/") == []
+
+
+# -- 6. hostile bulk bodies: nothing of a bad bulk is accepted --------------------------------
+
+@pytest.mark.parametrize("body", [
+    {"requests": [{"ids": ["r1"]}, {"ids": ["r2"], "ignore_missing": "yes"}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": ["r2"], "ignore_missing": 1}]},
+    {"requests": [{"ids": ["r1"]}, {"requests": [{"ids": ["r2"]}]}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": [["r2"]]}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": [None]}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": []}]},
+    {"requests": [{"ids": ["r1"]}, {}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": "r2"}]},
+    {"requests": [{"ids": ["r1"]}, {"owners": [""]}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": ["x" * 100_000]}]},
+    {"requests": [{"ids": ["r1"]}, {"ids": ["r\u0000"]}]},
+    {"requests": [{"ids": ["r1"]}] * 1001},
+    {"requests": [{"ids": [f"r{i}" for i in range(5000)]}, {"ids": [f"s{i}" for i in range(5001)]}]},
+    {"requests": [{"ids": [f"r{i}" for i in range(10_001)]}]},
+    {"requests": None},
+    {"requests": "r1"},
+    {"requests": [{"ids": ["r1"]}], "wait": True},
+    {"requests": [[{"ids": ["r1"]}]]},
+])
+def test_a_hostile_bulk_is_refused_whole(body):
+    from cluster.http_api import HttpError, parse_body
+
+    with pytest.raises(HttpError) as exc:
+        parse_body("delete", json.dumps(body).encode())
+    assert exc.value.status == 400 and len(exc.value.message) <= 1000
+
+
+def test_a_bulk_body_nested_too_deep_or_with_a_field_twice_is_refused():
+    from cluster.http_api import HttpError, parse_body
+
+    deep = b'{"requests": [{"ids": ["r1"]}, ' + b"[" * 40 + b"]" * 40 + b"]}"
+    twice = b'{"requests": [{"ids": ["r1"], "ids": ["r2"]}]}'
+    for raw in (deep, twice, b'{"requests": [{"ids": ["r1"]}], "requests": [{"ids": ["r2"]}]}'):
+        with pytest.raises(HttpError):
+            parse_body("delete", raw)
