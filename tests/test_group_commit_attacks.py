@@ -391,3 +391,47 @@ def test_a_bulk_body_nested_too_deep_or_with_a_field_twice_is_refused():
     for raw in (deep, twice, b'{"requests": [{"ids": ["r1"]}], "requests": [{"ids": ["r2"]}]}'):
         with pytest.raises(HttpError):
             parse_body("delete", raw)
+
+
+@pytest.mark.integration
+def test_a_crash_before_a_groups_prune_on_seaweedfs_leaves_no_version_once_the_next_holder_ran(
+        trained_root, seaweedfs, s3_bucket):
+    """As the first test of this file, on a real versioned bucket."""
+    from core.store import open_store
+    from test_store import all_versions
+
+    store = open_store(f"s3://{s3_bucket}/p")
+    local = LocalStore(str(trained_root))
+    for key in local.list("r/"):
+        if "/ckpt/" not in key:  # the queue, the lock and the manifest are what this needs
+            store.put(key, local.get(key))
+    log = RequestLog(store, "r")
+    now = time.time_ns()
+    failed, done = _req(1, now, status="failed"), _req(2, now)
+    key = log.queue_key(log.append([failed, done]))
+    done.status = "applying"
+    log.update([done])
+    real = store.prune_versions
+
+    def crash(k):
+        if k == key:
+            raise Crash(k)
+        real(k)
+
+    store.prune_versions = crash
+    done.status = "done"
+    with pytest.raises(Crash):
+        log.finish([done])
+    store.prune_versions = real
+    client = seaweedfs.client()
+
+    def bodies():
+        return [client.get_object(Bucket=s3_bucket, Key=k, VersionId=v)["Body"].read()
+                for k, v in all_versions(client, s3_bucket) if "/queue/" in k]
+
+    assert any(b"r0002" in b for b in bodies())  # the crash left a version naming it
+    coord = Coordinator(store, "r")
+    assert coord.apply_due() == []  # nothing due: the failed request waits for --retry-failed
+    assert coord.sweep()  # `unlearn resume`
+    assert not any(b"r0002" in b for b in bodies())
+    assert [r.request_id for r in log.queued()[0]] == [failed.request_id]
