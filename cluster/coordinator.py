@@ -238,6 +238,15 @@ class Coordinator:
             self._intake_run = (head, open_run(self.store, self.run))
         return self._intake_run[1]
 
+    def _same_training(self, run) -> bool:
+        """Whether the run now at HEAD is the training `run` was opened at (a commit since is
+        fine: records never move between shards; a new training of the name has a new salt)."""
+        try:
+            now = self._run_for_intake()
+        except Exception:  # noqa: BLE001 (unreadable or gone: not provably the same)
+            return False
+        return (now.manifest.method, now.manifest.salt) == (run.manifest.method, run.manifest.salt)
+
     def _write_group(self, group: list[_Intake]) -> None:
         run = self._run_for_intake()
         base = max(time.time_ns(), self._last_ns + 1)
@@ -269,10 +278,19 @@ class Coordinator:
         self._last_ns = base + len(accepted)
         if not accepted:
             return
+        validated = self._intake_run[0]
         group_id = self.requests.append([req for _item, req in accepted])  # durable before acknowledged
-        if not self.store.exists(head_key(self.run)):  # dropped meanwhile: leave nothing behind
+        try:
+            head = self.store.get(head_key(self.run))
+        except KeyError:  # dropped meanwhile: leave nothing behind
             self.requests.drop_group(group_id)
-            raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete")
+            raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete") from None
+        if head != validated and not self._same_training(run):
+            # dropped and trained again meanwhile: `units` name the old run's shards, not the
+            # ones that hold the records now; the group must not quarantine by them
+            self.requests.drop_group(group_id)
+            raise UnlearnError(f"run {quote(self.run)} was trained again while the request was accepted; request not "
+                               f"accepted, submit it again")
         self.groups_written += 1
         for item, req in accepted:  # from now on serving leaves `units` out
             item.request_id = req.request_id

@@ -435,3 +435,34 @@ def test_a_crash_before_a_groups_prune_on_seaweedfs_leaves_no_version_once_the_n
     assert coord.sweep()  # `unlearn resume`
     assert not any(b"r0002" in b for b in bodies())
     assert [r.request_id for r in log.queued()[0]] == [failed.request_id]
+
+
+def test_a_run_trained_again_between_validation_and_the_durable_write_is_not_acknowledged_with_old_shards(store):
+    """The intake validates against the run at HEAD, then writes the group; the only check
+    after the write was that HEAD exists. A drop and a new training of the same name with
+    another layout in between acknowledged the request with the old run's shards as its
+    quarantine: the shard of the new run that holds the record answered."""
+    coord = Coordinator(store, "r", window_s=3600)
+    coord.submit(ids=["r0000"])
+    cfg = SisaConfig(shards=2, slices=1, model="tiny", batch_size=4, max_length=32, seed=11)
+    real_put = Versioned.put
+    state = {"armed": True}
+
+    def put(self, key, data):
+        if state["armed"] and "/queue/" in key:
+            state["armed"] = False
+            SisaRun.drop(self, "r")
+            SisaRun.train(self, "r", synthetic_records(40, owners_every=1), cfg)
+        real_put(self, key, data)
+
+    store.put = put.__get__(store)
+    victims = [f"r{i:04d}" for i in range(40)]
+    old = SisaRun.open(store, "r")
+    victim = next(v for v in victims if old.units_of([v]) != [0])  # any record off the new layout's shard 0..1 view
+    try:
+        rid = coord.submit(ids=[victim])
+    except UnlearnError as exc:
+        assert "trained again" in str(exc) or "dropped" in str(exc)
+        return
+    fresh = SisaRun.open(store, "r")
+    assert coord.get(rid).units == fresh.units_of([victim])
