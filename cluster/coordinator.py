@@ -192,19 +192,44 @@ class Coordinator:
                 self._intake.extend(todo)
                 lead = not self._committing
                 self._committing = True
-            for item in todo:
-                while item.request_id is None and item.error is None:
-                    # `done` without an answer: the last writer handed the next group to us
-                    if lead or item.done.is_set():
-                        lead = False
-                        self._write_next_group()
-                    else:
-                        item.done.wait()
+            try:
+                for item in todo:
+                    while item.request_id is None and item.error is None:
+                        # `done` without an answer: the last writer handed the next group to us
+                        if lead or item.done.is_set():
+                            lead = False
+                            self._write_next_group()
+                        else:
+                            item.done.wait()
+            except BaseException:
+                self._leave_intake(todo, lead)
+                raise
         out: list[list[str] | BaseException] = []
         for b, items in enumerate(mine):
             error = refused.get(b) or next((item.error for item in items if item.error is not None), None)
             out.append(error if error is not None else [item.request_id for item in items])
         return out
+
+    def _leave_intake(self, items: list[_Intake], lead: bool) -> None:
+        """A caller leaves with an exception (KeyboardInterrupt, an asynchronous one) while its
+        requests wait: they are taken out unwritten (never acknowledged), and if the lead was
+        ours (not yet taken), it passes on, else nobody would write another group."""
+        with self._intake_lock:
+            mine = {id(item) for item in items}
+            if not any(id(item) in mine for item in self._intake):
+                if lead and not self._intake:
+                    self._committing = False
+                elif lead:
+                    self._intake[0].done.set()
+                return
+            # the lead is handed by setting `done` on the head of the intake
+            handed = lead or (self._intake and id(self._intake[0]) in mine and self._intake[0].done.is_set())
+            self._intake = [item for item in self._intake if id(item) not in mine]
+            if handed:
+                if self._intake:
+                    self._intake[0].done.set()
+                else:
+                    self._committing = False
 
     def _write_next_group(self) -> None:
         with self._intake_lock:

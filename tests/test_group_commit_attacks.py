@@ -466,3 +466,76 @@ def test_a_run_trained_again_between_validation_and_the_durable_write_is_not_ack
         return
     fresh = SisaRun.open(store, "r")
     assert coord.get(rid).units == fresh.units_of([victim])
+
+
+class Interrupted(BaseException):
+    pass
+
+
+def test_a_base_exception_in_the_leaders_write_reaches_its_group_and_the_next_group_is_written(store):
+    coord = Coordinator(store, "r", window_s=3600)
+    real_put = Versioned.put
+    state = {"n": 0}
+
+    def put(self, key, data):
+        if "/queue/" in key:
+            state["n"] += 1
+            if state["n"] == 1:
+                time.sleep(0.3)  # the others pile up behind the first write
+            if state["n"] == 2:
+                raise Interrupted()
+        real_put(self, key, data)
+
+    store.put = put.__get__(store)
+    out = [None] * 6
+
+    def one(i):
+        try:
+            out[i] = coord.submit(ids=[f"r{i:04d}"])
+        except BaseException as exc:  # noqa: BLE001
+            out[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(6)]
+    threads[0].start()
+    time.sleep(0.1)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads)
+    assert isinstance(out[0], str) and any(isinstance(o, Interrupted) for o in out)
+    assert isinstance(coord.submit(ids=["r0030"]), str)
+
+
+def test_a_waiting_submitter_that_dies_when_handed_the_lead_does_not_wedge_the_front_door(store):
+    """A thread waiting for its group can leave with an exception (KeyboardInterrupt in a
+    main thread, an asynchronous exception) at the moment the last writer hands it the next
+    group. Nobody wrote that group, and every later submit waited forever."""
+    import ctypes
+
+    coord = Coordinator(store, "r", window_s=3600)
+    real_put = Versioned.put
+    first = threading.Event()
+
+    def put(self, key, data):
+        if "/queue/" in key and not first.is_set():
+            first.set()
+            time.sleep(0.5)
+        real_put(self, key, data)
+
+    store.put = put.__get__(store)
+    leader = threading.Thread(target=coord.submit, kwargs={"ids": ["r0001"]}, daemon=True)
+    leader.start()
+    first.wait(5)
+    victim = threading.Thread(target=lambda: coord.submit(ids=["r0002"]), daemon=True)
+    victim.start()
+    time.sleep(0.1)  # waiting in the intake behind the leader's write
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(victim.ident), ctypes.py_object(Interrupted))
+    leader.join(10)
+    victim.join(10)
+    assert not victim.is_alive()
+    later = {}
+    t = threading.Thread(target=lambda: later.setdefault("id", coord.submit(ids=["r0003"])), daemon=True)
+    t.start()
+    t.join(10)
+    assert "id" in later, "the front door hangs: the lead was handed to a thread that is gone"
