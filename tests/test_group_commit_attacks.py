@@ -539,3 +539,20 @@ def test_a_waiting_submitter_that_dies_when_handed_the_lead_does_not_wedge_the_f
     t.start()
     t.join(10)
     assert "id" in later, "the front door hangs: the lead was handed to a thread that is gone"
+
+
+def test_a_request_whose_validation_raises_refuses_its_bulk_only(store, monkeypatch):
+    coord = Coordinator(store, "r", window_s=3600)
+    real = SisaRun.resolve
+
+    def resolve(self, ids=(), owners=()):
+        if "r0007" in ids:
+            raise RuntimeError("boom")
+        return real(self, ids, owners)
+
+    monkeypatch.setattr(SisaRun, "resolve", resolve)
+    out = coord.submit_bulk([[(["r0001"], [], False), (["r0007"], [], False)], [(["r0002"], [], False)]])
+    assert isinstance(out[0], UnlearnError) and "requests[1]" in str(out[0]) and "boom" in str(out[0])
+    assert isinstance(out[1], list)
+    queued = RequestLog(store, "r").queued()[0]
+    assert [r.ids for r in queued] == [["r0002"]]
