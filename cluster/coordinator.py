@@ -168,14 +168,20 @@ class Coordinator:
         ids, in order, once durable) or refused whole (the exception, naming the request by
         its index); bulks succeed or fail apart. They join the same group commit as `submit`."""
         mine: list[list[_Intake]] = []
+        refused: dict[int, BaseException] = {}  # bulks refused before the intake (an empty one holds no item)
         todo: list[_Intake] = []
-        for bulk in bulks:
+        for b, bulk in enumerate(bulks):
             items = [_Intake(list(ids), list(owners), bool(im)) for ids, owners, im in bulk]
             for i, item in enumerate(items):
                 item.siblings, item.index = items, i
             empty = next((item for item in items if not item.ids and not item.owners), None)
-            if not items or empty is not None:
-                error = UnlearnError(_in_bulk(items, empty, "a deletion request needs ids or owners"))
+            typed = next((item for item in items
+                          if not all(isinstance(v, str) for v in (*item.ids, *item.owners))), None)
+            if not items or empty is not None or typed is not None:
+                error = UnlearnError(_in_bulk(items, empty or typed, "a deletion request needs ids or owners"
+                                              if typed is None else "ids and owners must be strings; request "
+                                              "not accepted, nothing was deleted"))
+                refused[b] = error
                 for item in items:
                     item.error = error
             else:
@@ -186,19 +192,44 @@ class Coordinator:
                 self._intake.extend(todo)
                 lead = not self._committing
                 self._committing = True
-            for item in todo:
-                while item.request_id is None and item.error is None:
-                    # `done` without an answer: the last writer handed the next group to us
-                    if lead or item.done.is_set():
-                        lead = False
-                        self._write_next_group()
-                    else:
-                        item.done.wait()
+            try:
+                for item in todo:
+                    while item.request_id is None and item.error is None:
+                        # `done` without an answer: the last writer handed the next group to us
+                        if lead or item.done.is_set():
+                            lead = False
+                            self._write_next_group()
+                        else:
+                            item.done.wait()
+            except BaseException:
+                self._leave_intake(todo, lead)
+                raise
         out: list[list[str] | BaseException] = []
-        for items in mine:
-            error = next((item.error for item in items if item.error is not None), None)
-            out.append(error if error is not None or not items else [item.request_id for item in items])
+        for b, items in enumerate(mine):
+            error = refused.get(b) or next((item.error for item in items if item.error is not None), None)
+            out.append(error if error is not None else [item.request_id for item in items])
         return out
+
+    def _leave_intake(self, items: list[_Intake], lead: bool) -> None:
+        """A caller leaves with an exception (KeyboardInterrupt, an asynchronous one) while its
+        requests wait: they are taken out unwritten (never acknowledged), and if the lead was
+        ours (not yet taken), it passes on, else nobody would write another group."""
+        with self._intake_lock:
+            mine = {id(item) for item in items}
+            if not any(id(item) in mine for item in self._intake):
+                if lead and not self._intake:
+                    self._committing = False
+                elif lead:
+                    self._intake[0].done.set()
+                return
+            # the lead is handed by setting `done` on the head of the intake
+            handed = lead or (self._intake and id(self._intake[0]) in mine and self._intake[0].done.is_set())
+            self._intake = [item for item in self._intake if id(item) not in mine]
+            if handed:
+                if self._intake:
+                    self._intake[0].done.set()
+                else:
+                    self._committing = False
 
     def _write_next_group(self) -> None:
         with self._intake_lock:
@@ -232,35 +263,59 @@ class Coordinator:
             self._intake_run = (head, open_run(self.store, self.run))
         return self._intake_run[1]
 
+    def _same_training(self, run) -> bool:
+        """Whether the run now at HEAD is the training `run` was opened at (a commit since is
+        fine: records never move between shards; a new training of the name has a new salt)."""
+        try:
+            now = self._run_for_intake()
+        except Exception:  # noqa: BLE001 (unreadable or gone: not provably the same)
+            return False
+        return (now.manifest.method, now.manifest.salt) == (run.manifest.method, run.manifest.salt)
+
     def _write_group(self, group: list[_Intake]) -> None:
         run = self._run_for_intake()
         base = max(time.time_ns(), self._last_ns + 1)
         accepted: list[tuple[_Intake, DeletionRequest]] = []
         now = _iso(time.time())
+        units: dict[int, list] = {}
         for item in group:
-            targets, _already, unknown = run.resolve(item.ids, item.owners)
-            if unknown and not item.ignore_missing:
-                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-                error = UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}{more}; "
-                                                                   f"request not accepted, nothing was deleted"))
+            try:  # whatever one request raises refuses its bulk, never the others of the group
+                targets, _already, unknown = run.resolve(item.ids, item.owners)
+                if unknown and not item.ignore_missing:
+                    more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                    raise UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}"
+                                                                     f"{more}; request not accepted, nothing was deleted"))
+                units[id(item)] = sorted(run.quarantine_of(targets))
+                item.targets = targets
+            except Exception as exc:
+                error = exc if isinstance(exc, UnlearnError) else UnlearnError(_in_bulk(
+                    item.siblings, item, f"run {quote(self.run)}: request not accepted, nothing was deleted "
+                                         f"({type(exc).__name__}: {exc})"))
                 for sibling in item.siblings:  # its bulk is refused whole
                     sibling.error = sibling.error or error
-                continue
-            item.targets = targets
         for item in group:
             if item.error is None:
                 req = DeletionRequest(request_id=f"{base + len(accepted):020d}-{uuid.uuid4().hex[:8]}", accepted=now,
-                                      ids=item.ids, owners=item.owners, units=sorted(run.quarantine_of(item.targets)),
+                                      ids=item.ids, owners=item.owners, units=units[id(item)],
                                       ignore_missing=item.ignore_missing,
                                       requested={"ids": len(item.ids), "owners": len(item.owners)})
                 accepted.append((item, req))
         self._last_ns = base + len(accepted)
         if not accepted:
             return
+        validated = self._intake_run[0]
         group_id = self.requests.append([req for _item, req in accepted])  # durable before acknowledged
-        if not self.store.exists(head_key(self.run)):  # dropped meanwhile: leave nothing behind
+        try:
+            head = self.store.get(head_key(self.run))
+        except KeyError:  # dropped meanwhile: leave nothing behind
             self.requests.drop_group(group_id)
-            raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete")
+            raise UnlearnError(f"run {quote(self.run)} was dropped while the request was accepted; nothing to delete") from None
+        if head != validated and not self._same_training(run):
+            # dropped and trained again meanwhile: `units` name the old run's shards, not the
+            # ones that hold the records now; the group must not quarantine by them
+            self.requests.drop_group(group_id)
+            raise UnlearnError(f"run {quote(self.run)} was trained again while the request was accepted; request not "
+                               f"accepted, submit it again")
         self.groups_written += 1
         for item, req in accepted:  # from now on serving leaves `units` out
             item.request_id = req.request_id
@@ -416,6 +471,17 @@ class Coordinator:
         for prefix, age in ((f"{self.run}/", 120), (f"{self.run}/requests/", 0)):
             for key in self.store.stale_temporary(prefix, older_than_s=age):
                 self.store.delete(key)
+        # A holder killed between rewriting a group without its finished requests and pruning
+        # the group's older versions left versions naming them; the current version no longer
+        # holds them, so nothing else would ever look again. Only the lock holder rewrites a
+        # group: pruning keeps the current version. A damaged group keeps its versions (an
+        # older one may be what restores it).
+        for key in self.requests.queued_keys():
+            try:
+                self.requests._read_group(key)
+            except (KeyError, ValueError):
+                continue
+            self.store.prune_versions(key)
 
     def discard_damaged(self, on_wait: Callable[[str], None] | None = None) -> list[str]:
         """Remove queue entries that fail their checks (after restoring what can be restored:
