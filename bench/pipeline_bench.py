@@ -120,6 +120,13 @@ class Server:
                                      stdout=open(os.path.join(log_dir, "serve.out"), "w"),
                                      stderr=open(os.path.join(log_dir, "serve.err"), "w"))
         self.err = os.path.join(log_dir, "serve.err")
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the bench
+            raise
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + 300
         while True:  # ready once it answers a lookup (404 for an id that names nothing)
             try:

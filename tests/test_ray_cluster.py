@@ -11,7 +11,9 @@ import pytest
 from conftest import synthetic_records, write_jsonl
 from proc_helpers import ray_processes, stop_cluster
 
-pytestmark = pytest.mark.integration
+# slow (`make test-all`): a `ray start` cluster of its own costs over a minute on 2 cores; in
+# `make test`, tests/test_up.py runs the CLI against a separately started, token-protected cluster
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = os.path.dirname(sys.executable)
 
 

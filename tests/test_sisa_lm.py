@@ -255,6 +255,7 @@ def test_generate_leaves_out_a_shard_with_an_acknowledged_deletion(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a Serve deployment of its own (70 s); in `make test` the same rule in-process (above)
 def test_generate_over_http_leaves_out_a_quarantined_shard(ray_local, tmp_path):
     """The style of the /predict one (test_durability_serve): with the run lock held
     elsewhere, a deletion accepted over HTTP stays queued; meanwhile /generate answers from
