@@ -71,7 +71,6 @@ class _Intake:
     error: BaseException | None = None
     siblings: list = field(default_factory=list, repr=False)  # its bulk (itself included): accepted or refused whole
     index: int = 0  # its place in the bulk
-    targets: set = field(default_factory=set, repr=False)  # the record ids it deletes, once validated
 
 
 def _in_bulk(bulk: list, item, message: str) -> str:
@@ -286,7 +285,6 @@ class Coordinator:
                     raise UnlearnError(_in_bulk(item.siblings, item, f"run {quote(self.run)}: unknown {unknown[0]}"
                                                                      f"{more}; request not accepted, nothing was deleted"))
                 units[id(item)] = sorted(run.quarantine_of(targets))
-                item.targets = targets
             except Exception as exc:
                 error = exc if isinstance(exc, UnlearnError) else UnlearnError(_in_bulk(
                     item.siblings, item, f"run {quote(self.run)}: request not accepted, nothing was deleted "

@@ -187,12 +187,17 @@ def checked_json(data: bytes, need_check: bool = True) -> dict:
 def decode(data: bytes, name: str, need_check: bool = True) -> DeletionRequest:
     """ValueError naming what is wrong if the entry is damaged. `name`: the request id its
     key says."""
-    d = checked_json(data, need_check)
+    return _request(checked_json(data, need_check), name)
+
+
+def _request(d: object, name: str | None = None) -> DeletionRequest:
+    """One request from its JSON, strictly; ValueError if damaged or (given `name`) if it
+    names another request than its key says."""
     try:
         req = DeletionRequest.from_json(d)
     except TypeError as exc:
         raise ValueError(str(exc)) from None
-    if req.request_id != name:
+    if name is not None and req.request_id != name:
         raise ValueError(f"it names request {req.request_id!r}")
     return req
 
@@ -208,23 +213,12 @@ def decode_group(data: bytes, name: str) -> list[DeletionRequest]:
     ValueError naming what is wrong if it is damaged. `name`: the id its key says."""
     d = checked_json(data)
     if "requests" not in d:  # one request, as written before group commit
-        try:
-            req = DeletionRequest.from_json(d)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-        if req.request_id != name:
-            raise ValueError(f"it names request {req.request_id!r}")
-        return [req]
+        return [_request(d, name)]
     if set(d) != {"group", "requests"} or d["group"] != name:
         raise ValueError(f"it names group {d.get('group')!r}" if "group" in d else "not a request group")
     if not isinstance(d["requests"], list) or not d["requests"]:
         raise ValueError("a group without requests")
-    reqs = []
-    for item in d["requests"]:
-        try:
-            reqs.append(DeletionRequest.from_json(item))
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
+    reqs = [_request(item) for item in d["requests"]]
     if len({r.request_id for r in reqs}) != len(reqs):
         raise ValueError("a request appears twice")
     return reqs
