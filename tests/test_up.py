@@ -8,6 +8,7 @@ leaves no process of it. About a minute on 2 cores (marked integration)."""
 import json
 import os
 import stat
+import subprocess
 import time
 
 import psutil
@@ -63,9 +64,15 @@ def test_a_state_file_up_did_not_write_is_refused_with_the_reason(tmp_path, chan
 
 
 def test_down_after_a_reboot_stops_nothing(tmp_path):
-    """The recorded session id and pids may name other processes after a reboot."""
-    state = up.parse_state(json.dumps(a_state(tmp_path, session=os.getsid(0), pids=[[os.getpid(), 1.0]])), tmp_path)
-    assert up.processes(state) == []  # started in 2001, before this boot
+    """The recorded session id and pids may name other processes after a reboot. The live
+    session is a child's own: this test's session id may be 0 or 1 in a container (CI)."""
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        state = up.parse_state(json.dumps(a_state(tmp_path, session=child.pid, pids=[[child.pid, 1.0]])), tmp_path)
+        assert up.processes(state) == []  # started in 2001, before this boot
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_raylet_too_slow_to_register_is_tried_once_more(tmp_path, monkeypatch):
