@@ -50,6 +50,8 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
             print(f"unlearn: warning: Ray Serve replicas may listen on every interface: {problem}",
                   file=sys.stderr, flush=True)
         kwargs["runtime_env"] = {"worker_process_setup_hook": netguard.HOOK}
+    if address:
+        _join_mode(address)
     try:
         if address:
             probe_cluster(address)
@@ -61,6 +63,30 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise UnlearnError(f"cannot start or join {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _join_mode(address: str) -> None:
+    """Ray takes 127.0.0.1 as this process's node IP while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    is 0 (set by `cluster/__init__` to keep a local Ray on loopback). A driver joining a
+    cluster whose nodes have routable IPs (a KubeRay pod, `ray up`) must take the machine's
+    own IP, or it finds no raylet of its node: so unless the user set the variable, joining
+    an address that is not on loopback ("auto" read from Ray's address file) switches
+    Ray's node-IP mode back to its default."""
+    import cluster
+
+    if cluster.RAY_CLUSTER_MODE_SET_BY_USER:
+        return
+    import ray._private.ray_constants as constants
+    from ray._private.services import canonicalize_bootstrap_address
+
+    resolved = address
+    if address == "auto":
+        try:
+            resolved = canonicalize_bootstrap_address(address) or address
+        except Exception:  # no cluster to find: ray.init says so
+            return
+    if not _on_loopback(resolved) and _host_port(resolved) is not None:
+        constants.ENABLE_RAY_CLUSTER = True
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -122,32 +148,81 @@ def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
 RESOURCE_UNIT = 1e-4  # Ray counts resources in steps of 1/10,000
 
 
-def actor_share(total: float, n: int, cap: float = 1.0) -> float:
-    """An equal share of `total` (CPUs or GPUs) for each of `n` actors, at most `cap`,
-    rounded down to Ray's resource unit so that all n always fit (2 CPUs, 3 actors: 0.6666
-    each; rounding to 0.667 would need 2.001)."""
-    steps = int(min(cap, total / max(1, n)) / RESOURCE_UNIT + 1e-6)
+def actor_share(total: float | Sequence[float], n: int, cap: float = 1.0) -> float:
+    """An equal share of CPUs (or GPUs) for each of `n` actors, at most `cap`, rounded down
+    to Ray's resource unit so that all n always fit (2 CPUs, 3 actors: 0.6666 each; 0.667
+    would need 2.001). `total` is one amount, or one per node: an actor runs on one node,
+    so on three nodes of 1 CPU four actors get 0.5 each, not 0.75 (three would fit, the
+    fourth would wait forever)."""
+    nodes = [float(total)] if isinstance(total, (int, float)) else [float(t) for t in total]
+    n = max(1, n)
+    best = 0.0
+    for share in sorted({min(cap, c / k) for c in nodes for k in range(1, n + 1)} | {cap}, reverse=True):
+        if share > 0 and actors_that_fit(nodes, share) >= n:
+            best = share
+            break
+    steps = int(best / RESOURCE_UNIT + 1e-6)
+    while steps > 1 and actors_that_fit(nodes, steps * RESOURCE_UNIT) < n:  # float edge: one unit less
+        steps -= 1
     return max(1, steps) / 10_000
 
 
-def fit_problem(n: int, cpus: float, gpus: float, free: dict, total: dict) -> tuple[str, bool] | None:
-    """None if `n` new actors of `cpus` CPUs and `gpus` GPUs each fit in the `free`
-    resources, else (why not, whether they never can): more than the cluster has in all
-    (no wait helps), or more than is free now."""
-    need = {"CPU": cpus * n, "GPU": gpus * n}
-    kinds = ["CPU", "GPU"] if gpus else ["CPU"]
-    if all(need[k] <= free.get(k, 0.0) + 1e-6 for k in kinds):
+def actors_that_fit(nodes: Sequence[float], share: float) -> int:
+    """How many actors of `share` each fit on nodes with these free amounts."""
+    return sum(int((c + 1e-6) / share) for c in nodes) if share > 0 else 0
+
+
+def node_resources() -> tuple[list[dict], list[dict]]:
+    """(free, total) resources of each live node of the cluster Ray is joined to. Ray's
+    per-node view is not public API: where it is missing, the cluster counts as one node."""
+    import ray
+
+    try:
+        from ray._private.state import state
+
+        total = state.total_resources_per_node()
+        free = state.available_resources_per_node()
+        ids = sorted(total)
+        if ids:
+            return [dict(free.get(i, {})) for i in ids], [dict(total[i]) for i in ids]
+    except Exception:
+        pass
+    return [ray.available_resources()], [ray.cluster_resources()]
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node (at least one entry)."""
+    return [node.get("CPU", 0.0) for node in node_resources()[1]] or [1.0]
+
+
+def _node_fits(node: dict, cpus: float, gpus: float) -> int:
+    counts = [int((node.get("CPU", 0.0) + 1e-6) / cpus)] if cpus > 0 else []
+    if gpus > 0:
+        counts.append(int((node.get("GPU", 0.0) + 1e-6) / gpus))
+    return min(counts) if counts else 10**9
+
+
+def fit_problem(n: int, cpus: float, gpus: float, free: list[dict], total: list[dict]) -> tuple[str, bool] | None:
+    """None if `n` new actors of `cpus` CPUs and `gpus` GPUs each fit on the nodes' `free`
+    resources (each actor on one node), else (why not, whether they never can): more than
+    the cluster's nodes hold in all (no wait helps), or more than is free now."""
+    if sum(_node_fits(node, cpus, gpus) for node in free) >= n:
         return None
+    kinds = ["CPU", "GPU"] if gpus else ["CPU"]
+
+    def summed(nodes: list[dict], k: str) -> float:
+        return round(sum(node.get(k, 0.0) for node in nodes), 4)
+
     want = f"{n} new actors x {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
-    have = " and ".join(f"{free.get(k, 0.0):g} {k}s" for k in kinds)
-    short = [k for k in kinds if need[k] > total.get(k, 0.0) + 1e-6]
-    if short:
-        k = short[0]
+    have = " and ".join(f"{summed(free, k):g} {k}s" for k in kinds)
+    where = f"the Ray cluster's free {have}" if len(total) <= 1 else f"the free {have} of the Ray cluster's {len(total)} nodes"
+    if sum(_node_fits(node, cpus, gpus) for node in total) < n:
+        k = "CPU" if sum(_node_fits(node, cpus, 0.0) for node in total) < n or not gpus else "GPU"
         option = "--actor-cpus" if k == "CPU" else "--actor-gpus"
-        return (f"{want} do not fit in the Ray cluster's free {have}: it has {total.get(k, 0.0):g} {k}s in all; "
-                f"pass {option} {actor_share(total.get(k, 0.0), n):g} or less"), True
-    held = " and ".join(f"{total.get(k, 0.0) - free.get(k, 0.0):g} {k}s" for k in kinds)
-    return (f"{want} do not fit in the Ray cluster's free {have}: other actors on it hold {held} "
+        return (f"{want} do not fit in {where}: it has {summed(total, k):g} {k}s in all; "
+                f"pass {option} {actor_share([node.get(k, 0.0) for node in total], n):g} or less"), True
+    held = " and ".join(f"{round(summed(total, k) - summed(free, k), 4):g} {k}s" for k in kinds)
+    return (f"{want} do not fit in {where}: other actors on it hold {held} "
             f"(other runs, or commands still running): pass a smaller --actor-cpus, or stop them "
             f"(`unlearn down` stops the runs kept warm on the cluster of `unlearn up`)"), False
 
@@ -172,7 +247,8 @@ def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: fl
         return
     deadline = time.monotonic() + wait_s
     while True:
-        problem = fit_problem(len(missing), cpus, gpus, ray.available_resources(), ray.cluster_resources())
+        free, total = node_resources()
+        problem = fit_problem(len(missing), cpus, gpus, free, total)
         if problem is None:
             return
         why, never = problem
@@ -180,6 +256,13 @@ def ensure_fits(names: Sequence[str], cpus: float, gpus: float = 0.0, wait_s: fl
             raise UnlearnError(why)
         time.sleep(0.5)
 
+
+# Shard, partition and in-context actors are spread over the nodes (Ray's SPREAD strategy,
+# best effort): one node lost takes as few shards as it can with it, and the shards' models
+# and CPUs are not piled onto the node of whoever created them first. No placement group: a
+# group's bundles are reserved all or nothing, and after a node is lost a group waits for
+# its missing bundles while plain actors restart on the nodes that remain.
+SPREAD = "SPREAD"
 
 SHARD_NICENESS = 4  # added to Ray's worker niceness (15) in shard actors
 
@@ -291,7 +374,7 @@ class RayExecutor:
         self._shared_ref = None
         resources = ray.cluster_resources()
         if actor_cpus is None:
-            actor_cpus = actor_share(resources.get("CPU", 1.0), config.shards)
+            actor_cpus = actor_share(node_cpus(), config.shards)
         self.actor_cpus = actor_cpus
         self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
         self._actors: dict[int, object] = {}
@@ -336,7 +419,7 @@ class RayExecutor:
                 cls = _shard_actor_class()
                 actor = cls.options(
                     name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=self.actor_cpus,
-                    num_gpus=self.actor_gpus,
+                    num_gpus=self.actor_gpus, scheduling_strategy=SPREAD,
                 ).remote(self.store.uri, self.run, self.config.to_json())
                 shared = self._shared()
                 if shared:  # runs before any job this process sends (one caller's calls keep their order)
@@ -440,7 +523,7 @@ class RayPartitionPool:
         if p not in self._actors:
             cls = _partition_actor_class()
             self._actors[p] = cls.options(name=f"{self.prefix}/p{p}", namespace=NAMESPACE, get_if_exists=True,
-                                          num_cpus=self.actor_cpus).remote()
+                                          num_cpus=self.actor_cpus, scheduling_strategy=SPREAD).remote()
         return self._actors[p]
 
     def call(self, calls: dict) -> dict:
@@ -452,10 +535,9 @@ class RayPartitionPool:
 
 def erase_pool(store: Store, run: str, config, actor_cpus: float | None = None) -> RayPartitionPool:
     """The Ray pool for an ERASE run's partitions (Ray must be initialised)."""
-    import ray
 
     if actor_cpus is None:  # half the cluster at most: the in-context actors take the other half
-        actor_cpus = actor_share(ray.cluster_resources().get("CPU", 1.0) / 2, config.partitions, cap=0.5)
+        actor_cpus = actor_share([c / 2 for c in node_cpus()], config.partitions, cap=0.5)
     return RayPartitionPool(actor_scope(store, run), config.digest(), actor_cpus)
 
 
@@ -483,17 +565,16 @@ class InContextServer:
 
     def __init__(self, run: str, lm: str, labels: Sequence[str], actors: int | None = None,
                  actor_cpus: float | None = None):
-        import ray
 
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        n = actors or max(1, min(4, int(cpus)))
-        # half the cluster at most, so that partition actors (the other half) can run beside them
-        self.actor_cpus = actor_cpus if actor_cpus is not None else actor_share(cpus / 2, n, cap=0.5)
+        nodes = node_cpus()
+        n = actors or max(1, min(4, int(sum(nodes))))
+        # half of each node at most, so that partition actors (the other half) can run beside them
+        self.actor_cpus = actor_cpus if actor_cpus is not None else actor_share([c / 2 for c in nodes], n, cap=0.5)
         cls = _icl_actor_class()
         names = [f"{run}/icl/{lm.replace('/', '_')}/{i}" for i in range(n)]
         ensure_fits(names, self.actor_cpus)
         self.actors = [cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
-                                   num_cpus=self.actor_cpus).remote(lm, list(labels)) for name in names]
+                                   num_cpus=self.actor_cpus, scheduling_strategy=SPREAD).remote(lm, list(labels)) for name in names]
 
     def predict_proba(self, examples: Sequence[tuple[str, str]], texts: Sequence[str],
                       calibrate: bool = True) -> np.ndarray:

@@ -129,9 +129,18 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     coordinator = coordinator_actor(store, run, window_s, actor_cpus, address)
     coordinator.warm.remote()  # shard models load while Serve starts
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ... is ready"
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location(host))
     serve.run(_ingress_class().bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def proxy_location(host: str) -> str:
+    """Where Serve runs HTTP proxies. Bound to loopback, only a proxy on this machine can be
+    reached, and every node's proxy would bind the same address and port: one proxy, on
+    the head (run `serve` on the head). Bound to a routable address: one on every node, so
+    that any node answers and the loss of one does not stop the front door."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    return "HeadOnly" if loopback else "EveryNode"
 
 
 APP_ARGS = ("store", "run", "aggregate", "window", "actor_cpus")

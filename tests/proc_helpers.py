@@ -218,3 +218,18 @@ def stop_cluster(marker: str, deadline_s: float = 60) -> None:
     from cluster.up import stop_processes
 
     stop_processes(lambda: ray_processes(marker), deadline_s, term_wait_s=10)
+
+
+def sockets_of(procs) -> dict:
+    """{(ip, port, kind): process name} of what the processes listen on (TCP) or are bound to (UDP)."""
+    import psutil
+
+    pids = {p.pid: p for p in procs}
+    found = {}
+    for c in psutil.net_connections("inet"):
+        if c.pid in pids and c.laddr and (c.status == psutil.CONN_LISTEN or c.type == 2):
+            try:
+                found[(c.laddr.ip, c.laddr.port, "tcp" if c.type == 1 else "udp")] = pids[c.pid].name()
+            except psutil.Error:
+                pass
+    return found

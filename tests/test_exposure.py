@@ -44,6 +44,7 @@ def test_default_shares_on_two_cpus_fit_three_and_seven_shards(monkeypatch, tmp_
     from sisa.config import SisaConfig
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr("cluster.runtime.node_resources", lambda: ([{"CPU": 2.0}], [{"CPU": 2.0}]))
     for shards in (3, 7, 9):
         config = SisaConfig(shards=shards, slices=1, model="tiny", labels=("neg", "pos"))
         executor = RayExecutor(LocalStore(str(tmp_path)), "r", config)
@@ -68,20 +69,47 @@ def test_actors_that_can_never_fit_fail_at_once_and_say_why(monkeypatch):
     def no_actor(name, namespace=None):
         raise ValueError(name)
 
+    def free(cpus):
+        monkeypatch.setattr("cluster.runtime.node_resources", lambda: ([{"CPU": cpus}], [{"CPU": 2.0}]))
+
     monkeypatch.setattr(ray, "get_actor", no_actor)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
+    free(2.0)
     t0 = time.monotonic()
     with pytest.raises(UnlearnError) as exc:
         ensure_fits(["a", "b", "c"], 0.7, wait_s=3)
     assert time.monotonic() - t0 < 2  # no wait can help
     assert str(exc.value) == ("3 new actors x 0.7 CPUs do not fit in the Ray cluster's free 2 CPUs: it has 2 CPUs in "
                               "all; pass --actor-cpus 0.6666 or less")
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.5})
+    free(0.5)
     with pytest.raises(UnlearnError, match=r"free 0.5 CPUs: other actors on it hold 1.5 CPUs \(other runs, or "):
         ensure_fits(["a", "b", "c"], 0.6, wait_s=0)
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
+    free(2.0)
     ensure_fits(["a", "b", "c"], 0.6666, wait_s=0)  # fits
+
+
+def test_on_several_nodes_each_actor_must_fit_on_one_node():
+    """Three nodes of 1 CPU hold 3 CPUs but not four actors of 0.75: the fourth would wait
+    forever. Shares and fit checks count per node."""
+    from cluster.runtime import actor_share, actors_that_fit, fit_problem
+
+    assert actor_share([1, 1, 1], 4) == 0.5 and actor_share(3, 4) == 0.75
+    assert actor_share([1, 1, 1], 3) == 1.0 and actor_share([2, 1], 3) == 1.0 and actor_share([2, 0.5], 3) == 0.6666
+    assert actor_share([4, 0.25], 2) == 1.0 and actor_share([0.5, 0.5], 4, cap=0.5) == 0.25
+    for nodes in ([1, 1, 1], [2, 1], [0.5, 3, 1.5], [16, 16, 8, 1], [0.1]):
+        for n in range(1, 70):
+            share = actor_share(nodes, n)
+            assert actors_that_fit(nodes, share) >= n or share == 0.0001, (nodes, n, share)
+            assert actors_that_fit(nodes, share + 0.0002) < n or share == 1.0, (nodes, n, share)
+    three = [{"CPU": 1.0}] * 3
+    assert fit_problem(3, 0.75, 0.0, three, three) is None
+    why, never = fit_problem(4, 0.75, 0.0, three, three)
+    assert never and why == ("4 new actors x 0.75 CPUs do not fit in the free 3 CPUs of the Ray cluster's 3 nodes: "
+                             "it has 3 CPUs in all; pass --actor-cpus 0.5 or less")
+    busy = [{"CPU": 0.25}, {"CPU": 0.75}, {"CPU": 1.0}]  # 2 CPUs free, yet room for 3 actors of 0.5
+    why, never = fit_problem(4, 0.5, 0.0, busy, three)
+    assert not never and "free 2 CPUs of the Ray cluster's 3 nodes: other actors on it hold 1 CPUs" in why
+    gpu = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0}]
+    assert fit_problem(2, 1.0, 0.5, gpu, gpu) is None and fit_problem(3, 1.0, 0.5, gpu, gpu)[1]
 
 
 def test_the_hook_rewrites_wildcard_grpc_binds_to_loopback(monkeypatch):
@@ -305,3 +333,33 @@ def test_the_token_is_in_no_file_command_line_or_log(ray_commands):
                 if os.path.isfile(path) and not os.path.islink(path):
                     with open(path, "rb") as fh:
                         assert token.encode() not in fh.read(), path
+
+
+def test_joining_a_cluster_off_loopback_gives_ray_back_its_node_ip(monkeypatch):
+    """cluster/__init__ keeps a local Ray on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0);
+    a driver in a KubeRay pod joining the head at its pod IP would then look for its raylet
+    at 127.0.0.1 and find none. Unless the user chose the mode, joining off loopback turns
+    Ray's default back on; on loopback it stays off."""
+    import ray._private.ray_constants as constants
+
+    import cluster
+    from cluster.runtime import _join_mode
+
+    monkeypatch.setattr(cluster, "RAY_CLUSTER_MODE_SET_BY_USER", False)
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
+    _join_mode("127.0.0.1:6379")
+    _join_mode("localhost:6379")
+    assert constants.ENABLE_RAY_CLUSTER is False
+    _join_mode("10.0.0.7:6379")
+    assert constants.ENABLE_RAY_CLUSTER is True
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", False)
+    monkeypatch.setattr(cluster, "RAY_CLUSTER_MODE_SET_BY_USER", True)
+    _join_mode("10.0.0.7:6379")
+    assert constants.ENABLE_RAY_CLUSTER is False
+
+
+def test_serve_runs_one_proxy_when_bound_to_loopback_and_one_per_node_otherwise():
+    from cluster.serving import proxy_location
+
+    assert proxy_location("127.0.0.1") == proxy_location("localhost") == proxy_location("::1") == "HeadOnly"
+    assert proxy_location("0.0.0.0") == proxy_location("10.1.2.3") == "EveryNode"

@@ -11,12 +11,11 @@ import stat
 import subprocess
 import time
 
-import psutil
 import pytest
 
 from cluster import up
 from conftest import synthetic_records, write_jsonl
-from proc_helpers import cli_env, cli_in_process, ray_processes, run_cli
+from proc_helpers import cli_env, cli_in_process, ray_processes, run_cli, sockets_of
 
 TINY = ["--model", "tiny", "--shards", "2", "--slices", "2", "--max-length", "32", "--batch-size", "4",
         "--labels", "neg,pos"]
@@ -206,19 +205,6 @@ def test_run_identity_changes_with_a_new_training_not_with_a_deletion(tmp_path):
 
 
 # -- one real cluster ------------------------------------------------------------------------------
-
-def sockets_of(procs) -> dict:
-    """{(ip, port, kind): process name} of what the processes listen on (TCP) or are bound to (UDP)."""
-    pids = {p.pid: p for p in procs}
-    found = {}
-    for c in psutil.net_connections("inet"):
-        if c.pid in pids and c.laddr and (c.status == psutil.CONN_LISTEN or c.type == 2):
-            try:
-                found[(c.laddr.ip, c.laddr.port, "tcp" if c.type == 1 else "udp")] = pids[c.pid].name()
-            except psutil.Error:
-                pass
-    return found
-
 
 @pytest.mark.integration
 def test_up_train_delete_twice_status_down(tmp_path):
