@@ -739,7 +739,7 @@ def _evaluate(args, store, run) -> dict:
                "seconds_per_query": round(seconds / max(1, len(records)), 6),
                "withheld_examples": answer["withheld_examples"]}
     else:
-        manifest, shards, probs, quarantined = serving.shards(serve, texts)
+        manifest, shards, probs, quarantined, _ = serving.shards(serve, texts)
         out = {**evaluation(manifest, records, shards, probs, args.aggregate), "quarantined": quarantined}
     _warn_problems(serving)
     return out

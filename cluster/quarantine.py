@@ -110,8 +110,10 @@ def _moved(committed: Committed) -> bool:
 
 def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable, texts: Sequence[str],
                    wait: bool = False, timeout_s: float = 3600.0):
-    """SISA: (manifest, answering shards, their probabilities, shards quarantined meanwhile).
-    `serve(entries, texts)` returns (checkpoint key, probabilities) per shard entry."""
+    """SISA: (manifest, answering shards, their probabilities, shards quarantined meanwhile,
+    shards unavailable). `serve(entries, texts)` returns (checkpoint key, probabilities) per
+    shard entry, or None for a shard that cannot answer now (its actor is restarting after
+    a crash or a lost node): the others answer without it."""
     deadline = time.monotonic() + timeout_s
     while True:
         before = quarantine.read()
@@ -129,12 +131,17 @@ def predict_shards(committed: Committed, quarantine: Quarantine, serve: Callable
                 if _moved(committed):
                     continue
                 raise
+            unavailable = sorted(e.shard for e, answer in zip(asked, answers) if answer is None)
+            if asked and len(unavailable) == len(asked):
+                raise Unavailable(f"run {quote(committed.run)}: no shard can answer now: shards {unavailable} are "
+                                  f"restarting (a crashed actor or a lost node); ask again")
+            answered = [(e, answer) for e, answer in zip(asked, answers) if answer is not None]
             after = quarantine.read()
             now = committed.read()
-            kept = [(e.shard, probs) for e, (key, probs) in zip(asked, answers)
+            kept = [(e.shard, probs) for e, (key, probs) in answered
                     if e.shard not in after and not quarantine.damaged and now.shards[e.shard].checkpoints[-1] == key]
-            if len(kept) == len(asked):  # else a shard was quarantined or committed meanwhile: ask again
-                return now, [k for k, _ in kept], [p for _, p in kept], sorted(before | after)
+            if len(kept) == len(answered):  # else a shard was quarantined or committed meanwhile: ask again
+                return now, [k for k, _ in kept], [p for _, p in kept], sorted(before | after), unavailable
         if time.monotonic() > deadline:
             raise UnlearnError(f"run {quote(committed.run)}: shards {sorted(before)} still retraining "
                                f"after {timeout_s:.0f} s")
@@ -179,12 +186,13 @@ class Serving:
         self.quarantine = Quarantine(store, run)
 
     def shards(self, serve: Callable, texts: Sequence[str], wait: bool = False, timeout_s: float = 3600.0):
-        """SISA: (manifest, shards that answered, probabilities [S', n, L], quarantined shards)."""
+        """SISA: (manifest, shards that answered, probabilities [S', n, L], quarantined shards,
+        shards whose actors were restarting)."""
         from sisa.run import stack_probabilities
 
-        manifest, shards, probs, quarantined = predict_shards(self.committed, self.quarantine, serve, texts,
-                                                              wait, timeout_s)
-        return manifest, shards, stack_probabilities(probs, len(texts), manifest.config), quarantined
+        manifest, shards, probs, quarantined, unavailable = predict_shards(self.committed, self.quarantine, serve,
+                                                                           texts, wait, timeout_s)
+        return manifest, shards, stack_probabilities(probs, len(texts), manifest.config), quarantined, unavailable
 
     def predict(self, texts: Sequence[str], serve: Callable, method: str = "vote", wait: bool = False,
                 timeout_s: float = 3600.0) -> dict:
@@ -194,9 +202,11 @@ class Serving:
             return predict_in_context(self.committed, self.quarantine, serve, texts, wait, timeout_s)
         from sisa.run import format_predictions
 
-        manifest, shards, probs, quarantined = self.shards(serve, texts, wait, timeout_s)
+        manifest, shards, probs, quarantined, unavailable = self.shards(serve, texts, wait, timeout_s)
         out = format_predictions(manifest, texts, shards, probs, method)
         out["quarantined"] = quarantined
+        if unavailable:
+            out["unavailable"] = unavailable
         return out
 
     def generate(self, prompts: Sequence[str], next_probs: Callable, max_new_tokens: int = 32,
@@ -217,8 +227,8 @@ class Serving:
             out = generate_answers(config, texts, use, next_probs, max_new_tokens)
             return [(e.checkpoints[-1], out) for e in entries]
 
-        _manifest, _shards, answers, quarantined = predict_shards(self.committed, self.quarantine, serve, prompts,
-                                                                  wait, timeout_s)
+        _manifest, _shards, answers, quarantined, _ = predict_shards(self.committed, self.quarantine, serve,
+                                                                     prompts, wait, timeout_s)
         if not answers:
             raise UnlearnError(f"run {quote(self.committed.run)}: no shard holds records; nothing can generate")
         return {**answers[0], "quarantined": quarantined}

@@ -72,8 +72,6 @@ def _join_mode(address: str) -> None:
     own IP, or it finds no raylet of its node: so unless the user set the variable, joining
     an address that is not on loopback ("auto" read from Ray's address file) switches
     Ray's node-IP mode back to its default."""
-    import cluster
-
     if cluster.RAY_CLUSTER_MODE_SET_BY_USER:
         return
     import ray._private.ray_constants as constants
@@ -146,6 +144,7 @@ def probe_cluster(address: str, timeout_s: float = 5.0) -> None:
 
 
 RESOURCE_UNIT = 1e-4  # Ray counts resources in steps of 1/10,000
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node, 1 there and nowhere else
 
 
 def actor_share(total: float | Sequence[float], n: int, cap: float = 1.0) -> float:
@@ -458,6 +457,29 @@ class RayExecutor:
         texts_ref = ray.put(list(texts))
         return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
 
+    def predict_available(self, entries: Sequence[ShardEntry], texts: Sequence[str],
+                          poll_s: float = 0.5) -> list[tuple[str, np.ndarray] | None]:
+        """`predict`, for serving: a shard whose actor Ray is restarting (its node was lost,
+        or it crashed) is answered None instead of waited for; the ensemble answers from
+        the others meanwhile. A shard that is only slow (a cold model, a long batch) is
+        waited for: only Ray's own word that the actor is not alive leaves it out. Until
+        Ray notices a lost node (its health checks, seconds), calls to it just wait."""
+        import ray
+
+        self._ensure([e.shard for e in entries])
+        texts_ref = ray.put(list(texts))
+        refs = [self.actor(e.shard).predict.remote(e, texts_ref) for e in entries]
+        out: list = [None] * len(refs)
+        pending = {ref: i for i, ref in enumerate(refs)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll_s)
+            for ref in done:
+                out[pending.pop(ref)] = ray_get(ref)
+            for ref, i in list(pending.items()):
+                if actor_state(self.actor(entries[i].shard)) != "ALIVE":  # RESTARTING, PENDING_CREATION, DEAD
+                    del pending[ref]  # left to run when the actor is back; its answer is not used
+        return out
+
     def next_token_probs(self, entries: Sequence[ShardEntry], sequences: Sequence[list[int]]) -> list[tuple[str, np.ndarray]]:
         """One generation step: every entry's shard actor at once."""
         import ray
@@ -465,6 +487,17 @@ class RayExecutor:
         self._ensure([e.shard for e in entries])
         ref = ray.put([list(s) for s in sequences])
         return [ray_get(r) for r in [self.actor(e.shard).next_token_probs.remote(e, ref) for e in entries]]
+
+
+def actor_state(handle) -> str:
+    """Ray's state of an actor ("ALIVE", "RESTARTING", "DEAD", ...) from the GCS, in about a
+    millisecond; "ALIVE" where Ray's (non-public) actor table cannot say."""
+    try:
+        from ray._private.state import state
+
+        return str(state.actor_table(handle._actor_id.hex()).get("State", "ALIVE"))
+    except Exception:
+        return "ALIVE"
 
 
 def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | None) -> float:
@@ -758,7 +791,7 @@ def _coordinator_actor_class():
         def predict(self, texts: list[str], method: str = "vote", wait: bool = False) -> dict:
             if self.method == "erase":
                 return self.coordinator.predict(texts, self.answers, method, wait)
-            return self.coordinator.predict(texts, self.executor.predict, method, wait)
+            return self.coordinator.predict(texts, self.executor.predict_available, method, wait)
 
     return CoordinatorActor
 
@@ -799,8 +832,11 @@ def coordinator_actor(store: Store, run: str, window_s: float = 0.0, actor_cpus:
 def _get_or_create_coordinator(store: Store, run: str, window_s: float, actor_cpus: float | None, detached: bool):
     cls = _coordinator_actor_class()
     options = {"lifetime": "detached"} if detached else {}
+    # on the head: the shard actors it creates die with it (Ray's owner fate-sharing), so on
+    # a worker node its loss would take every shard down, not only that node's; the head is
+    # the cluster's one point of failure already (its GCS)
     return cls.options(name=coordinator_name(store, run), namespace=NAMESPACE, get_if_exists=True,
-                       **options).remote(store.uri, run, window_s, actor_cpus)
+                       resources={HEAD_RESOURCE: RESOURCE_UNIT}, **options).remote(store.uri, run, window_s, actor_cpus)
 
 
 def _kill_coordinator(store: Store, run: str, handle, timeout_s: float = 60.0) -> None:

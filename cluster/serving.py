@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cluster.http_api import (CLOSE, DeleteMany, Generate, HttpError, Lookup, Predict, body_pending, parse_body, public_message,
                               public_receipt, read_body, route)
 from cluster.requestlog import UnknownRequest
-from cluster.runtime import coordinator_actor
+from cluster.runtime import HEAD_RESOURCE, RESOURCE_UNIT, coordinator_actor
 from core.errors import Unavailable, UnlearnError, one_line
 from core.store import Store, open_store
 
@@ -59,7 +59,7 @@ def _ingress_class():
             for ts, _wait in batches:
                 answer = {"predictions": out["predictions"][start:start + len(ts)],
                           "quarantined": out.get("quarantined", [])}
-                for key in ("shards", "examples", "withheld_examples"):  # SISA: shards; ERASE: examples
+                for key in ("shards", "unavailable", "examples", "withheld_examples"):  # SISA: shards; ERASE: examples
                     if key in out:
                         answer[key] = out[key]
                 results.append(answer)
@@ -129,8 +129,12 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     coordinator = coordinator_actor(store, run, window_s, actor_cpus, address)
     coordinator.warm.remote()  # shard models load while Serve starts
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "Started Serve", "Application ... is ready"
-    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location(host))
-    serve.run(_ingress_class().bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
+    where = proxy_location(host)
+    serve.start(http_options={"host": host, "port": port}, proxy_location=where)
+    ingress = _ingress_class()
+    if where == "HeadOnly":  # beside its one proxy: a lost worker node never takes the front door with it
+        ingress = ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: RESOURCE_UNIT}})
+    serve.run(ingress.bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
     return f"http://{host}:{port}"
 
 

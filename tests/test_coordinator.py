@@ -127,6 +127,32 @@ def test_a_flipped_bit_in_a_queue_entry_is_never_applied_and_withholds_everythin
     assert serving.predict(["great fun"], run._executor(False).predict)["shards"] == [0, 1, 2]
 
 
+def test_a_shard_whose_actor_is_restarting_is_left_out_not_waited_for(trained):
+    """A lost node takes its shard actors with it until Ray restarts them elsewhere; the
+    executor answers None for those, and the ensemble answers from the others, saying which
+    were left out. With none left to answer, one line (HTTP 503)."""
+    from cluster.quarantine import Serving
+    from core.errors import Unavailable
+
+    store, run = trained
+    serving = Serving(store, "r")
+    local = run._executor(False).predict
+
+    def one_lost(entries, texts):
+        return [None if e.shard == 1 else answer for e, answer in zip(entries, local(entries, texts))]
+
+    out = serving.predict(["great fun", "dull"], one_lost)
+    assert out["shards"] == [0, 2] and out["unavailable"] == [1] and out["quarantined"] == []
+    assert "unavailable" not in serving.predict(["great fun"], local)
+    with pytest.raises(Unavailable, match=r"no shard can answer now: shards \[0, 1, 2\] are restarting"):
+        serving.predict(["great fun"], lambda entries, texts: [None] * len(entries))
+    coord = Coordinator(store, "r", window_s=3600)
+    coord.submit(ids=[run.manifest.shards[0].slices[0].ids[0]])  # shard 0 quarantined, shard 1 lost
+    out = serving.predict(["great fun"], one_lost)
+    assert out["shards"] == [2] and out["unavailable"] == [1] and out["quarantined"] == [0]
+    assert [r.status for r in Coordinator(store, "r").apply_due()] == ["done"]
+
+
 @pytest.mark.parametrize("damage", [b'"attempts": "x"', b'"units": [[0]]', b"rename"])
 def test_entries_of_the_wrong_shape_are_damaged_not_half_used(trained, damage):
     from cluster.requestlog import RequestLog, decode, encode

@@ -23,6 +23,7 @@ SHARDS = 4
 TINY = ["--model", "tiny", "--shards", str(SHARDS), "--slices", "2", "--max-length", "32", "--batch-size", "4",
         "--epochs", "3", "--labels", "neg,pos", "--seed", "5"]
 RECORDS = synthetic_records(160, owners_every=1)
+ACTOR_CPUS = ["--actor-cpus", "0.5"]  # all S fit on the nodes that remain after one is lost
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def cluster(seaweedfs, tmp_path_factory):
     client.create_bucket(Bucket=bucket)
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     where = tmp_path_factory.mktemp("multinode")
-    nodes = LocalCluster(where, head_cpus=1, worker_cpus=(1, 1), env=seaweedfs.env()).start()
+    # no CPUs on the head (as on a KubeRay head): the shards spread over the two workers, two
+    # each, so a lost worker takes one shard that retrains and one that only answers
+    nodes = LocalCluster(where, head_cpus=0, worker_cpus=(2, 2), env=seaweedfs.env()).start()
     state = {"nodes": nodes, "bucket": bucket, "store": f"s3://{bucket}/p", "client": client, "where": where,
              "deleted": set()}
     try:
@@ -72,11 +75,11 @@ def stored_digests(state) -> list[str]:
 
 def test_shards_spread_over_the_nodes_and_train_serve_delete_verify_work(cluster, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
-    cli(cluster, "train", "--data", data, "--run", "r", *TINY, timeout=600)
+    cli(cluster, "train", "--data", data, "--run", "r", *TINY, *ACTOR_CPUS, timeout=600)
     port = __import__("seaweedfs").free_port()
     env = {**cluster["nodes"].client_env(), "UNLEARN_RUNTIME": "ray"}
     log = str(cluster["where"] / "serve")
-    cluster["serve"] = proc = spawn("serve", "--run", "r", "--store", cluster["store"], "--port", str(port),
+    cluster["serve"] = proc = spawn("serve", "--run", "r", "--store", cluster["store"], "--port", str(port), *ACTOR_CPUS,
                                     log=log, env=env)
     cluster["base"], cluster["log"] = f"http://127.0.0.1:{port}", log
     wait_serving(cluster["base"], proc, log)
@@ -109,8 +112,9 @@ def test_a_worker_node_killed_during_a_retraining_loses_nothing(cluster, tmp_pat
 
     nodes: LocalCluster = cluster["nodes"]
     placement = cluster["placement"]
-    lost = next(n for n in nodes.workers if n.name in placement.values())
-    shard = next(k for k, n in placement.items() if n == lost.name)
+    hosted = {n.name: [k for k, where in placement.items() if where == n.name] for n in nodes.workers}
+    lost = max(nodes.workers, key=lambda n: len(hosted[n.name]))  # the worker with the most shards
+    shard, *others = hosted[lost.name]  # shard retrains the deletion; others only answer predictions
     victim = next(r for r in RECORDS if r.id not in cluster["deleted"]
                   and place(r.owner, 5, SHARDS, 2).shard == shard and place(r.owner, 5, SHARDS, 2).slice == 0)
     shard_actors(nodes, pause={"shard": shard, "point": "after-stage-0", "seconds": 300.0})
@@ -121,7 +125,7 @@ def test_a_worker_node_killed_during_a_retraining_loses_nothing(cluster, tmp_pat
         while not stop.is_set():
             t = time.monotonic()
             status, out = http(cluster["base"], "/predict", {"texts": ["great fun"]}, timeout=120)
-            answers.append((t, time.monotonic(), status, out.get("shards") if status == 200 else out))
+            answers.append((t, time.monotonic(), status, out))
             time.sleep(0.2)
 
     status, out = http(cluster["base"], "/delete", {"ids": [victim.id]})
@@ -141,16 +145,27 @@ def test_a_worker_node_killed_during_a_retraining_loses_nothing(cluster, tmp_pat
     asker.join(timeout=130)
 
     during = [a for a in answers if a[0] >= killed_at and a[1] <= done_at]
+    now = now_where(nodes)
+    print(f"node {lost.name} (shards {hosted[lost.name]}) killed; deletion done {done_at - killed_at:.1f} s later; "
+          f"{len(during)} answers meanwhile ({sum(a[2] == 200 for a in during)} of 200, "
+          f"{sum(bool(a[3].get('unavailable')) for a in during)} without restarting shards), slowest "
+          f"{max((a[1] - a[0] for a in during), default=0.0):.1f} s; placement now {now}")
     assert all(a[2] in (200, 503) for a in answers), answers
-    assert all(shard not in a[3] for a in during if a[2] == 200), during  # quarantine intact
+    assert all(shard not in a[3]["shards"] for a in during if a[2] == 200), during  # quarantine intact
     assert any(a[2] == 200 for a in during), answers  # answers kept coming while the node was gone
-    assert answers[-1][2] == 200 and answers[-1][3] == list(range(SHARDS)), answers[-1]
+    if others:  # a lost shard that was not retraining: left out while Ray restarts it, not waited for
+        assert any(set(others) <= set(a[3].get("unavailable", ())) for a in during if a[2] == 200), during
+    wait_until(lambda: http(cluster["base"], "/predict", {"texts": ["great fun"]})[1].get("shards")
+               == list(range(SHARDS)), 120, "every shard answering again")
 
-    now = {k: node_of(nodes, pid) for k, pid in shard_actors(nodes).items()}
     assert sorted(now) == list(range(SHARDS)) and lost.name not in now.values(), now
     retained = [r for r in RECORDS if r.id not in cluster["deleted"]]
     assert stored_digests(cluster) == digests_from_scratch(retained, tmp_path / "scratch")
     assert_gone_from_every_version(cluster, cluster["deleted"])
+
+
+def now_where(nodes) -> dict:
+    return {k: node_of(nodes, pid) for k, pid in shard_actors(nodes).items()}
 
 
 def assert_gone_from_every_version(state, deleted: set[str]) -> None:
