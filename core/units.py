@@ -142,6 +142,7 @@ class SplitManifest:
         self._entries = entries
         self._keys: list[str] | None = None  # unit object keys, once known
         self._summaries: list[dict] | None = None
+        self._pending: dict[str, bytes] = {}  # the bytes of the entries `seal` serialised
         self._source = None  # the store a manifest was read from
         self.key: str | None = None  # the manifest object's key, once read or committed
         self.stored_units: frozenset[str] = frozenset()  # unit keys known to be in the store
@@ -198,10 +199,13 @@ class SplitManifest:
             return  # not read: the keys as read
         run = self.run
         keys = []
+        self._pending = {}
         for entry in self._entries:
             key = None if rehash else CACHE.key_of(entry, run)
             if key is None:
-                key = unit_key(run, canonical(self.entry_json(entry)))
+                data = canonical(self.entry_json(entry))
+                key = unit_key(run, data)
+                self._pending[key] = data
                 CACHE.remember(entry, key)
             keys.append(key)
         self._keys = keys
@@ -210,7 +214,8 @@ class SplitManifest:
     def unit_objects(self) -> list[tuple[str, Callable[[], bytes]]]:
         """(key, bytes when asked) per unit, for a commit that writes the missing ones."""
         keys = self.unit_keys()
-        return [(k, (lambda e=e: canonical(self.entry_json(e)))) for k, e in zip(keys, self.units)]
+        return [(k, (lambda k=k, e=e: self._pending.get(k) or canonical(self.entry_json(e))))
+                for k, e in zip(keys, self.units)]
 
     def indexes(self) -> list[UnitIndex]:
         """Each unit's index, built once per unit object (cached by key)."""

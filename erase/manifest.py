@@ -9,7 +9,7 @@ object of its own (RUN/units/, see core/units.py).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from core.errors import UnlearnError
 from core.units import FORMAT, SplitManifest, check_format
@@ -57,8 +57,9 @@ class EraseManifest(SplitManifest):
         self.units = entries
 
     @staticmethod
-    def entry_json(entry: PartitionRecords) -> dict:
-        return asdict(entry)
+    def entry_json(entry: PartitionRecords) -> dict:  # asdict() would deep-copy the id lists
+        return {"partition": entry.partition, "data": entry.data, "state": entry.state, "ids": entry.ids,
+                "owners": entry.owners, "label_counts": entry.label_counts}
 
     @staticmethod
     def entry_from_json(p: dict) -> PartitionRecords:

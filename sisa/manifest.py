@@ -9,7 +9,7 @@ core/units.py), so a deletion rewrites the entries of the shards it touched only
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from core.errors import UnlearnError
 from core.units import FORMAT, SplitManifest, check_format
@@ -70,8 +70,10 @@ class Manifest(SplitManifest):
         self.units = entries
 
     @staticmethod
-    def entry_json(entry: ShardEntry) -> dict:
-        return asdict(entry)
+    def entry_json(entry: ShardEntry) -> dict:  # asdict() would deep-copy every id list
+        return {"shard": entry.shard, "checkpoints": entry.checkpoints, "stage_digests": entry.stage_digests,
+                "slices": [{"data": sl.data, "ids": sl.ids, "owners": sl.owners, "label_counts": sl.label_counts}
+                           for sl in entry.slices]}
 
     @staticmethod
     def entry_from_json(s: dict) -> ShardEntry:
