@@ -34,7 +34,6 @@ class Committed:
         self.store, self.run = store, run
         self._head: bytes | None = None
         self.manifest = None
-        self._held: set[str] | None = None
 
     def read(self):
         from .methods import open_run
@@ -51,14 +50,14 @@ class Committed:
                 except ObjectMissing:  # HEAD moved and the old manifest was purged in between
                     if attempt == 2:
                         raise
-            self._head, self._held = head, None
+            self._head = head
         return self.manifest
 
-    def held(self) -> set[str]:
-        """Ids of every record the committed state holds (ERASE: to tell a deleted example)."""
-        if self._held is None:
-            self._held = set(self.manifest.owners())
-        return self._held
+    def holds(self, ids) -> bool:
+        """Whether the committed state holds every one of `ids` (ERASE: to tell a deleted
+        example), from the per-unit indexes (built once per unit object, not per HEAD)."""
+        indexes = self.manifest.indexes()
+        return all(any(i in u.held for u in indexes) for i in ids)
 
 
 class Quarantine:
@@ -169,7 +168,7 @@ def predict_in_context(committed: Committed, quarantine: Quarantine, serve: Call
             after = quarantine.read()
             committed.read()
             used = set(out["examples"])
-            if not (used & after) and not (used and quarantine.damaged) and used <= committed.held():
+            if not (used & after) and not (used and quarantine.damaged) and committed.holds(used):
                 out["quarantined"] = withheld
                 return out
         if time.monotonic() > deadline:

@@ -5,14 +5,19 @@ Storage layout under the run's prefix (the method adds its own object prefixes):
     RUN/HEAD                      pointer to the current manifest (the commit)
     RUN/LOCK                      held while a command mutates the run (core/lock.py)
     RUN/locks/                    the lock's heartbeat and takeover claims
-    RUN/manifests/<sha256>.json   manifests
+    RUN/manifests/<sha256>.json   manifests: the run's settings, tombstones, and per unit (a
+                                  SISA shard, an ERASE partition) its object's key and summary
+    RUN/units/<sha256>.json       one unit's entry: its records' ids and owners, its objects' keys
+                                  (core/units.py; manifest format 1 held these inline)
     RUN/queue/<id>.json           deletion requests accepted and not yet applied (cluster/)
     RUN/requests/<id>.json        receipts of applied deletion requests (cluster/)
 
-Every mutation writes new objects, then a new manifest, then HEAD, and only then purges
-what the new manifest no longer references (every version of each object). A crash
+Every mutation writes new objects, then the unit objects that changed, then a new
+manifest, then HEAD, and only then purges what the new manifest no longer references
+(every version of each object: a superseded unit object lists deleted ids). A crash
 before HEAD leaves the previous state readable; a crash after it leaves garbage that the
-next mutation purges first.
+next mutation purges first. What a deletion writes and reads grows with the units it
+touches (and the number of units), not with the run's records.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .lock import RunLock, lock_key
 from .records import id_problem, quote
 from .store import Store
 from .tombstones import Resolver
+from .units import UNITS, SplitManifest, written
 
 
 def now_iso() -> str:
@@ -76,10 +82,11 @@ def run_method(store: Store, run: str) -> str:
 
 
 class StoredRun:
-    """Base of SisaRun and EraseRun: `manifest` has `.run` and `.dumps()`, and
-    `.referenced_keys()`; MANAGED names the sub-prefixes garbage collection owns."""
+    """Base of SisaRun and EraseRun: `manifest` is a core.units.SplitManifest (MANIFEST its
+    class); MANAGED names the sub-prefixes garbage collection owns."""
 
-    MANAGED: tuple[str, ...] = ("manifests/",)
+    MANAGED: tuple[str, ...] = ("manifests/", UNITS)
+    MANIFEST: type = SplitManifest
 
     def __init__(self, store: Store, manifest):
         self.store = store
@@ -91,13 +98,22 @@ class StoredRun:
     def name(self) -> str:
         return self.manifest.run
 
+    @classmethod
+    def read_head(cls, store: Store, run: str):
+        """The manifest HEAD names (its unit objects are read on first use)."""
+        mkey, data = read_manifest_json(store, run)
+        manifest = cls.MANIFEST.loads(data, f"{store.uri}/{mkey}", store)
+        manifest.key = mkey
+        return manifest
+
     def resolver(self) -> Resolver:
         """Resolves ids and owners against `manifest`; built once per manifest object (a
-        commit makes a new one, none is changed in place), so a batch of thousands of
-        requests costs one pass over the records, not one per request."""
+        commit makes a new one, none is changed in place) from the per-unit indexes, each
+        built once per unit object: a batch of thousands of requests costs no pass over
+        the records, and a commit that changed one shard re-indexes that shard alone."""
         if self._resolver is None or self._resolver[0] is not self.manifest:
             m = self.manifest
-            self._resolver = (m, Resolver(m.owners(), m.tombstones, m.salt))
+            self._resolver = (m, Resolver(m.indexes(), m.tombstones, m.salt))
         return self._resolver[1]
 
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
@@ -161,15 +177,25 @@ class StoredRun:
         return f"{self.name}/manifests/{sha256_hex(manifest.dumps())}.json"
 
     def _commit(self, manifest) -> int:
-        """Write the manifest, point HEAD at it (the commit), then purge everything the
-        new manifest does not reference. A failed purge does not undo the commit: it is
-        reported, and the next mutating command finishes it."""
-        mkey = self._manifest_key(manifest)
-        self.store.put(mkey, manifest.dumps())
+        """Write the unit objects the store lacks (those of the units that changed), the
+        manifest, point HEAD at it (the commit), then purge everything the new manifest
+        does not reference. A failed purge does not undo the commit: it is reported, and
+        the next mutating command finishes it."""
+        again = manifest is self.manifest  # re-committing the object held: rehash every unit
+        manifest.seal(rehash=again)
+        present = frozenset() if again else self.manifest.stored_units
+        for (key, data), entry in zip(manifest.unit_objects(), manifest.units):
+            if key not in present:
+                self.store.put(key, data())
+                written(self.store, key, entry)
+        data = manifest.dumps()
+        mkey = f"{self.name}/manifests/{sha256_hex(data)}.json"
+        self.store.put(mkey, data)
         lock = getattr(self, "_lock", None)
         if lock is not None:
             lock.check()  # fenced: never commit after another process took the lock over
         self.store.put(head_key(self.name), json.dumps({"manifest": mkey}).encode())
+        manifest.key, manifest.stored_units = mkey, frozenset(manifest.unit_keys())
         self.manifest = manifest
         try:
             self.store.prune_versions(head_key(self.name))
@@ -182,7 +208,7 @@ class StoredRun:
     def _collect_garbage(self) -> int:
         """Purge every object (and object version) under the managed prefixes that the
         current manifest does not reference. Call only while holding the run lock."""
-        keep = self.manifest.referenced_keys() | {self._manifest_key(self.manifest)}
+        keep = self.manifest.referenced_keys() | {self.manifest.key or self._manifest_key(self.manifest)}
         purged = 0
         for sub in self.MANAGED:
             for key in self.store.list_all(f"{self.name}/{sub}"):

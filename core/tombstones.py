@@ -9,7 +9,6 @@ guessed id). Shared by every method (SISA, ERASE).
 from __future__ import annotations
 
 import hmac
-from collections import defaultdict
 from typing import Iterable
 
 from .records import quote
@@ -20,17 +19,30 @@ def tombstone(salt: str, kind: str, value: str) -> str:
 
 
 class Resolver:
-    """What ids and owners name, for one committed state: built once (O(records)), then
-    each request resolves in O(its own size). A coordinator accepting thousands of requests
-    against a large run cannot afford to rebuild the owner table per request."""
+    """What ids and owners name, for one committed state: each request resolves in O(its
+    own size x units). `held` is either every retained id -> owner (one table), or the
+    per-unit indexes of a split manifest (core/units.py: built once per unit object and
+    cached, so a commit that changed one shard rebuilds one shard's table, not the run's).
+    A coordinator accepting thousands of requests against a large run cannot afford to
+    rebuild the owner table per request, nor per commit."""
 
-    def __init__(self, held: dict[str, str], tombstones: Iterable[str], salt: str):
-        self.held = held
-        self.by_owner: dict[str, list[str]] = defaultdict(list)
-        for rid, owner in held.items():
-            self.by_owner[owner].append(rid)
+    def __init__(self, held, tombstones: Iterable[str], salt: str):
+        from .units import UnitIndex
+
+        self.units: list[UnitIndex] = [UnitIndex((rid, owner, 0) for rid, owner in held.items())] \
+            if isinstance(held, dict) else list(held)
         self.tombs = set(tombstones)
         self.salt = salt
+
+    def holds(self, rid: str) -> bool:
+        return any(rid in u.held for u in self.units)
+
+    def ids_of(self, owner: str) -> list[str]:
+        """The held ids of `owner` (every unit: an ERASE owner spans partitions)."""
+        return [rid for u in self.units for rid in u.by_owner.get(owner, ())]
+
+    def owners_held(self, owners: Iterable[str]) -> set[str]:
+        return {o for o in owners if any(o in u.by_owner for u in self.units)}
 
     def resolve(self, ids: Iterable[str] = (), owners: Iterable[str] = ()) -> tuple[set[str], list[str], list[str]]:
         """(ids to remove, requested ids/owners already deleted earlier, unknown ones quoted
@@ -38,10 +50,11 @@ class Resolver:
         targets: set[str] = set()
         already: list[str] = []
         unknown: list[str] = []
-        for kind, values, table in (("id", ids, None), ("owner", owners, self.by_owner)):
+        for kind, values in (("id", ids), ("owner", owners)):
             for v in values:
-                if (v in self.held) if table is None else (v in table):
-                    targets.update([v] if table is None else table[v])
+                found = ([v] if self.holds(v) else []) if kind == "id" else self.ids_of(v)
+                if found:
+                    targets.update(found)
                 elif tombstone(self.salt, kind, v) in self.tombs:
                     already.append(v)
                 else:

@@ -7,8 +7,11 @@ A deletion loads that state, runs the certificate (re-clustering only where it f
 rewrites the affected partitions' record objects and the state, commits, and purges
 every superseded object: the deleted texts and their embeddings included.
 
-Besides HEAD and manifests (`core/stored_run.py`) the run stores:
+Besides HEAD, manifests and one unit object per partition (`core/stored_run.py`,
+`core/units.py`) the run stores:
 
+    RUN/units/<sha256>.json               one partition's entry: its data and state keys,
+                                          its records' ids and owners, label counts
     RUN/data/<sha256>.jsonl               records of one partition, content-addressed
     RUN/state/<sha256>.safetensors        one partition's clustering state with its records'
                                           fixed-point embeddings; and the head (roots, selection)
@@ -33,8 +36,9 @@ from core.receipts import DeletionReceipt, not_found
 from core.records import Record, quote, with_labels
 from core.slices import decode_slice, encode_slice
 from core.store import Store
-from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json
+from core.stored_run import StoredRun, check_run_name, now_iso
 from core.tombstones import after_deletion
+from core.units import UNITS
 
 from .config import EraseConfig
 from .manifest import EraseManifest, PartitionRecords
@@ -76,7 +80,8 @@ def leaf_partition(key: str) -> int:
 
 
 class EraseRun(StoredRun):
-    MANAGED = ("manifests/", "data/", "state/")
+    MANAGED = ("manifests/", UNITS, "data/", "state/")
+    MANIFEST = EraseManifest
 
     def __init__(self, store: Store, manifest: EraseManifest, pool=None):
         super().__init__(store, manifest)
@@ -88,11 +93,6 @@ class EraseRun(StoredRun):
     @property
     def config(self) -> EraseConfig:
         return self.manifest.config
-
-    @classmethod
-    def read_head(cls, store: Store, run: str) -> EraseManifest:
-        mkey, data = read_manifest_json(store, run)
-        return EraseManifest.loads(data, f"{store.uri}/{mkey}")
 
     @classmethod
     def open(cls, store: Store, run: str, pool=None) -> "EraseRun":
@@ -161,10 +161,11 @@ class EraseRun(StoredRun):
     def records(self, ids: Iterable[str] | None = None) -> list[Record]:
         """Retained records (all, or those named), read from their partitions' objects."""
         wanted = None if ids is None else set(ids)
+        parts = self.manifest.partitions
+        if wanted is not None:  # only the partitions the ids hash to (never a scan of every id)
+            parts = [parts[p] for p in sorted({partition_of(self.config, rid) for rid in wanted})]
         out = []
-        for entry in self.manifest.partitions:
-            if wanted is not None and not wanted.intersection(entry.ids):
-                continue
+        for entry in parts:
             out.extend(r for r in self.load_partition(entry) if wanted is None or r.id in wanted)
         return out
 
@@ -290,7 +291,7 @@ class EraseRun(StoredRun):
                 run=old.run, config=old.config, partitions=partitions, state=state,
                 selected_ids=prompt_order(old.config.seed, model.selected_ids), digest=model.digest(),
                 salt=old.salt, tombstones=after_deletion(old.salt, old.tombstones, targets, owners,
-                                                         set(old.owners().values())),
+                                                         self.resolver().owners_held(owners)),
                 stats=stats, version=old.version + 1, created=old.created, updated=now_iso())
             receipt.purged_objects = self._commit(new)
         except BaseException:
@@ -373,8 +374,8 @@ class EraseRun(StoredRun):
             "created": m.created, "updated": m.updated, "records": m.records,
             "deleted_items": len(m.tombstones), "config": m.config.to_json(),
             "selected_ids": list(m.selected_ids), "digest": m.digest, "stats": dict(m.stats),
-            "partitions": [{"partition": p.partition, "records": len(p.ids), "labels": p.label_counts}
-                           for p in m.partitions],
+            "partitions": [{"partition": s["partition"], "records": s["records"], "labels": s["labels"]}
+                           for s in m.summaries()],  # from the manifest alone: no partition object is read
         }
 
     def examples(self, exclude: Iterable[str] = ()) -> list[tuple[str, str]]:

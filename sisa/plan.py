@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from core.keys import keyed_hash, sha256_hex
 from core.records import quote
@@ -120,11 +120,16 @@ def locate(layout: Layout) -> dict[str, Placement]:
 def plan_deletion(layout: Layout, ids: Iterable[str]) -> list[ShardDeletion]:
     """Which shards a deletion touches and from which stage each must be retrained.
     Ids not in the layout are ignored here; the caller decides whether that is an error."""
-    where = locate(layout)
+    return plan_located(locate(layout).get, ids)
+
+
+def plan_located(where: Callable[[str], Placement | None], ids: Iterable[str]) -> list[ShardDeletion]:
+    """`plan_deletion` with `where(id)` telling each id's placement (None: not held), so a
+    run need not build a table of every record (sisa/run.py asks the per-shard indexes)."""
     per_shard: dict[int, list[str]] = {}
     first: dict[int, int] = {}
     for rid in set(ids):
-        p = where.get(rid)
+        p = where(rid)
         if p is None:
             continue
         per_shard.setdefault(p.shard, []).append(rid)

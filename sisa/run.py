@@ -2,11 +2,17 @@
 
 The run owns the manifest and the commit; the per-shard work goes through an
 executor (`sisa/shard.py`): in this process by default (no Ray, usable from a
-notebook), or in Ray shard actors (`cluster/`). Besides HEAD and manifests (see
-`stored_run.py` for the commit and the purge), the run stores under its prefix:
+notebook), or in Ray shard actors (`cluster/`). Besides HEAD, manifests and one unit
+object per shard (see `stored_run.py` for the commit and the purge, `core/units.py` for the
+shard objects), the run stores under its prefix:
 
+    RUN/units/<sha256>.json               one shard's entry: per slice its data key, ids,
+                                          owners, label counts; its checkpoints and digests
     RUN/data/<sha256>.jsonl               records of one slice, content-addressed
     RUN/ckpt/<shard>/<stage>-<key>.safetensors   state after a stage; key = checkpoint_key()
+
+A deletion rewrites the objects of the shards it touches, their shard objects, the
+manifest (settings, tombstones, and a key and summary per shard) and HEAD.
 """
 from __future__ import annotations
 
@@ -23,11 +29,13 @@ from core.records import Record, quote, with_labels
 from core.store import Store
 from core.stored_run import StoredRun, check_run_name, now_iso, read_manifest_json  # noqa: F401 (re-export)
 from core.tombstones import after_deletion
+from core.units import UNITS, locate
 
 from .aggregate import aggregate, vote_counts
 from .config import SisaConfig
 from .manifest import Manifest
-from .plan import apply_deletion, build_layout, placement_problems, plan_deletion, retrain_fraction, stage_ids
+from .plan import (Placement, ShardDeletion, build_layout, placement_problems, plan_located, retrain_fraction,
+                   stage_ids)
 from .shard import Executor, LocalExecutor, RetrainJob, TrainJob, get_trainer  # noqa: F401 (re-export)
 
 
@@ -52,12 +60,12 @@ def format_predictions(manifest: Manifest, texts: Sequence[str], shards: Sequenc
 
 
 class SisaRun(StoredRun):
-    MANAGED = ("manifests/", "data/", "ckpt/")
+    MANAGED = ("manifests/", UNITS, "data/", "ckpt/")
+    MANIFEST = Manifest
 
     def __init__(self, store: Store, manifest: Manifest, executor: Executor | None = None):
         super().__init__(store, manifest)
         self.executor = executor
-        self._shard_of: tuple[Manifest, dict[str, int]] | None = None
 
     @property
     def config(self) -> SisaConfig:
@@ -65,11 +73,6 @@ class SisaRun(StoredRun):
 
     def _executor(self, progress: bool) -> Executor:
         return self.executor or LocalExecutor(self.store, self.name, self.config, progress)
-
-    @classmethod
-    def read_head(cls, store: Store, run: str) -> Manifest:
-        mkey, data = read_manifest_json(store, run)
-        return Manifest.loads(data, f"{store.uri}/{mkey}")
 
     @classmethod
     def open(cls, store: Store, run: str, executor: Executor | None = None) -> "SisaRun":
@@ -138,13 +141,18 @@ class SisaRun(StoredRun):
 
     # -- deletion ------------------------------------------------------------------
     def units_of(self, targets: Iterable[str]) -> list[int]:
-        """The shards whose models hold any of `targets` (what a deletion must retrain).
-        The record -> shard table is built once per manifest object, like the resolver."""
-        if self._shard_of is None or self._shard_of[0] is not self.manifest:
-            self._shard_of = (self.manifest, {rid: s.shard for s in self.manifest.shards for sl in s.slices
-                                               for rid in sl.ids})
-        where = self._shard_of[1]
-        return sorted({where[t] for t in targets if t in where})
+        """The shards whose models hold any of `targets` (what a deletion must retrain),
+        from the per-shard indexes (built once per shard object, like the resolver's)."""
+        return sorted({d.shard for d in self._plan(targets)})
+
+    def _plan(self, targets: Iterable[str]) -> list[ShardDeletion]:
+        indexes = self.manifest.indexes()
+
+        def where(rid: str) -> Placement | None:
+            found = locate(indexes, rid)
+            return None if found is None else Placement(self.manifest.shards[found[0]].shard, found[1])
+
+        return plan_located(where, targets)
 
     def quarantine_of(self, targets: Iterable[str]) -> list[int]:
         """What may not answer predictions once the deletion of `targets` is acknowledged."""
@@ -166,7 +174,7 @@ class SisaRun(StoredRun):
             raise UnlearnError(f"run {quote(self.name)}: unknown {unknown[0]}{more}; nothing was deleted")
         self._collect_garbage()  # leftovers of an interrupted command go first
         old = self.manifest
-        plan = plan_deletion(old.layout(), targets)
+        plan = self._plan(targets)
         receipt = DeletionReceipt(run=self.name, ids=sorted(targets), already_deleted=already, shards=[],
                                   stages_redone={}, digests={}, retrain_fraction=0.0, purged_objects=0,
                                   version=old.version, seconds=0.0, not_found=not_found(ids, owners, unknown))
@@ -174,7 +182,6 @@ class SisaRun(StoredRun):
             receipt.seconds = round(time.perf_counter() - t0, 3)
             return receipt
         R = self.config.slices
-        new_layout = apply_deletion(old.layout(), targets)
         jobs = [RetrainJob(old.shards[d.shard], d.removed, d.first_stage) for d in plan]
         try:
             entries = self._executor(progress).retrain(jobs)
@@ -187,7 +194,7 @@ class SisaRun(StoredRun):
             receipt.shards.append(d.shard)
             receipt.stages_redone[str(d.shard)] = list(range(d.first_stage, R))
             receipt.digests[str(d.shard)] = {"before": old.shards[d.shard].digest, "after": entry.digest}
-        tombs = after_deletion(old.salt, old.tombstones, targets, owners, set(old.owners().values()))
+        tombs = after_deletion(old.salt, old.tombstones, targets, owners, self.resolver().owners_held(owners))
         new = Manifest(run=old.run, config=old.config, shards=shards, salt=old.salt, tombstones=tombs,
                        version=old.version + 1, created=old.created, updated=now_iso())
         remaining = new.labels_held()
@@ -200,7 +207,7 @@ class SisaRun(StoredRun):
         receipt.purged_objects = self._commit(new)
         receipt.version = new.version
         if self.config.approx is None:
-            redone = [len(stage_ids(new_layout[d.shard], j)) for d in plan for j in range(d.first_stage, R)]
+            redone = [len(stage_ids(new.shards[d.shard].layout(), j)) for d in plan for j in range(d.first_stage, R)]
             receipt.retrain_fraction = round(retrain_fraction(redone, R, new.records), 6)
         else:  # nothing was retrained: the model was changed in place
             receipt.stages_redone = {}
@@ -241,8 +248,8 @@ class SisaRun(StoredRun):
             "created": m.created, "updated": m.updated, "records": m.records,
             "deleted_items": len(m.tombstones), "config": m.config.to_json(),
             **({"approximate": APPROXIMATE.format(method=self.config.approx.method)} if self.config.approx else {}),
-            "shards": [{"shard": s.shard, "records": s.records, "slices": [len(sl.ids) for sl in s.slices],
-                        "digest": s.digest} for s in m.shards],
+            "shards": [{"shard": s["shard"], "records": s["records"], "slices": s["slices"], "digest": s["digest"]}
+                       for s in m.summaries()],  # from the manifest alone: no shard object is read
         }
 
     def shard_probabilities(self, texts: Sequence[str]) -> tuple[list[int], np.ndarray]:
