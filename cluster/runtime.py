@@ -371,11 +371,13 @@ class RayExecutor:
         self.store, self.run, self.config, self.progress = store, run, config, progress
         self.share_base = share_base
         self._shared_ref = None
-        resources = ray.cluster_resources()
-        if actor_cpus is None:
-            actor_cpus = actor_share(node_cpus(), config.shards)
+        nodes = node_resources()[1] or [ray.cluster_resources()]
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0.0) > 0]
+        if actor_cpus is None:  # a cuda run's actors go where GPUs are: count those nodes' CPUs
+            on = gpu_nodes if config.device != "cpu" and gpu_nodes else nodes
+            actor_cpus = actor_share([n.get("CPU", 0.0) for n in on] or [1.0], config.shards)
         self.actor_cpus = actor_cpus
-        self.actor_gpus = actor_gpus_for(config, resources.get("GPU", 0.0), actor_gpus)
+        self.actor_gpus = actor_gpus_for(config, [n.get("GPU", 0.0) for n in nodes], actor_gpus)
         self._actors: dict[int, object] = {}
         # a coordinator actor is threaded (answers while it applies): two threads creating
         # one actor would drop a handle (Ray then destroys the actor), and two threads
@@ -461,9 +463,12 @@ class RayExecutor:
                           poll_s: float = 0.5) -> list[tuple[str, np.ndarray] | None]:
         """`predict`, for serving: a shard whose actor Ray is restarting (its node was lost,
         or it crashed) is answered None instead of waited for; the ensemble answers from
-        the others meanwhile. A shard that is only slow (a cold model, a long batch) is
-        waited for: only Ray's own word that the actor is not alive leaves it out. Until
-        Ray notices a lost node (its health checks, seconds), calls to it just wait."""
+        the others meanwhile. A shard that is only slow (a cold model, a long batch, an
+        actor still being created for the first time) is waited for: only Ray's own word
+        that the actor is restarting leaves it out. Until Ray notices a lost node (its
+        health checks, seconds), calls to it just wait. A dead actor is not left out: its
+        call fails, as `predict`'s does. The call left behind is cancelled, so a long outage
+        under load does not pile up stale predictions for the actor's return."""
         import ray
 
         self._ensure([e.shard for e in entries])
@@ -476,8 +481,12 @@ class RayExecutor:
             for ref in done:
                 out[pending.pop(ref)] = ray_get(ref)
             for ref, i in list(pending.items()):
-                if actor_state(self.actor(entries[i].shard)) != "ALIVE":  # RESTARTING, PENDING_CREATION, DEAD
-                    del pending[ref]  # left to run when the actor is back; its answer is not used
+                if actor_state(self.actor(entries[i].shard)) in UNAVAILABLE_STATES:
+                    del pending[ref]  # its answer is not used
+                    try:
+                        ray.cancel(ref)  # not run when the actor is back (Ray retries actor tasks)
+                    except Exception:
+                        pass
         return out
 
     def next_token_probs(self, entries: Sequence[ShardEntry], sequences: Sequence[list[int]]) -> list[tuple[str, np.ndarray]]:
@@ -487,6 +496,13 @@ class RayExecutor:
         self._ensure([e.shard for e in entries])
         ref = ray.put([list(s) for s in sequences])
         return [ray_get(r) for r in [self.actor(e.shard).next_token_probs.remote(e, ref) for e in entries]]
+
+
+# Ray's actor states that leave a shard out of a prediction: the actor existed and Ray is
+# bringing it back (a crash, a lost node). Not PENDING_CREATION / DEPENDENCIES_UNREADY: a
+# shard actor being created for the first time (a server just started) is waited for, or
+# the first answers would silently come from part of the ensemble. Not DEAD: its call fails.
+UNAVAILABLE_STATES = frozenset({"RESTARTING"})
 
 
 def actor_state(handle) -> str:
@@ -500,20 +516,25 @@ def actor_state(handle) -> str:
         return "ALIVE"
 
 
-def actor_gpus_for(config: SisaConfig, cluster_gpus: float, requested: float | None) -> float:
+def actor_gpus_for(config: SisaConfig, cluster_gpus: float | Sequence[float], requested: float | None) -> float:
     """GPUs reserved per shard actor: none for a CPU run; for a `cuda` run the requested
-    share, by default an equal share of the cluster's GPUs (at most one per actor).
-    Ray places an actor only where its GPU share fits, and hands it CUDA_VISIBLE_DEVICES."""
+    share, by default an equal share of the GPUs (at most one per actor). `cluster_gpus`
+    is one amount, or one per node: an actor's share must fit on one node (two nodes of one
+    GPU hold three actors of 0.5, not of 0.6666). Ray places an actor only where its GPU
+    share fits, and hands it CUDA_VISIBLE_DEVICES."""
     if config.device == "cpu":
         if requested:
             raise UnlearnError(f"--actor-gpus {requested:g}: this run trains on the CPU; "
                                f"train it with --device cuda to use GPUs")
         return 0.0
-    if cluster_gpus <= 0:
+    nodes = [float(cluster_gpus)] if isinstance(cluster_gpus, (int, float)) else [float(g) for g in cluster_gpus]
+    if sum(nodes) <= 0:
         raise UnlearnError("this run trains on device cuda, but the Ray cluster has no GPUs")
-    gpus = requested if requested is not None else actor_share(cluster_gpus, config.shards)
-    if not 0 < gpus <= cluster_gpus:
-        raise UnlearnError(f"--actor-gpus {gpus:g}: must be > 0 and at most the cluster's {cluster_gpus:g} GPUs")
+    gpus = requested if requested is not None else actor_share(nodes, config.shards)
+    most = max(nodes)
+    if not 0 < gpus <= most:
+        where = f"the cluster's {most:g} GPUs" if len(nodes) == 1 else f"the {most:g} GPUs of the largest node"
+        raise UnlearnError(f"--actor-gpus {gpus:g}: must be > 0 and at most {where}")
     return gpus
 
 

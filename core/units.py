@@ -23,6 +23,7 @@ builds new entries for the units it touches and keeps the others as they are).
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Iterable, Sequence
@@ -254,6 +255,11 @@ class SplitManifest:
                 raise TypeError("'units' must be a list of {key, summary}")
             if store is None:
                 raise UnlearnError(f"{where}: a split manifest is read from its store")
+            named = re.compile(re.escape(f"{self.run}/{UNITS}") + r"[0-9a-f]{64}\.json")
+            for u in units:  # only a content-addressed name of this run: the store checks its bytes on read
+                if not named.fullmatch(u["key"]):
+                    raise UnlearnError(f"{where}: {self.UNIT_NAME} object key {u['key']!r} is not "
+                                       f"{self.run}/{UNITS}<sha256>.json")
             self._keys = [u["key"] for u in units]
             self._summaries = [u["summary"] for u in units]
             self._source = store

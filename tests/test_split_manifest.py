@@ -61,6 +61,14 @@ def head_json(store, run="r") -> dict:
     return json.loads(store.get(json.loads(store.get(f"{run}/HEAD"))["manifest"]))
 
 
+def point_head_at(store, top: dict, run: str = "r") -> None:
+    """Write manifest JSON `top` under its content address and point HEAD at it."""
+    blob = json.dumps(top).encode()
+    mkey = f"{run}/manifests/{sha256_hex(blob)}.json"
+    store.put(mkey, blob)
+    store.put(f"{run}/HEAD", json.dumps({"manifest": mkey}).encode())
+
+
 def files(store) -> dict[str, bytes]:
     out = {}
     for key in store.list_all("r/"):
@@ -216,10 +224,7 @@ def test_a_damaged_unit_object_is_one_line_naming_it(store, capsys, damage):
         key = f"r/{UNITS}{sha256_hex(data)}.json"
         store.put(key, data)
         top["units"][1]["key"] = key
-        blob = json.dumps(top).encode()
-        mkey = f"r/manifests/{sha256_hex(blob)}.json"
-        store.put(mkey, blob)
-        store.put("r/HEAD", json.dumps({"manifest": mkey}).encode())
+        point_head_at(store, top)
     error = {"flip": IntegrityError, "missing": ObjectMissing, "not an entry": UnlearnError}[damage]
     with pytest.raises(error) as err:
         SisaRun.open(store, "r").delete(ids=["r0000"])
@@ -230,6 +235,25 @@ def test_a_damaged_unit_object_is_one_line_naming_it(store, capsys, damage):
     lines = [line for line in err.splitlines() if line.startswith("unlearn: error: ")]
     assert len(lines) == 1 and key in lines[0] and "Traceback" not in err, err
     assert main(["status", "--run", "r", "--store", store.root, "--json"]) == 0  # the summary is in the manifest
+
+
+@pytest.mark.parametrize("name", ["r/units/edited.json", "other/units/{sha}.json", "r/ckpt/{sha}.json"])
+def test_a_unit_key_that_is_not_this_runs_content_address_is_refused(store, name):
+    """The store checks a unit object's bytes only against a `<sha256>.json` name: a manifest
+    naming a unit any other way (an edited object under a plain name, another run's object
+    that its garbage collection may purge, an object of another folder) was read unchecked."""
+    top = head_json(store)
+    entry = json.loads(store.get(top["units"][1]["key"]))
+    entry["slices"][0]["ids"] = entry["slices"][0]["ids"][1:]  # the content the key does not name
+    entry["slices"][0]["owners"] = entry["slices"][0]["owners"][1:]
+    data = json.dumps(entry).encode()
+    key = name.format(sha=sha256_hex(data))
+    store.put(key, data)
+    top["units"][1]["key"] = key
+    point_head_at(store, top)
+    with pytest.raises(UnlearnError, match="is not r/units/<sha256>.json") as err:
+        SisaRun.open(store, "r").manifest.owners()
+    assert key in str(err.value) and "\n" not in str(err.value)
 
 
 def test_superseded_unit_objects_leave_no_version_behind(moto_server, tmp_path):
