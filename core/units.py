@@ -23,6 +23,7 @@ builds new entries for the units it touches and keeps the others as they are).
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import OrderedDict, defaultdict
@@ -69,41 +70,64 @@ class UnitIndex:
 
 
 class _Bounded:
-    """A small thread-safe LRU map."""
+    """A thread-safe LRU map bounded by the records its values hold, not by their number: a
+    superseded unit of a 1M-record run holds megabytes (its ids in memory too), so a bound
+    by count would let a long-lived coordinator grow by gigabytes. The newest value stays
+    even if it alone is over the budget."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self._d: OrderedDict = OrderedDict()
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.weight = 0
+        self._d: OrderedDict = OrderedDict()  # key -> (value, weight)
         self._lock = threading.Lock()
 
     def get(self, key):
         with self._lock:
-            value = self._d.get(key)
-            if value is not None:
-                self._d.move_to_end(key)
-            return value
-
-    def put(self, key, value) -> None:
-        with self._lock:
-            self._d[key] = value
+            hit = self._d.get(key)
+            if hit is None:
+                return None
             self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            return hit[0]
+
+    def put(self, key, value, weight: int = 1) -> None:
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.weight -= old[1]
+            self._d[key] = (value, weight)
+            self.weight += weight
+            while self.weight > self.budget and len(self._d) > 1:
+                _, (_, w) = self._d.popitem(last=False)
+                self.weight -= w
 
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
+            self.weight = 0
+
+
+def records_in(entry) -> int:
+    """The records a unit entry holds (SISA: `.records`; ERASE: its `ids`), plus one."""
+    n = getattr(entry, "records", None)
+    return 1 + (n if isinstance(n, int) else len(getattr(entry, "ids", ()) or ()))
+
+
+# The cache's budget, in records, per map: the units of a run of up to half of it and the
+# superseded versions of its shards in the other half (about 1 KB of memory per record
+# for entries and indexes together). Set it to at least twice the run's records: a run
+# larger than the budget is read from the store again and again (right, but slow).
+CACHE_RECORDS = int(os.environ.get("UNLEARN_UNIT_CACHE_RECORDS", "2000000"))
 
 
 class UnitCache:
     """Process-wide: parsed entries by (store, key); the key an entry object serialises to,
     by the object's identity (the cache holds the object, so its id is not reused); each
-    unit's index by key."""
+    unit's index by key. Each map is bounded by the records it holds (CACHE_RECORDS)."""
 
-    def __init__(self, size: int = 8192):
-        self.entries = _Bounded(size)
-        self.keys = _Bounded(size)
-        self.indexes = _Bounded(size)
+    def __init__(self, budget: int = CACHE_RECORDS):
+        self.entries = _Bounded(budget)
+        self.keys = _Bounded(budget)
+        self.indexes = _Bounded(budget)
 
     def key_of(self, entry, run: str) -> str | None:
         hit = self.keys.get(id(entry))
@@ -112,7 +136,11 @@ class UnitCache:
         return None
 
     def remember(self, entry, key: str) -> None:
-        self.keys.put(id(entry), (entry, key))
+        self.keys.put(id(entry), (entry, key), records_in(entry))
+
+    def keep(self, store, key: str, entry) -> None:
+        self.entries.put((store.uri, key), entry, records_in(entry))
+        self.remember(entry, key)
 
     def clear(self) -> None:
         self.entries.clear()
@@ -225,7 +253,7 @@ class SplitManifest:
             index = CACHE.indexes.get(key)
             if index is None:
                 index = UnitIndex(self.index_rows(entry))
-                CACHE.indexes.put(key, index)
+                CACHE.indexes.put(key, index, 1 + len(index.held))
             out.append(index)
         return out
 
@@ -281,15 +309,13 @@ def read_unit(store, where: str, key: str, parse: Callable[[dict], Any], what: s
         entry = parse(json.loads(data))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UnlearnError(f"{store.uri}/{key}: unreadable {what} object ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    CACHE.entries.put((store.uri, key), entry)
-    CACHE.remember(entry, key)
+    CACHE.keep(store, key, entry)
     return entry
 
 
 def written(store, key: str, entry) -> None:
     """Record that `entry` is in `store` under `key` (the commit that wrote it)."""
-    CACHE.entries.put((store.uri, key), entry)
-    CACHE.remember(entry, key)
+    CACHE.keep(store, key, entry)
 
 
 def locate(indexes: Sequence[UnitIndex], rid: str) -> tuple[int, int] | None:

@@ -13,7 +13,10 @@ from sisa.config import SisaConfig
 from sisa.run import SisaRun
 from core.store import LocalStore
 
-pytestmark = pytest.mark.integration
+# slow (make test-all): tests/test_multinode.py kills shard actors mid-retraining (with
+# their node) and the coordinator while it applies (with the head), on three nodes, and the
+# crash points of a stage are tested in-process (test_durability, test_approx)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CFG = SisaConfig(shards=4, slices=3, model="tiny", epochs="4", batch_size=2, max_length=32, seed=9,
                  labels=("neg", "pos"))

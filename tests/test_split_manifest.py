@@ -94,6 +94,29 @@ def test_the_manifest_names_one_object_per_shard_and_holds_no_record_ids(store):
                                    "slices": [len(s.ids) for s in entry.slices], "digest": entry.digest}
 
 
+def test_the_unit_cache_is_bounded_by_records_and_stays_right_when_too_small(store, monkeypatch):
+    """Reviewed: bounded by 8,192 entries, a long-lived coordinator of a 1M-record run could
+    hold gigabytes of superseded units (deleted ids among them, in memory). Bounded by
+    records, the oldest go first; a budget below the run's size only costs reads."""
+    from core import units
+    from core.units import _Bounded
+
+    lru = _Bounded(10)
+    for k, w in (("a", 4), ("b", 4), ("c", 4)):
+        lru.put(k, k.upper(), w)
+    assert lru.get("a") is None and lru.get("b") == "B" and lru.get("c") == "C" and lru.weight == 8
+    lru.put("huge", "H", 50)  # over the budget alone: kept, everything older goes
+    assert lru.get("huge") == "H" and lru.get("b") is None and lru.weight == 50
+
+    monkeypatch.setattr(units, "CACHE", units.UnitCache(budget=5))  # below one shard's 16 records
+    run = SisaRun.open(store, "r")
+    victim = run.manifest.shards[1].slices[0].ids[0]
+    run.delete(ids=[victim])
+    again = SisaRun.open(store, "r")
+    assert victim not in again.manifest.owners() and again.resolve(ids=[victim])[1] == [victim]
+    assert all(m.weight <= 5 or len(m._d) == 1 for m in (units.CACHE.entries, units.CACHE.keys, units.CACHE.indexes))
+
+
 def test_status_reads_no_unit_object(store):
     class NoUnits(LocalStore):
         def get(self, key):
