@@ -19,7 +19,7 @@ from proc_helpers import http, kill_session, run_cli, sockets_of, spawn, wait_se
 
 pytestmark = pytest.mark.integration
 
-SHARDS = 4
+SHARDS = 3  # over two workers: two on one (the one lost), one on the other
 TINY = ["--model", "tiny", "--shards", str(SHARDS), "--slices", "2", "--max-length", "32", "--batch-size", "4",
         "--epochs", "3", "--labels", "neg,pos", "--seed", "5"]
 RECORDS = synthetic_records(160, owners_every=1)
@@ -35,8 +35,9 @@ def cluster(seaweedfs, tmp_path_factory):
     client.create_bucket(Bucket=bucket)
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     where = tmp_path_factory.mktemp("multinode")
-    # no CPUs on the head (as on a KubeRay head): the shards spread over the two workers, two
-    # each, so a lost worker takes one shard that retrains and one that only answers
+    # no CPUs on the head (as on a KubeRay head): the shards spread over the two workers, so
+    # the worker with two of them, when lost, takes one shard that retrains and one that only
+    # answers
     nodes = LocalCluster(where, head_cpus=0, worker_cpus=(2, 2), env=seaweedfs.env()).start()
     state = {"nodes": nodes, "bucket": bucket, "store": f"s3://{bucket}/p", "client": client, "where": where,
              "deleted": set()}
@@ -205,7 +206,7 @@ def test_the_head_lost_takes_the_cluster_and_the_log_survives_it(cluster, tmp_pa
         nodes.kill(node)
     kill_session(cluster.pop("serve"))
 
-    fresh = LocalCluster(cluster["where"] / "again", head_cpus=1, worker_cpus=(1,), env=nodes.extra).start()
+    fresh = LocalCluster(cluster["where"] / "again", head_cpus=2, worker_cpus=(), env=nodes.extra).start()
     cluster["nodes"] = fresh  # the fixture stops this one
     nodes.stop()
     cli(cluster, "resume", "--run", "r", timeout=400)  # waits out the dead coordinator's lock lease

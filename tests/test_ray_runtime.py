@@ -11,6 +11,7 @@ pytestmark = pytest.mark.integration
 CFG = SisaConfig(shards=4, slices=3, model="tiny", epochs="2", batch_size=4, max_length=32, seed=3)
 
 
+@pytest.mark.slow  # make test-all; tests/test_multinode.py deletes through Ray on three nodes against a from-scratch run
 def test_ray_delete_retrains_one_shard_and_equals_from_scratch(ray_local, tmp_path):
     from cluster.runtime import RayExecutor
 
