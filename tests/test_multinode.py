@@ -47,7 +47,10 @@ def cluster(seaweedfs, tmp_path_factory):
         proc = state.get("serve")
         if proc is not None and proc.poll() is None:
             kill_session(proc)
+        state["nodes"].stop()  # the cluster the tests left (a new one after the head was lost)
         nodes.stop()
+        left = [p.pid for c in (nodes, state["nodes"]) for n in c.nodes for p in n.processes()]
+        assert not left, f"processes of the test clusters still running: {left}"
 
 
 def cli(state, *args, timeout: float = 300):
