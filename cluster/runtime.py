@@ -453,11 +453,15 @@ class RayExecutor:
         return self._gather([self.actor(e.shard).verify.remote(e) for e in entries], f"verify {self.run}")
 
     def predict(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+        return self._gather(self._predict_refs(entries, texts), "predict")
+
+    def _predict_refs(self, entries: Sequence[ShardEntry], texts: Sequence[str]) -> list:
+        """One predict call per entry's shard actor, the texts put into the object store once."""
         import ray
 
         self._ensure([e.shard for e in entries])
         texts_ref = ray.put(list(texts))
-        return self._gather([self.actor(e.shard).predict.remote(e, texts_ref) for e in entries], "predict")
+        return [self.actor(e.shard).predict.remote(e, texts_ref) for e in entries]
 
     def predict_available(self, entries: Sequence[ShardEntry], texts: Sequence[str],
                           poll_s: float = 0.5) -> list[tuple[str, np.ndarray] | None]:
@@ -471,9 +475,7 @@ class RayExecutor:
         under load does not pile up stale predictions for the actor's return."""
         import ray
 
-        self._ensure([e.shard for e in entries])
-        texts_ref = ray.put(list(texts))
-        refs = [self.actor(e.shard).predict.remote(e, texts_ref) for e in entries]
+        refs = self._predict_refs(entries, texts)
         out: list = [None] * len(refs)
         pending = {ref: i for i, ref in enumerate(refs)}
         while pending:

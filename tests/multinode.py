@@ -64,17 +64,6 @@ class Node:
                 continue
         return up.with_descendants(roots)
 
-    def actor_pids(self, cls: str) -> list[int]:
-        """Pids of this node's actor processes of class `cls` (Ray titles them `ray::Cls...`)."""
-        out = []
-        for p in self.processes():
-            try:
-                if " ".join(p.cmdline()).startswith(f"ray::{cls}"):
-                    out.append(p.pid)
-            except Exception:
-                pass
-        return out
-
 
 class LocalCluster:
     """`head_cpus` on the head, one worker node per entry of `worker_cpus`. `env` is added

@@ -81,6 +81,18 @@ def _req(i: int, now: int, **kw) -> DeletionRequest:
     return DeletionRequest(request_id=f"{now + i:020d}-0000000{i}", accepted="2026-01-01T00:00:00+00:00",
                            ids=[f"r{i:04d}"], units=[0], requested={"ids": 1, "owners": 0}, **kw)
 
+def a_failed_and_an_applying_request(store):
+    """(log, queue key, the failed request, the applying one): one group of two, the second
+    being applied, as a lock holder leaves it just before its rewrite and prune."""
+    log = RequestLog(store, "r")
+    now = time.time_ns()
+    failed, done = _req(1, now, status="failed"), _req(2, now)
+    key = log.queue_key(log.append([failed, done]))
+    done.status = "applying"
+    log.update([done])
+    return log, key, failed, done
+
+
 
 # -- 1. kill -9 at the worst moments ------------------------------------------------------
 
@@ -90,12 +102,7 @@ def test_a_crash_between_a_groups_rewrite_and_its_prune_leaves_no_version_naming
     prune, the next lock holder sees nothing to drop (the current version no longer holds
     the request) and, when what is left of the group is a failed request, nothing is due:
     the deleted request's ids stayed in an older version of the queue object."""
-    log = RequestLog(store, "r")
-    now = time.time_ns()
-    failed, done = _req(1, now, status="failed"), _req(2, now)
-    key = log.queue_key(log.append([failed, done]))
-    done.status = "applying"
-    log.update([done])
+    log, key, failed, done = a_failed_and_an_applying_request(store)
     store.crash_at(lambda op, k: op == "prune" and k == key and len(log.queued()[0]) == 1)
     with pytest.raises(Crash):
         log.finish([done])
@@ -405,12 +412,7 @@ def test_a_crash_before_a_groups_prune_on_seaweedfs_leaves_no_version_once_the_n
     for key in local.list("r/"):
         if "/ckpt/" not in key:  # the queue, the lock and the manifest are what this needs
             store.put(key, local.get(key))
-    log = RequestLog(store, "r")
-    now = time.time_ns()
-    failed, done = _req(1, now, status="failed"), _req(2, now)
-    key = log.queue_key(log.append([failed, done]))
-    done.status = "applying"
-    log.update([done])
+    log, key, failed, done = a_failed_and_an_applying_request(store)
     real = store.prune_versions
 
     def crash(k):

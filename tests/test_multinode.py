@@ -90,7 +90,7 @@ def test_shards_spread_over_the_nodes_and_train_serve_delete_verify_work(cluster
     status, out = http(cluster["base"], "/predict", {"texts": ["great fun", "dull and flat"]})
     assert status == 200 and out["shards"] == list(range(SHARDS)), out
 
-    where = {k: node_of(cluster["nodes"], pid) for k, pid in shard_actors(cluster["nodes"]).items()}
+    where = now_where(cluster["nodes"])
     assert sorted(where) == list(range(SHARDS)) and None not in where.values(), where
     per_node = {n: sum(1 for v in where.values() if v == n) for n in set(where.values())}
     assert len(per_node) >= 2 and max(per_node.values()) <= 2, where  # SPREAD: no node holds them all
