@@ -111,11 +111,17 @@ def coordinator_pid(session: int) -> int | None:
 
 
 class Server:
-    def __init__(self, store: str, run: str, log_dir: str, window_s: float = 0.0):
-        self.port = free_port()
+    def __init__(self, store: str, run: str, log_dir: str, window_s: float = 0.0, front: str = "serve"):
+        """`front`: "serve" (Ray Serve's proxy) or "intake" (`--intake-port`: the same
+        routes from the serve process, without Serve); `port` is the one the clients use."""
+        serve_port = free_port()
+        self.port = serve_port
+        while front == "intake" and self.port == serve_port:  # nothing holds the first one yet
+            self.port = free_port()
+        extra = ["--intake-port", str(self.port)] if front == "intake" else []
         env = {**os.environ, "UNLEARN_RUNTIME": "ray"}
         self.proc = subprocess.Popen([os.path.join(BIN, "unlearn"), "serve", "--run", run, "--store", store,
-                                      "--port", str(self.port), "--window", str(window_s), "--quiet"], env=env,
+                                      "--port", str(serve_port), *extra, "--window", str(window_s), "--quiet"], env=env,
                                      start_new_session=True,
                                      stdout=open(os.path.join(log_dir, "serve.out"), "w"),
                                      stderr=open(os.path.join(log_dir, "serve.err"), "w"))
@@ -236,9 +242,9 @@ def log_bytes(store_root: str, run: str) -> int:
 
 
 def one_pass(store_root: str, run: str, victims: list[str], concurrency: int, kill: bool, time_limit: float,
-             log_dir: str, window_s: float = 0.0, bulk: int = 1) -> dict:
+             log_dir: str, window_s: float = 0.0, bulk: int = 1, front: str = "serve") -> dict:
     store = open_store(store_root)
-    server = Server(store_root, run, log_dir, window_s)
+    server = Server(store_root, run, log_dir, window_s, front)
     peak = [session_rss(server.proc.pid)]
     stop_sampling = threading.Event()
 
@@ -284,7 +290,7 @@ def one_pass(store_root: str, run: str, victims: list[str], concurrency: int, ki
     mine = set(request_ids)
     batches = {getattr(e, "batch_id", None) or tuple(e.batch) for e in entries.values() if e.request_id in mine}
     return {
-        "per_post": bulk, "requests": len(victims), "acknowledged": len(acked), "not_acknowledged": len(victims) - len(acked),
+        "front": front, "per_post": bulk, "requests": len(victims), "acknowledged": len(acked), "not_acknowledged": len(victims) - len(acked),
         "retried": sum(1 for r in acked.values() if r["attempts"] > 1),
         "ack_p50_s": round(pct(latencies, 50), 4), "ack_p99_s": round(pct(latencies, 99), 4),
         "ack_max_s": round(max(latencies), 3) if latencies else None,
@@ -342,7 +348,7 @@ def serve_ceiling(requests: int, concurrency: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    cols = [("per_post", "requests / POST"), ("acknowledged", "acknowledged"), ("accepted_per_s", "accepted / s"),
+    cols = [("front", "front door"), ("per_post", "requests / POST"), ("acknowledged", "acknowledged"), ("accepted_per_s", "accepted / s"),
             ("ack_p50_s", "ack p50 s"), ("ack_p99_s", "ack p99 s"), ("group_commits", "group commits"),
             ("mean_group", "mean group"), ("deletion_batches", "deletion batches"), ("all_done_s", "all done s"),
             ("lost", "lost"), ("server_peak_rss_mb", "server peak MB"), ("log_bytes_per_request", "log B / request"),
@@ -353,7 +359,7 @@ def markdown(result: dict) -> str:
              f"{result['machine']}. Command: `{result['command']}`", "",
              "| pass | " + " | ".join(c[1] for c in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     for name, p in result["passes"].items():
-        lines.append(f"| {name} | " + " | ".join(str(p[c[0]]) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(p.get(c[0], "serve")) for c in cols) + " |")
     if result.get("serve_ceiling"):
         c = result["serve_ceiling"]
         lines += ["", f"Ray Serve alone (an app that answers 202 at once, same clients, {c['requests']} POSTs): "
@@ -367,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-post", default="1,100",
                     help="requests per POST, one pass each, comma-separated (default 1,100: one request per POST, "
                          "then bulks of 100)")
+    ap.add_argument("--front", default="serve,intake",
+                    help="front doors, one pass each per --per-post: serve (Ray Serve's proxy) and/or intake "
+                         "(`serve --intake-port`, without Serve); default serve,intake")
     ap.add_argument("--concurrency", type=int, default=16, help="client threads (default 16)")
     ap.add_argument("--shards", type=int, default=8, help="shards of the run (default 8)")
     ap.add_argument("--window", type=float, default=0.0,
@@ -392,10 +401,14 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}",
               "command": "python bench/pipeline_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "passes": {}}
-    passes = [(f"{b} per POST", b, False) for b in per_post]
+    fronts = [f for f in args.front.split(",") if f]
+    if not fronts or not set(fronts) <= {"serve", "intake"}:
+        ap.error(f"--front {args.front!r}: serve and/or intake, separated by commas")
+    passes = [(f"{f}, {b} per POST", b, False, f) for f in fronts for b in per_post]
     if not args.no_kill:
-        passes.append((f"{max(per_post)} per POST, coordinator killed midway", max(per_post), True))
-    for i, (name, bulk, kill) in enumerate(passes):
+        passes += [(f"{f}, {max(per_post)} per POST, coordinator killed midway", max(per_post), True, f)
+                   for f in fronts]
+    for i, (name, bulk, kill, front) in enumerate(passes):
         run = f"p{i}"
         root = os.path.join(work, "store")
         result[f"train_s_{run}"] = round(train(root, run, n, args.shards, work), 1)
@@ -403,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         random.Random(1).shuffle(victims)
         print(f"{name}: {args.requests} requests ...", file=sys.stderr, flush=True)
         result["passes"][name] = one_pass(root, run, victims[:args.requests], args.concurrency, kill,
-                                          args.time_limit, work, args.window, bulk)
+                                          args.time_limit, work, args.window, bulk, front)
         print(json.dumps(result["passes"][name]), file=sys.stderr, flush=True)
     if not args.no_ceiling:
         result["serve_ceiling"] = serve_ceiling(min(args.requests, 2000), args.concurrency)

@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from core.keys import keyed_hash  # noqa: E402
 from core.records import Record  # noqa: E402
 from core.store import LocalStore  # noqa: E402
+from core.units import clear_cache  # noqa: E402
 from sisa.config import SisaConfig  # noqa: E402
 from sisa.shard import LocalExecutor  # noqa: E402
 
@@ -143,24 +144,56 @@ def victims(records: list[Record], k: int, seed: int) -> tuple[list[str], str]:
     return ids, owner
 
 
-def deletions(run, store: CountingStore, ids: list[str], owner: str, timed: TimedExecutor | None,
-              log) -> list[dict]:
+def sisa_victims(run, records: list[Record], seed: int) -> tuple[str, list[str], str]:
+    """At fixed slice positions, so that N is the only thing that changes between runs:
+    (a record in the last slice for the cold first deletion, one record in each slice
+    0..R-1, an owner whose records sit in slice 0), keyed-random otherwise. A record's
+    slice decides how many stages its deletion retrains, so random victims would make
+    the per-deletion time of two runs differ by the draw."""
+    R = run.config.slices
+    by_slice: dict[int, list[str]] = {}
+    owner_at_0 = None
+    taken: set[str] = set()
+    for r in sorted(records, key=lambda r: keyed_hash(seed, "scale-victim", r.id)):
+        if r.owner in taken:
+            continue
+        j = run._plan([r.id])[0].first_stage
+        if j == 0 and owner_at_0 is None:
+            owner_at_0 = r.owner
+            taken.add(r.owner)
+        elif len(by_slice.setdefault(j, [])) < (2 if j == R - 1 else 1):
+            by_slice[j].append(r.id)
+            taken.add(r.owner)
+        if owner_at_0 is not None and all(len(by_slice.get(j, [])) == (2 if j == R - 1 else 1) for j in range(R)):
+            break
+    cold = by_slice[R - 1].pop()
+    return cold, [by_slice[j][0] for j in range(R)], owner_at_0
+
+
+def deletions(run, store: CountingStore, ids: list[str], owner: str | None, timed: TimedExecutor | None,
+              log, kind: str = "id") -> list[dict]:
     rows = []
-    for kind, kwargs in [("id", {"ids": [i]}) for i in ids] + [("owner", {"owners": [owner]})]:
+    for what, kwargs in [(kind, {"ids": [i]}) for i in ids] + ([("owner", {"owners": [owner]})] if owner else []):
         store.reset()
         before = timed.retrain_s if timed else 0.0
+        plan = run._plan(kwargs.get("ids", [])) if timed and "ids" in kwargs else []
         t0 = time.perf_counter()
         receipt = run.delete(**kwargs)
         seconds = time.perf_counter() - t0
         retrain = (timed.retrain_s - before) if timed else 0.0
-        row = {"kind": kind, "records": len(receipt.ids), "s": round(seconds, 4), "retrain_s": round(retrain, 4),
+        row = {"kind": what, "records": len(receipt.ids), "s": round(seconds, 4), "retrain_s": round(retrain, 4),
                "overhead_s": round(seconds - retrain, 4), "retrain_fraction": receipt.retrain_fraction,
                "objects_written": store.puts, "bytes_written": store.put_bytes, "bytes_read": store.get_bytes,
                "written": dict(sorted(store.written.items()))}
+        stages = getattr(receipt, "stages_redone", None)
+        if stages:
+            row["from_slice"] = min(v[0] for v in stages.values())
+        elif plan:
+            row["from_slice"] = plan[0].first_stage
         if getattr(receipt, "details", None):
             row["certified"] = receipt.details.get("certified") == len(receipt.ids)  # every record certified
         rows.append(row)
-        log(f"  delete {kind}: {json.dumps({k: v for k, v in row.items() if k != 'written'})}")
+        log(f"  delete {what}: {json.dumps({k: v for k, v in row.items() if k != 'written'})}")
     return rows
 
 
@@ -205,10 +238,20 @@ def sisa_case(store: CountingStore, records: list[Record], args, log) -> dict:
     run = SisaRun.train(store, name, records, config, progress=args.progress, executor=timed)
     train_s = time.perf_counter() - t0
     log(f"  trained in {train_s:.1f} s ({store.puts} objects, {store.put_bytes:,} bytes)")
-    ids, owner = victims(records, args.deletions, args.seed)
+    cold, ids, owner = sisa_victims(run, records, args.seed)
+    clear_cache()  # the first deletion of a fresh process: no unit index in memory
+    run = SisaRun.open(store, name, executor=timed)
+    cold_rows = deletions(run, store, [cold], None, timed, log, kind="cold")
     rows = deletions(run, store, ids, owner, timed, log)
+    singles = [r for r in rows if r["kind"] == "id"]
     out = {"method": "sisa", "N": n, "S": S, "R": args.slices, "records_per_shard": round(n / S),
-           "train_s": round(train_s, 2), **summarise(rows), **storage(store, name, "sisa"), "deletions": rows}
+           "train_s": round(train_s, 2), "shard_train_s": round(train_s / S, 2), **summarise(singles),
+           "by_slice": [{k: r[k] for k in ("from_slice", "s", "retrain_s", "overhead_s", "retrain_fraction", "objects_written",
+                                          "bytes_written")} for r in singles],
+           "owner": {k: rows[-1][k] for k in ("records", "from_slice", "s", "overhead_s", "objects_written",
+                                             "bytes_written")},
+           "cold_overhead_s": cold_rows[0]["overhead_s"],
+           **storage(store, name, "sisa"), "deletions": cold_rows + rows}
     SisaRun.drop(store, name)
     return out
 
@@ -223,7 +266,7 @@ def erase_case(store: CountingStore, records: list[Record], args, log) -> dict:
     log(f"ERASE N={n:,}: P={args.partitions}, embedder tiny; embedding and clustering ...")
     store.reset()
     t0 = time.perf_counter()
-    run = EraseRun.train(store, name, records, config, progress=args.progress)
+    run = EraseRun.train(store, name, records, config, progress=args.progress, embed_workers=args.embed_workers)
     train_s = time.perf_counter() - t0
     log(f"  trained in {train_s:.1f} s ({store.puts} objects, {store.put_bytes:,} bytes)")
     ids, owner = victims(records, args.erase_deletions, args.seed + 1)
@@ -240,18 +283,39 @@ def kb(b: float) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| method | N | S (P) | records/shard | train s | delete mean / p50 s | overhead mean s | "
-             "retrained fraction | objects written / delete | bytes written / delete | status s (warm / cold) | "
-             "manifest (top + units) | store |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        units = r.get("S", r.get("P"))
-        m = r["manifest_bytes"]
-        lines.append(
-            f"| {r['method']} | {r['N']:,} | {units} | {r.get('records_per_shard', '')} | {r['train_s']} "
-            f"| {r['delete_mean_s']} / {r['delete_p50_s']} | {r['overhead_mean_s']} | {r['retrain_fraction_mean']} "
-            f"| {r['objects_written_mean']} | {kb(r['bytes_written_mean'])} | {r['status_s']} / {r['status_cold_s']} "
-            f"| {kb(m['top'])} + {kb(m['units'])} | {kb(r['store_bytes'])} ({r['store_objects']} objects) |")
+    lines = []
+    sisa = [r for r in rows if r["method"] == "sisa"]
+    if sisa:
+        R = sisa[0]["R"]
+        at = " / ".join(str(j) for j in range(R))
+        lines += ["| N | S | records / shard | train s (one shard) | deletion s, record in slice " + at
+                  + " | retrained fraction, slice " + at + " | overhead s (warm mean / first of a process) "
+                  "| objects written, slice " + at + " | bytes written / deletion | owner deletion s (records, slice) "
+                  "| status s (warm / cold) | manifest (top + units) | store |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sisa:
+            by = sorted(r["by_slice"], key=lambda x: x["from_slice"])
+            o, m = r["owner"], r["manifest_bytes"]
+            lines.append(
+                f"| {r['N']:,} | {r['S']} | {r['records_per_shard']:,} | {r['train_s']:,} ({r['shard_train_s']}) "
+                f"| {' / '.join('%.1f' % x['s'] for x in by)} "
+                f"| {' / '.join('%.4f' % x['retrain_fraction'] for x in by)} "
+                f"| {r['overhead_mean_s']:.2f} / {r['cold_overhead_s']:.2f} "
+                f"| {' / '.join(str(x['objects_written']) for x in by)} | {kb(r['bytes_written_mean'])} "
+                f"| {o['s']:.1f} ({o['records']}, {o['from_slice']}) | {r['status_s']} / {r['status_cold_s']} "
+                f"| {kb(m['top'])} + {kb(m['units'])} | {kb(r['store_bytes'])} ({r['store_objects']} objects) |")
+    erase = [r for r in rows if r["method"] == "erase"]
+    if erase:
+        lines += ["", "| N | P | train s | deletion s p50 / p99 | certificate rate | objects written / deletion "
+                  "| bytes written / deletion | status s (warm / cold) | manifest (top + units) | store |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in erase:
+            m = r["manifest_bytes"]
+            lines.append(
+                f"| {r['N']:,} | {r['P']} | {r['train_s']:,} | {r['delete_p50_s']} / {r['delete_p99_s']} "
+                f"| {r['certificate_rate']} | {r['objects_written_mean']} | {kb(r['bytes_written_mean'])} "
+                f"| {r['status_s']} / {r['status_cold_s']} | {kb(m['top'])} + {kb(m['units'])} "
+                f"| {kb(r['store_bytes'])} ({r['store_objects']} objects) |")
     return lines
 
 
@@ -262,26 +326,33 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method, marker in (("sisa", "o"), ("erase", "s")):
-        rs = [r for r in rows if r["method"] == method]
-        if not rs:
-            continue
-        N = [r["N"] for r in rs]
-        axes[0].plot(N, [r["delete_mean_s"] for r in rs], marker=marker, label=f"{method}: deletion")
-        axes[0].plot(N, [r["overhead_mean_s"] for r in rs], marker=marker, ls="--", label=f"{method}: overhead")
-        axes[1].plot(N, [r["bytes_written_mean"] for r in rs], marker=marker, label=method)
-        axes[2].plot(N, [r["objects_written_mean"] for r in rs], marker=marker, label=method)
-        if method == "sisa":
-            for r in rs:
-                axes[0].annotate(f"S={r['S']}", (r["N"], r["delete_mean_s"]), textcoords="offset points",
-                                 xytext=(4, 4), fontsize=8)
+    sisa = [r for r in rows if r["method"] == "sisa"]
+    erase = [r for r in rows if r["method"] == "erase"]
+    if sisa:
+        N = [r["N"] for r in sisa]
+        for j in range(sisa[0]["R"]):
+            ys = [next(x["s"] for x in r["by_slice"] if x["from_slice"] == j) for r in sisa]
+            axes[0].plot(N, ys, marker="o", label=f"sisa: a record in slice {j}")
+            axes[2].plot(N, [next(x["objects_written"] for x in r["by_slice"] if x["from_slice"] == j) for r in sisa],
+                         marker="o", label=f"sisa: slice {j}")
+        axes[0].plot(N, [r["overhead_mean_s"] for r in sisa], marker="o", ls="--", label="sisa: overhead")
+        axes[1].plot(N, [r["bytes_written_mean"] for r in sisa], marker="o", label="sisa")
+        for r in sisa:
+            axes[0].annotate(f"S={r['S']}", (r["N"], r["by_slice"][0]["s"]), textcoords="offset points",
+                             xytext=(4, 4), fontsize=8)
+    if erase:
+        N = [r["N"] for r in erase]
+        axes[0].plot(N, [r["delete_p50_s"] for r in erase], marker="s", label="erase: p50")
+        axes[0].plot(N, [r["delete_p99_s"] for r in erase], marker="s", ls=":", label="erase: p99")
+        axes[1].plot(N, [r["bytes_written_mean"] for r in erase], marker="s", label="erase")
+        axes[2].plot(N, [r["objects_written_mean"] for r in erase], marker="s", label="erase: mean")
     for ax, title in zip(axes, ("seconds per deletion (overhead = not retraining)", "bytes written per deletion",
                                 "objects written per deletion")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("records N (S = N / records per shard)")
+        ax.set_xlabel("records N (SISA: S = N / records per shard)")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -295,16 +366,25 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=4, help="R (default %(default)s)")
     ap.add_argument("--epochs", default="1", help="SISA epochs over a shard (default %(default)s)")
     ap.add_argument("--per-owner", type=int, default=4, help="records per owner (an owner deletion removes them)")
-    ap.add_argument("--deletions", type=int, default=3, help="single-record SISA deletions (plus one owner deletion)")
     ap.add_argument("--partitions", type=int, default=16, help="ERASE partitions P (default %(default)s)")
     ap.add_argument("--erase-deletions", type=int, default=20, help="single-record ERASE deletions (plus one owner)")
     ap.add_argument("--no-erase", action="store_true", help="SISA only")
+    ap.add_argument("--no-sisa", action="store_true", help="ERASE only")
+    ap.add_argument("--embed-workers", type=int, default=1, help="ERASE: processes that embed (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary store goes")
     ap.add_argument("--progress", action="store_true", help="progress bars of training")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="scale", help="results file name: OUT/NAME.{json,md,png}")
+    ap.add_argument("--merge", default=None, help="comma-separated result JSONs of earlier runs (say, SISA and ERASE "
+                    "run side by side, one core each): write their rows together as OUT/NAME, run nothing")
     args = ap.parse_args()
+    if args.merge:
+        rows = [row for path in args.merge.split(",") for row in json.load(open(path))["rows"]]
+        rows.sort(key=lambda r: (r["method"] != "sisa", r["N"]))
+        write(rows, args)
+        print("\n".join(table(rows)))
+        return 0
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -318,7 +398,8 @@ def main() -> int:
         store = CountingStore(root)
         for n in [int(x) for x in args.records.split(",") if x]:
             records = synthetic(n, args.per_owner, args.seed)
-            rows.append(sisa_case(store, records, args, log))
+            if not args.no_sisa:
+                rows.append(sisa_case(store, records, args, log))
             if not args.no_erase:
                 rows.append(erase_case(store, records, args, log))
             write(rows, args)  # after every N: a long run keeps what it measured
@@ -341,8 +422,9 @@ def write(rows: list[dict], args) -> None:
     lines = [f"Scale: SISA (tiny model, R={args.slices}, {args.epochs} epoch(s), ~{args.per_shard:,} records per "
              f"shard, S = N / that, at most {args.max_shards}) and ERASE (tiny embedder, P={args.partitions}) on "
              f"synthetic records, {args.per_owner} per owner; in-process, LocalStore; manifest format {FORMAT}. "
-             f"Per deletion: {args.deletions} single-record deletions and one owner deletion (SISA), "
-             f"{args.erase_deletions} + 1 (ERASE). Overhead = deletion time minus retraining time.", ""]
+             f"SISA: after a cold first deletion (a fresh process, no index in memory), one single-record deletion "
+             f"in each slice 0..R-1 and one owner deletion in slice 0; ERASE: {args.erase_deletions} single-record "
+             f"deletions and one owner. Overhead = deletion time minus retraining time.", ""]
     lines += table(rows)
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-per-label", dest="per_label", action="store_false",
                    help="cluster all records together (default: each label apart, so every label is in the prompt)")
     e.add_argument("--embedder", default="minilm", help="encoder for the embeddings: minilm (default), tiny, or a folder")
+    e.add_argument("--embed-workers", type=opt.bounded(int, 1, opt.MAX_EMBED_WORKERS), default=1,
+                   help="processes that embed the records, each text alone as in one process, so the vectors are "
+                        "the same bits (default 1; a worker starts only per 2,048 records)")
     e.add_argument("--lm", default="smollm2-135m",
                    help="frozen causal language model for predictions: smollm2-135m (default) or a folder")
     e.add_argument("--no-calibrate", dest="calibrate", action="store_false",
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Exit 0 only when every checked shard is bit-identical to a from-scratch retrain.")
     _common(p, ray=True)
     p.add_argument("--shard", type=opt.bounded(int, 0, opt.MAX_SHARDS - 1), action="append", help="shard to check (repeatable; default all)")
+    p.add_argument("--embed-workers", type=opt.bounded(int, 1, opt.MAX_EMBED_WORKERS), default=1,
+                   help="ERASE: processes that re-embed the retained records (default 1)")
 
     p = sub.add_parser("drop", help="remove a whole run and every object (and object version) it stored")
     _common(p)
@@ -162,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", choices=METHODS, default="vote", help="ensemble aggregation (default vote)")
     p.add_argument("--window", type=opt.bounded(float, 0, opt.MAX_WINDOW_S), default=0.0,
                    help="batching window of deletions in seconds (default 0, at most 3600)")
+    p.add_argument("--intake-port", type=opt.bounded(int, 1, 65535), default=None,
+                   help="also answer the same routes on this port from this process, without Ray Serve's proxy: "
+                        "the fast front door for one deletion per POST (a pipeline), on --host")
 
     p = sub.add_parser("requests", help="the run's deletion requests with their status and receipts")
     _common(p)
@@ -548,17 +556,43 @@ def _serve(args, store) -> int:
 
     from cluster.serving import start_serving
 
-    url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus,
-                        args.address)
-    print(f"unlearn: serving run {args.run} at {url} (POST /predict, POST /delete, GET /requests/<id>); "
-          f"Ctrl-C stops", file=sys.stderr, flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    sock = None
+    if args.intake_port is not None:  # bound first: a port in use fails before anything starts
+        if args.intake_port == args.port:
+            raise UnlearnError(f"--intake-port {args.intake_port} is --port too: give the intake a port of its own")
+        from cluster.intake import bind
+
+        sock = bind(args.host, args.intake_port)
+    intake = None
     try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        url = start_serving(store, args.run, args.host, args.port, args.aggregate, args.window, args.actor_cpus,
+                            args.address)
+        also = ""
+        if sock is not None:
+            from cluster.intake import IntakeFront, IntakeServer
+            from cluster.runtime import coordinator_actor
+
+            coordinator = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address)
+            intake = IntakeServer(sock, IntakeFront(coordinator, args.aggregate), [store.uri])
+            intake.start()
+            also = f" and, without Ray Serve, at {url.rsplit(':', 1)[0]}:{args.intake_port}"
+        print(f"unlearn: serving run {args.run} at {url}{also} (POST /predict, POST /delete, GET /requests/<id>); "
+              f"Ctrl-C stops", file=sys.stderr, flush=True)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        try:
+            while not stop:
+                if intake is not None and not intake.alive():
+                    raise UnlearnError(f"the intake server on port {args.intake_port} stopped "
+                                       f"({intake.error or 'no reason given'})")
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        if intake is not None:
+            intake.stop()
+        elif sock is not None:
+            sock.close()
     from ray import serve
 
     serve.shutdown()
@@ -767,7 +801,8 @@ def train_erase(args, store, progress: bool) -> int:
     opt.check_layout(args, records)
     config = with_labels(config, records)
     pool = _erase_pool(args, store, config)
-    run = EraseRun.train(store, args.run, records, config, progress=progress, pool=pool)
+    run = EraseRun.train(store, args.run, records, config, progress=progress, pool=pool,
+                         embed_workers=args.embed_workers)
     st = run.status()
     _emit(args, st, _erase_status_text(st) + f"\ntrained in {st['stats']['train_seconds']:.1f} s")
     return 0
@@ -815,7 +850,8 @@ def erase_command(args, store, progress: bool) -> int:
         _emit(args, receipt, text)
         return 0
     if args.command == "verify":
-        report = _unchanged_during(store, args.run, lambda: run.verify(progress=progress))
+        report = _unchanged_during(store, args.run, lambda: run.verify(progress=progress,
+                                                                         embed_workers=args.embed_workers))
         text = (f"exact: a fresh clustering of the {report['records']} retained records gives the same state "
                 f"(digest {report['digest'][:16]}) and the same {len(report['selected_ids'])} examples"
                 if report["exact"] else "NOT EXACT: " + "; ".join(report["problems"]))

@@ -34,10 +34,69 @@ from core.store import Store, open_store
 MAX_ONGOING = 1024  # requests one ingress replica holds at once
 
 
+def split_predictions(out: dict, batches: list[tuple[list[str], bool]]) -> list[dict]:
+    """One ensemble answer for the texts of several calls, cut back into one per call."""
+    results, start = [], 0
+    for ts, _wait in batches:
+        answer = {"predictions": out["predictions"][start:start + len(ts)], "quarantined": out.get("quarantined", [])}
+        for key in ("shards", "unavailable", "examples", "withheld_examples"):  # SISA: shards; ERASE: examples
+            if key in out:
+                answer[key] = out[key]
+        results.append(answer)
+        start += len(ts)
+    return results
+
+
+async def answer(request, front, hide: list[str]):
+    """The HTTP answer to `request` (a Starlette Request), for both front doors (the Serve
+    ingress and the intake server of `intake.py`): `front` has the async `predict((texts,
+    wait))`, `delete(bulk)`, `get(request_id)` and `generate(...)` of one of them."""
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse
+
+    body_unread = body_pending(request.headers)
+    try:
+        where = route(request.method, request.url.path)  # before reading: no body for a wrong route
+        if isinstance(where, Lookup):
+            response = JSONResponse(public_receipt(await front.get(where.request_id), hide))
+        else:
+            try:
+                body = await read_body(request.headers.get("content-length"), request.stream())
+            except ClientDisconnect:
+                raise HttpError(400, "the client went away before the body was complete") from None
+            body_unread = False
+            call = parse_body(where, body)
+            if isinstance(call, Predict):
+                response = JSONResponse(await front.predict((list(call.texts), call.wait)))
+            elif isinstance(call, Generate):
+                response = JSONResponse(await front.generate(list(call.prompts), call.max_new_tokens, call.shard,
+                                                             call.wait))
+            else:
+                bulk = call.requests if isinstance(call, DeleteMany) else (call,)
+                out = await front.delete([(list(d.ids), list(d.owners), d.ignore_missing) for d in bulk])
+                if isinstance(out, BaseException):  # this call refused, not the others of its batch
+                    raise out
+                response = JSONResponse({"request_ids": out} if isinstance(call, DeleteMany)
+                                        else {"request_id": out[0]}, status_code=202)
+    except HttpError as exc:
+        response = JSONResponse({"error": exc.message}, status_code=exc.status)
+    except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray
+        code = 503 if isinstance(exc, Unavailable) else 404 if isinstance(exc, UnknownRequest) else 400
+        response = JSONResponse({"error": public_message(one_line(exc), hide)}, status_code=code)
+    except Exception as exc:  # a bug or a lost actor: logged here, one line out, no traceback
+        import traceback
+
+        traceback.print_exc()
+        response = JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the "
+                                          f"details"}, status_code=500)
+    if body_unread:  # else the server would read on, however long the body
+        response.headers.update(CLOSE)
+    return response
+
+
 def _ingress_class():
     from ray import serve
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
+    from starlette.requests import Request
 
     # Serve's default of 5 requests at a time per replica would make the front door a queue
     # of five: batches of /delete (and /predict) form only from requests the replica holds
@@ -51,68 +110,26 @@ def _ingress_class():
             self.hide = [store_uri]  # never said over HTTP: errors name the run and keys, not the store
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-        async def _predict(self, batches: list[tuple[list[str], bool]]) -> list[dict]:
+        async def predict(self, batches: list[tuple[list[str], bool]]) -> list[dict]:
             texts = [t for ts, _wait in batches for t in ts]
             wait = any(w for _ts, w in batches)
-            out = await self.coordinator.predict.remote(texts, self.aggregate, wait)
-            results, start = [], 0
-            for ts, _wait in batches:
-                answer = {"predictions": out["predictions"][start:start + len(ts)],
-                          "quarantined": out.get("quarantined", [])}
-                for key in ("shards", "unavailable", "examples", "withheld_examples"):  # SISA: shards; ERASE: examples
-                    if key in out:
-                        answer[key] = out[key]
-                results.append(answer)
-                start += len(ts)
-            return results
+            return split_predictions(await self.coordinator.predict.remote(texts, self.aggregate, wait), batches)
 
         @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
-        async def _delete(self, bulks: list[list[tuple[list[str], list[str], bool]]]) -> list:
+        async def delete(self, bulks: list[list[tuple[list[str], list[str], bool]]]) -> list:
             """POST /delete calls that arrive while the last batch is being made durable go to
             the coordinator together: one call and one group commit for all of them (each
             call's requests accepted or refused whole)."""
             return await self.coordinator.submit_bulk.remote(bulks)
 
+        async def get(self, request_id: str):
+            return await self.coordinator.get.remote(request_id)
+
+        async def generate(self, prompts: list[str], max_new_tokens: int, shard, wait: bool):
+            return await self.coordinator.generate.remote(prompts, max_new_tokens, shard, wait)
+
         async def __call__(self, request: Request):
-            response = await self._answer(request)
-            if request.state.body_unread:  # else the server would read on, however long the body
-                response.headers.update(CLOSE)
-            return response
-
-        async def _answer(self, request: Request):
-            request.state.body_unread = body_pending(request.headers)
-            try:
-                where = route(request.method, request.url.path)  # before reading: no body for a wrong route
-                if isinstance(where, Lookup):
-                    return JSONResponse(public_receipt(await self.coordinator.get.remote(where.request_id), self.hide))
-                try:
-                    body = await read_body(request.headers.get("content-length"), request.stream())
-                except ClientDisconnect:
-                    raise HttpError(400, "the client went away before the body was complete") from None
-                request.state.body_unread = False
-                call = parse_body(where, body)
-                if isinstance(call, Predict):
-                    return JSONResponse(await self._predict((list(call.texts), call.wait)))
-                if isinstance(call, Generate):
-                    return JSONResponse(await self.coordinator.generate.remote(
-                        list(call.prompts), call.max_new_tokens, call.shard, call.wait))
-                bulk = call.requests if isinstance(call, DeleteMany) else (call,)
-                out = await self._delete([(list(d.ids), list(d.owners), d.ignore_missing) for d in bulk])
-                if isinstance(out, BaseException):  # this call refused, not the others of its batch
-                    raise out
-                body = {"request_ids": out} if isinstance(call, DeleteMany) else {"request_id": out[0]}
-                return JSONResponse(body, status_code=202)
-            except HttpError as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            except UnlearnError as exc:  # also when raised in the coordinator and re-raised by Ray
-                code = 503 if isinstance(exc, Unavailable) else 404 if isinstance(exc, UnknownRequest) else 400
-                return JSONResponse({"error": public_message(one_line(exc), self.hide)}, status_code=code)
-            except Exception as exc:  # a bug or a lost actor: logged here, one line out, no traceback
-                import traceback
-
-                traceback.print_exc()
-                return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log has the "
-                                              f"details"}, status_code=500)
+            return await answer(request, self, self.hide)
 
     return UnlearnIngress
 

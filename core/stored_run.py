@@ -106,6 +106,16 @@ class StoredRun:
         manifest.key = mkey
         return manifest
 
+    def read_for_verify(self) -> None:
+        """Point this handle at the manifest HEAD names, every unit object read from the
+        store now (and checked against its name), none from this process's cache."""
+        from .units import fresh_reads
+
+        with fresh_reads():
+            manifest = self.read_head(self.store, self.name)
+            manifest.units  # noqa: B018  (read now, inside fresh_reads)
+        self.manifest = manifest
+
     def resolver(self) -> Resolver:
         """Resolves ids and owners against `manifest`; built once per manifest object (a
         commit makes a new one, none is changed in place) from the per-unit indexes, each

@@ -22,6 +22,8 @@ builds new entries for the units it touches and keeps the others as they are).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -294,11 +296,26 @@ class SplitManifest:
             self.stored_units = frozenset(self._keys)
 
 
+_FRESH = contextvars.ContextVar("unlearn_fresh_unit_reads", default=False)
+
+
+@contextlib.contextmanager
+def fresh_reads():
+    """Unit objects read within are read from the store, never taken from the cache. For
+    verify: a proof must rest on what the store holds now, not on what this process parsed
+    when it wrote or first read an object (since damaged at rest, say)."""
+    token = _FRESH.set(True)
+    try:
+        yield
+    finally:
+        _FRESH.reset(token)
+
+
 def read_unit(store, where: str, key: str, parse: Callable[[dict], Any], what: str = "unit"):
     """A unit's entry: from the cache, else read from the store (which checks the bytes
     against the SHA-256 in the key: its IntegrityError, one line naming the key, passes
     through) and parsed. Every failure is one line naming the key."""
-    cached = CACHE.entries.get((store.uri, key))
+    cached = None if _FRESH.get() else CACHE.entries.get((store.uri, key))
     if cached is not None:
         return cached
     try:

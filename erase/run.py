@@ -190,27 +190,29 @@ class EraseRun(StoredRun):
 
     # -- training ------------------------------------------------------------------------
     @staticmethod
-    def fit(records: Sequence[Record], config: EraseConfig, progress: bool = False, pool=None, embedder=None):
-        """Embed and cluster: the pure part of training (no store)."""
+    def fit(records: Sequence[Record], config: EraseConfig, progress: bool = False, pool=None, embedder=None,
+            embed_workers: int = 1):
+        """Embed and cluster: the pure part of training (no store). `embed_workers`:
+        processes that embed (the vectors are the same bits whatever the number)."""
         from .embed import Embedder
         from .model import EraseModel
 
         records = sorted(records, key=lambda r: r.id)
         embedder = embedder or Embedder(config.embedder, config.embed_max_length)
-        X = embedder.embed([r.text for r in records], progress=progress)
+        X = embedder.embed([r.text for r in records], progress=progress, workers=embed_workers)
         return EraseModel.fit([r.id for r in records], [r.label for r in records], X, config.clustering(), pool=pool,
                               label_set=list(config.labels))
 
     @classmethod
     def train(cls, store: Store, run: str, records: Sequence[Record], config: EraseConfig,
-              progress: bool = False, pool=None) -> "EraseRun":
+              progress: bool = False, pool=None, embed_workers: int = 1) -> "EraseRun":
         check_run_name(run)
         store.check()
         config = with_labels(config, records)
         if not records:
             raise UnlearnError("no records to train on")
         t0 = time.perf_counter()
-        model = cls.fit(records, config, progress, pool)
+        model = cls.fit(records, config, progress, pool, embed_workers=embed_workers)
         fit_seconds = time.perf_counter() - t0
         now = now_iso()
         manifest = EraseManifest(run=run, config=config, partitions=[], state="", selected_ids=[], digest="",
@@ -322,7 +324,7 @@ class EraseRun(StoredRun):
         return receipt
 
     # -- verification ------------------------------------------------------------------------
-    def verify(self, progress: bool = False) -> dict:
+    def verify(self, progress: bool = False, embed_workers: int = 1) -> dict:
         """Re-embed the retained records from their stored texts, cluster from scratch and
         compare with the committed state: digest and selected examples. A corrupted or
         missing object, or stored records that differ from the manifest (ids, owners, label
@@ -332,6 +334,8 @@ class EraseRun(StoredRun):
 
         from .model import EraseModel
 
+        self.read_for_verify()
+        self._model = None  # the stored state too: read again, not this process's copy
         problems: list[str] = []
         records: list[Record] = []
         for entry in self.manifest.partitions:
@@ -352,7 +356,7 @@ class EraseRun(StoredRun):
         if not records_ok:
             problems.append("not re-clustered: the stored records could not be read or differ from the manifest")
         elif records:
-            fresh = self.fit(records, self.config, progress)
+            fresh = self.fit(records, self.config, progress, embed_workers=embed_workers)
         elif stored is not None:  # every record deleted: compare with the clustering of nothing
             fresh = EraseModel.fit([], [], np.zeros((0, stored.d), np.float32), self.config.clustering(),
                                    label_set=list(self.config.labels))

@@ -225,6 +225,7 @@ class SisaRun(StoredRun):
             raise UnlearnError(f"run {quote(self.name)} is approximate ({approx.method}): not verifiable; its "
                                f"deletions were unlearned in place, which no retraining reproduces (see what it "
                                f"still knows with `unlearn audit`)")
+        self.read_for_verify()
         S = self.config.shards
         chosen = list(range(S)) if shards is None else list(shards)
         for k in chosen:

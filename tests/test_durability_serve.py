@@ -28,13 +28,16 @@ OPTIONS = ["--model", "tiny", "--shards", "2", "--slices", "2", "--epochs", "4",
 RECORDS = synthetic_records(240, owners_every=1)
 
 
-def start_server(store: str, log: str, port: int | None = None):
+def start_server(store: str, log: str, port: int | None = None, intake_port: int | None = None):
     from seaweedfs import free_port
 
     port = port or free_port()
-    proc = spawn("serve", "--run", "r", "--store", store, "--port", str(port), runtime="ray", log=log)
+    extra = ["--intake-port", str(intake_port)] if intake_port else []
+    proc = spawn("serve", "--run", "r", "--store", store, "--port", str(port), *extra, runtime="ray", log=log)
     base = f"http://127.0.0.1:{port}"
     wait_serving(base, proc, log)
+    if intake_port:
+        wait_serving(f"http://127.0.0.1:{intake_port}", proc, log)
     return proc, base
 
 
@@ -110,8 +113,12 @@ def served(tmp_path_factory):
     store = str(base / "store")
     data = write_jsonl(base / "d.jsonl", RECORDS)
     assert main(["train", "--data", data, "--run", "r", "--store", store, *OPTIONS]) == 0
-    proc, url = start_server(store, str(base / "serve"))
-    yield {"store": store, "base": base, "url": url, "proc": proc, "deleted": set(), "rng": random.Random(11)}
+    from seaweedfs import free_port
+
+    intake_port = free_port()
+    proc, url = start_server(store, str(base / "serve"), intake_port=intake_port)
+    yield {"store": store, "base": base, "url": url, "intake": f"http://127.0.0.1:{intake_port}", "proc": proc,
+           "deleted": set(), "rng": random.Random(11)}
     kill_session(proc)  # a graceful Ray Serve shutdown takes ~40 s here; what it leaves is not under test
 
 
@@ -169,6 +176,46 @@ def test_http_contract(served):
     for bad in ("none-such", "..%2F..%2FHEAD", "x%00y", "00000000000000000001-00000000"):
         status, out = http(url, f"/requests/{bad}")
         assert status == 404 and "no request" in out["error"], (bad, status, out)
+
+
+def test_the_intake_port_accepts_and_withholds_as_the_serve_port(served, tmp_path):
+    """`--intake-port`: the same routes from the serve process without Ray Serve. Deletions
+    sent there at once form groups, every 202 is in the durable log, and predictions asked
+    on either port never come from a shard whose deletion is acknowledged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state, intake, url = served, served["intake"], served["url"]
+    status, out = http(intake, "/predict", {"texts": ["great fun", "dull"]})
+    assert status == 200 and out["shards"] == [0, 1] and len(out["predictions"]) == 2
+    answers, answers_serve = Answers(intake), Answers(url)
+    victims_ = victims(state, 6, shard=0)  # one shard: the other answers meanwhile
+    acks = {}
+
+    def post(victim):
+        status, out = http(intake, "/delete", {"ids": [victim]})
+        assert status == 202, out
+        assert out["request_id"] in queue(state["store"], "r")  # durable before the 202
+        return out["request_id"], time.time()
+
+    with ThreadPoolExecutor(6) as ex:
+        for rid, t in ex.map(post, victims_):
+            acks[rid] = t
+    state["deleted"].update(victims_)
+    receipts = [(wait_done(intake, rid), t) for rid, t in acks.items()]
+    time.sleep(0.5)
+    seen, seen_serve = answers.stop(), answers_serve.stop()
+    assert all(r["status"] == "done" and r["records_deleted"] == 1 for r, _ in receipts), receipts
+    assert assert_withheld(seen, receipts) + assert_withheld(seen_serve, receipts) > 0, \
+        "no answer overlapped a deletion; the test proves nothing"
+    status, out = http(intake, "/delete", {"ids": ["nope"]})
+    assert status == 400 and out["error"] == 'run "r": unknown id "nope"; request not accepted, nothing was deleted'
+    status, out = http(intake, "/requests/00000000000000000001-00000000")
+    assert status == 404 and "no request" in out["error"]
+    port = int(intake.rsplit(":", 1)[1])
+    assert_endless_body_is_cut_off(port, b"Transfer-Encoding: chunked", b"request body is over the limit of 1048576 bytes")
+    assert_all_applied(state["store"], "r", at_least=6)
+    assert_no_trace(state["store"], RECORDS, state["deleted"])
+    assert_sisa_exact(state["store"], "r", RECORDS, state["deleted"], CFG, str(tmp_path / "fresh"))
 
 
 def test_http_input_is_strict_through_the_real_server(served):

@@ -68,8 +68,8 @@ def server(ingress_class):
         (out,) = await coordinator.submit_bulk.remote([bulk])
         return out
 
-    ingress._predict = predict
-    ingress._delete = delete
+    ingress.predict = predict
+    ingress.delete = delete
     return ingress, coordinator
 
 
@@ -243,7 +243,7 @@ def test_errors_from_behind_the_server_never_name_the_store_nor_echo_much(server
         assert status == 400 and "secret" not in out["error"], out
     store = "/srv/secret place/unlearn-store"
     ingress = ingress_class(coordinator, "vote", store)
-    ingress._predict, ingress._delete = server[0]._predict, server[0]._delete
+    ingress.predict, ingress.delete = server[0].predict, server[0].delete
     server = (ingress, coordinator)
     cases = [
         (UnlearnError(f"store {store}: cannot write r/queue/1.json: No space left on device"), 400,

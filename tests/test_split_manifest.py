@@ -382,3 +382,43 @@ def test_per_unit_resolver_answers_as_one_table():
             a, b = one.resolve(ids, os_), split.resolve(ids, os_)
             assert (a[0], sorted(a[1]), sorted(a[2])) == (b[0], sorted(b[1]), sorted(b[2])), (trial, ids, os_)
             assert one.owners_held(os_) == split.owners_held(os_)
+
+
+def _flip(store, key: str, at: int = 5) -> None:
+    path = os.path.join(store.root, *key.split("/"))
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+def test_verify_reads_every_unit_from_the_store_not_from_this_process(store):
+    """A long-lived process (a notebook, a coordinator) keeps the unit objects it parsed;
+    verify must still see an object damaged at rest since."""
+    run = SisaRun.open(store, "r")
+    assert len(run.manifest.units) == 3  # parsed and cached here
+    key = head_json(store)["units"][1]["key"]
+    _flip(store, key)
+    assert SisaRun.open(store, "r").manifest.units  # what the cache still answers for others
+    with pytest.raises(IntegrityError) as err:
+        run.verify()
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_erase_verify_reads_its_units_and_state_from_the_store(tmp_path):
+    from erase.config import EraseConfig
+    from erase.run import EraseRun
+
+    store = LocalStore(str(tmp_path / "e"))
+    run = EraseRun.train(store, "e", synthetic_records(40, owners_every=2),
+                         EraseConfig(embedder="tiny", partitions=2, shots=2, seed=1))
+    assert run.verify()["exact"]  # the model and every unit are now this process's
+    top = json.loads(store.get(json.loads(store.get("e/HEAD"))["manifest"]))
+    _flip(store, top["state"], at=200)  # the head's clustering state (safetensors), damaged at rest
+    report = run.verify()
+    assert not report["exact"] and any(top["state"] in p for p in report["problems"]), report["problems"]
+    _flip(store, top["units"][0]["key"])
+    with pytest.raises(IntegrityError) as err:
+        run.verify()
+    assert top["units"][0]["key"] in str(err.value)
