@@ -176,7 +176,6 @@ def deletions(run, store: CountingStore, ids: list[str], owner: str | None, time
     for what, kwargs in [(kind, {"ids": [i]}) for i in ids] + ([("owner", {"owners": [owner]})] if owner else []):
         store.reset()
         before = timed.retrain_s if timed else 0.0
-        plan = run._plan(kwargs.get("ids", [])) if timed and "ids" in kwargs else []
         t0 = time.perf_counter()
         receipt = run.delete(**kwargs)
         seconds = time.perf_counter() - t0
@@ -185,11 +184,9 @@ def deletions(run, store: CountingStore, ids: list[str], owner: str | None, time
                "overhead_s": round(seconds - retrain, 4), "retrain_fraction": receipt.retrain_fraction,
                "objects_written": store.puts, "bytes_written": store.put_bytes, "bytes_read": store.get_bytes,
                "written": dict(sorted(store.written.items()))}
-        stages = getattr(receipt, "stages_redone", None)
+        stages = getattr(receipt, "stages_redone", None)  # after the deletion: nothing of it runs untimed
         if stages:
             row["from_slice"] = min(v[0] for v in stages.values())
-        elif plan:
-            row["from_slice"] = plan[0].first_stage
         if getattr(receipt, "details", None):
             row["certified"] = receipt.details.get("certified") == len(receipt.ids)  # every record certified
         rows.append(row)

@@ -575,7 +575,9 @@ def _serve(args, store) -> int:
             coordinator = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address)
             intake = IntakeServer(sock, IntakeFront(coordinator, args.aggregate), [store.uri])
             intake.start()
-            also = f" and, without Ray Serve, at {url.rsplit(':', 1)[0]}:{args.intake_port}"
+            from cluster.intake import url as intake_url
+
+            also = f" and, without Ray Serve, at {intake_url(args.host, args.intake_port)}"
         print(f"unlearn: serving run {args.run} at {url}{also} (POST /predict, POST /delete, GET /requests/<id>); "
               f"Ctrl-C stops", file=sys.stderr, flush=True)
         stop = []
@@ -593,9 +595,12 @@ def _serve(args, store) -> int:
             intake.stop()
         elif sock is not None:
             sock.close()
-    from ray import serve
+        import ray
 
-    serve.shutdown()
+        if ray.is_initialized():  # whatever failed: Serve's app and proxy must not outlive this process
+            from ray import serve
+
+            serve.shutdown()
     return 0
 
 

@@ -26,6 +26,7 @@ from .serving import MAX_ONGOING, answer, split_predictions
 
 MAX_DELETE_GROUP = 256  # POST /delete calls handed to the coordinator in one call
 MAX_PREDICT_GROUP = 32  # POST /predict calls answered by one ensemble pass
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers
 
 
 class GroupCall:
@@ -49,6 +50,7 @@ class GroupCall:
         return await future
 
     async def _drain(self) -> None:
+        group: list = []
         try:
             while self.waiting:
                 group, self.waiting = self.waiting[:self.max_size], self.waiting[self.max_size:]
@@ -57,18 +59,24 @@ class GroupCall:
                     results = await self.run([item for item, _ in group])
                     if len(results) != len(group):
                         raise RuntimeError(f"{len(results)} results for a group of {len(group)}")
-                except BaseException as exc:  # noqa: BLE001  (handed to each caller of the group)
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                except Exception as exc:  # handed to each caller of the group; the next group goes on
+                    _fail(group, exc)
                     continue
                 for (_, future), result in zip(group, results):
                     if not future.done():  # a caller gone (its connection closed) is skipped
                         future.set_result(result)
+        except BaseException:  # cancelled (the server stopping): no caller may wait forever
+            _fail(group + self.waiting, RuntimeError("the server stopped before the call was answered"))
+            self.waiting = []
+            raise
         finally:
             self.busy = False
+
+
+def _fail(group: list, exc: Exception) -> None:
+    for _, future in group:
+        if not future.done():
+            future.set_exception(exc)
 
 
 class IntakeFront:
@@ -94,43 +102,69 @@ class IntakeFront:
         return await self.coordinator.generate.remote(prompts, max_new_tokens, shard, wait)
 
 
-def asgi_app(front, hide: list[str]):
-    """The ASGI application: every HTTP request answered by `serving.answer`."""
+def asgi_app(front, hide: list[str], max_in_flight: int = MAX_ONGOING):
+    """The ASGI application: every HTTP request answered by `serving.answer`; beyond
+    `max_in_flight` requests at once, a 503 in one line (the client sends it again)."""
     from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from .http_api import CLOSE
+
+    in_flight = [0]
 
     async def app(scope, receive, send):
         if scope["type"] != "http":  # lifespan is off; websockets are not served
             return
-        response = await answer(Request(scope, receive), front, hide)
+        if in_flight[0] >= max_in_flight:
+            response = JSONResponse({"error": f"busy: {in_flight[0]} requests in flight; send it again"},
+                                    status_code=503, headers=CLOSE)
+        else:
+            in_flight[0] += 1
+            try:
+                response = await answer(Request(scope, receive), front, hide)
+            finally:
+                in_flight[0] -= 1
         await response(scope, receive, send)
 
     return app
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now: a port in use is one line before anything starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """The socket, bound now (uvicorn listens on it): a port in use, or a host that is not
+    this machine's, is one line before anything starts."""
+    try:
+        family, _type, _proto, _name, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UnlearnError(f"--host {host}: {exc.strerror or exc}") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(address)
     except OSError as exc:
         sock.close()
         raise UnlearnError(f"--intake-port {port}: cannot listen on {host} ({exc.strerror or exc})") from None
-    sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def url(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class IntakeServer:
     """uvicorn in a thread of this process, on a socket bound beforehand."""
 
-    def __init__(self, sock: socket.socket, front, hide: list[str]):
+    def __init__(self, sock: socket.socket, front, hide: list[str], max_in_flight: int = MAX_ONGOING):
         import uvicorn
 
         self.sock = sock
-        config = uvicorn.Config(asgi_app(front, hide), log_level="warning", access_log=False, lifespan="off",
-                                limit_concurrency=MAX_ONGOING, timeout_keep_alive=30, server_header=False)
+        # h11, not httptools: h11 refuses a request head over 64 KiB, httptools buffers any size,
+        # and this process holds the run's coordinator actor (its shard actors die with it)
+        config = uvicorn.Config(asgi_app(front, hide, max_in_flight), log_level="warning", access_log=False, lifespan="off",
+                                http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES, timeout_keep_alive=30,
+                                server_header=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="unlearn-intake", daemon=True)
         self.error: BaseException | None = None

@@ -152,7 +152,7 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     if where == "HeadOnly":  # beside its one proxy: a lost worker node never takes the front door with it
         ingress = ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: RESOURCE_UNIT}})
     serve.run(ingress.bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
-    return f"http://{host}:{port}"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def proxy_location(host: str) -> str:

@@ -62,7 +62,8 @@ class Embedder:
 
     def embed(self, texts: Sequence[str], progress: bool = False, workers: int = 1) -> np.ndarray:
         """float32 [n, d], rows L2-normalised. `workers` > 1: that many processes at most
-        (fewer for a small input), with bit-identical results."""
+        (fewer for a small input), with bit-identical results; each loads the encoder again
+        from this embedder's spec (memory: workers x the encoder)."""
         from tqdm import tqdm
 
         if not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
@@ -102,13 +103,19 @@ class Embedder:
 
         # spawn, not fork: a forked copy of a process that already runs torch's (or Ray's)
         # threads can deadlock on a lock held by a thread that was not copied.
+        from concurrent.futures.process import BrokenProcessPool
+
         chunks = [list(texts[i:i + CHUNK]) for i in range(0, len(texts), CHUNK)]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=(self.spec, self.max_length)) as ex:
-            parts = []
-            for part in ex.map(_embed_chunk, chunks):  # in order
-                parts.append(part)
-                bar.update(len(part))
+        parts = []
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_start_worker, initargs=(self.spec, self.max_length)) as ex:
+                for part in ex.map(_embed_chunk, chunks):  # in order
+                    parts.append(part)
+                    bar.update(len(part))
+        except BrokenProcessPool:
+            raise UnlearnError(f"--embedder {self.spec!r}: an embedding worker process died (out of memory, or the "
+                               f"encoder does not load there; try fewer --embed-workers)") from None
         return np.concatenate(parts).astype(np.float32, copy=False) if parts else \
             np.zeros((0, self.dim), dtype=np.float32)
 

@@ -56,6 +56,24 @@ def test_a_failed_group_fails_its_callers_only():
     assert isinstance(results[0], UnlearnError) and isinstance(results[1], UnlearnError) and results[2] == 3
 
 
+def test_callers_waiting_when_the_server_stops_are_answered_not_left_hanging():
+    async def run(items):
+        await asyncio.sleep(10)
+        return items
+
+    async def main():
+        call = GroupCall(run, max_size=1)
+        calls = [asyncio.ensure_future(call(i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        drains = [t for t in asyncio.all_tasks() if "_drain" in repr(t.get_coro())]
+        assert len(drains) == 1
+        drains[0].cancel()
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "stopped" in str(r) for r in results), results
+
+
 class _Remote:
     def __init__(self, fn):
         self.fn = fn
@@ -157,6 +175,54 @@ def test_an_error_behind_the_intake_is_one_line_without_the_store(served):
     coordinator.submit_bulk = _Remote(full)
     status, out = post(port, "/delete", b'{"ids": ["a"]}')
     assert status == 400 and out["error"] == "the store: cannot write r/queue/1.json: No space left on device"
+
+
+def test_beyond_the_requests_in_flight_a_503_in_one_line():
+    import time
+
+    class Slow(Coordinator):
+        def __init__(self):
+            super().__init__()
+            inner = self.submit_bulk.remote
+
+            class _Slow:
+                @staticmethod
+                def remote(bulks):
+                    async def call():
+                        await asyncio.sleep(0.5)  # the durable write, holding the first request in flight
+                        return await inner(bulks)
+                    return call()
+
+            self.submit_bulk = _Slow()
+
+    sock = bind("127.0.0.1", 0)
+    server = IntakeServer(sock, IntakeFront(Slow(), "vote"), [], max_in_flight=1)
+    server.start()
+    try:
+        port = sock.getsockname()[1]
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(post, port, "/delete", b'{"ids": ["a"]}')
+            time.sleep(0.2)
+            second = post(port, "/delete", b'{"ids": ["b"]}')
+            assert first.result()[0] == 202
+        assert second[0] == 503 and second[1]["error"] == "busy: 1 requests in flight; send it again", second
+        assert post(port, "/delete", b'{"ids": ["c"]}')[0] == 202  # free again
+    finally:
+        server.stop()
+
+
+def test_a_request_head_over_64_kib_is_refused(served):
+    port, _ = served
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /delete HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (200 * 1024) + b"\r\n\r\n")
+    answer = b""
+    try:
+        while piece := sock.recv(65536):
+            answer += piece
+    except ConnectionResetError:
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
 
 
 def test_a_port_in_use_is_one_line():
