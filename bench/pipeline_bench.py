@@ -3,10 +3,12 @@
     python bench/pipeline_bench.py                         # 10,000 requests, 16 at a time, then with a kill
     python bench/pipeline_bench.py --requests 2000 --no-kill --label before
 
-One run trains a small run (`tiny`, one record per owner, a record per request and some
+Each pass trains a small run (`tiny`, one record per owner, a record per request and some
 to spare), starts `unlearn serve` on loopback (Ray runtime: the coordinator is a Ray
-actor) and sends every request as its own POST /delete of one record id from
-`--concurrency` client threads over keep-alive connections. It measures:
+actor) and sends every request as a POST /delete of one record id (or bulks of them,
+`--per-post`) from `--concurrency` client threads over keep-alive connections, to one of
+two front doors (`--front`): Ray Serve's proxy, or the intake port of the same server
+(`serve --intake-port`, without Serve). It measures:
 
 - acknowledgement latency (request sent -> 202 received) p50/p99, and requests
   acknowledged per second over the whole intake;
@@ -19,7 +21,8 @@ actor) and sends every request as its own POST /delete of one record id from
 - the server's peak memory (RSS of its whole process session, sampled);
 - the request log's size in the store once everything is done.
 
-With the kill (default), a second pass does the same while the coordinator actor's
+With a kill (`--kill`; by default Serve with bulks of 100 and the intake with one request
+per POST), a pass does the same while the coordinator actor's
 process is killed (`kill -9`) when half the requests are acknowledged: Ray restarts
 it, it replays the log; clients retry a request that failed (a 5xx or a dropped
 connection) up to five times, as a pipeline's client would. Bounded by `--requests`
@@ -380,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=8, help="shards of the run (default 8)")
     ap.add_argument("--window", type=float, default=0.0,
                     help="the server's batching window in seconds (default 0: apply at once)")
-    ap.add_argument("--no-kill", action="store_true",
-                    help="skip the last pass (largest bulk) with the coordinator killed midway")
+    ap.add_argument("--kill", default="serve:100,intake:1",
+                    help="passes with the coordinator killed midway, FRONT:REQUESTS_PER_POST, comma-separated "
+                         "(default %(default)s)")
+    ap.add_argument("--no-kill", action="store_true", help="no pass with the coordinator killed")
     ap.add_argument("--no-ceiling", action="store_true", help="skip measuring Ray Serve alone")
     ap.add_argument("--time-limit", type=float, default=900, help="seconds per phase of a pass (default 900)")
     ap.add_argument("--label", default="group commit", help="what this run measures (a heading)")
@@ -406,8 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--front {args.front!r}: serve and/or intake, separated by commas")
     passes = [(f"{f}, {b} per POST", b, False, f) for f in fronts for b in per_post]
     if not args.no_kill:
-        passes += [(f"{f}, {max(per_post)} per POST, coordinator killed midway", max(per_post), True, f)
-                   for f in fronts]
+        for spec in (k for k in args.kill.split(",") if k):
+            front, _, n_ = spec.partition(":")
+            if front not in ("serve", "intake") or not n_.isdigit() or not 1 <= int(n_) <= 1000:
+                ap.error(f"--kill {spec!r}: FRONT:N with FRONT serve or intake and N in 1..1000")
+            passes.append((f"{front}, {int(n_)} per POST, coordinator killed midway", int(n_), True, front))
     for i, (name, bulk, kill, front) in enumerate(passes):
         run = f"p{i}"
         root = os.path.join(work, "store")
