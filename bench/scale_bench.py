@@ -8,9 +8,12 @@ deletion retrains one shard, so its training cost is flat in N by construction; 
 this bench measures is everything else a deletion does (resolve, plan, manifest,
 commit, garbage collection), which must be flat in N too.
 
-Measured per N: training time; a few single-record deletions and one owner deletion
-(each: wall time, the executor's retraining time, the rest = "overhead", retrained
-fraction, objects and bytes written, bytes read); `status` in this process and in a
+Measured per N: training time; the first deletion of a fresh process (no unit indexed in
+memory: what a one-shot CLI command pays), then one single-record deletion in each slice
+position 0..R-1 (a record's slice decides how many stages are redone, so random victims
+would make two N differ by the draw) and one owner deletion in slice 0 (each: wall time,
+the executor's retraining time, the rest = "overhead", retrained fraction, objects and
+bytes written, bytes read); `status` in this process and in a
 fresh process (a cold read of the store); the committed manifest's size (top object,
 plus its unit objects where the format has them) and the whole store's size. Then the
 same data as an ERASE run (in-process LocalPool) with the `tiny` embedder (a fixed random
@@ -21,7 +24,10 @@ what the vectors mean): certificate rate, deletion p50/p99, the same storage fig
 Everything runs in this process (LocalExecutor, no Ray) on a LocalStore in a temporary
 folder (removed at the end), so it measures the algorithm and the storage, not a cluster.
 
-    python bench/scale_bench.py                          # 10k, 100k, 1M (1M: ~25 min of training)
+    python bench/scale_bench.py                          # 10k, 100k, 1M (SISA 1M: ~30 min of training;
+                                                         # ERASE 1M: ~80 min, mostly embedding)
+    python bench/scale_bench.py --no-erase & python bench/scale_bench.py --no-sisa --name scale-erase
+    python bench/scale_bench.py --merge OUT/scale.json,OUT/scale-erase.json   # one core each, then one table
     python bench/scale_bench.py --records 10000,100000   # what fits a shared machine
     python bench/scale_bench.py --records 2000 --per-shard 500 --no-erase --out /tmp/x   # a smoke run
 """
@@ -225,7 +231,7 @@ def sisa_case(store: CountingStore, records: list[Record], args, log) -> dict:
 
     n = len(records)
     S = max(1, min(args.max_shards, round(n / args.per_shard)))
-    config = SisaConfig(model="tiny", shards=S, slices=args.slices, epochs=args.epochs, seed=args.seed,
+    config = SisaConfig(model=args.model, shards=S, slices=args.slices, epochs=args.epochs, seed=args.seed,
                         labels=("neg", "pos"))
     name = f"sisa-{n}"
     timed = TimedExecutor(store, name, config, progress=args.progress)
@@ -241,7 +247,7 @@ def sisa_case(store: CountingStore, records: list[Record], args, log) -> dict:
     cold_rows = deletions(run, store, [cold], None, timed, log, kind="cold")
     rows = deletions(run, store, ids, owner, timed, log)
     singles = [r for r in rows if r["kind"] == "id"]
-    out = {"method": "sisa", "N": n, "S": S, "R": args.slices, "records_per_shard": round(n / S),
+    out = {"method": "sisa", "model": args.model, "N": n, "S": S, "R": args.slices, "records_per_shard": round(n / S),
            "train_s": round(train_s, 2), "shard_train_s": round(train_s / S, 2), **summarise(singles),
            "by_slice": [{k: r[k] for k in ("from_slice", "s", "retrain_s", "overhead_s", "retrain_fraction", "objects_written",
                                           "bytes_written")} for r in singles],
@@ -361,6 +367,7 @@ def main() -> int:
     ap.add_argument("--per-shard", type=int, default=15625, help="records per SISA shard: S = round(N / this)")
     ap.add_argument("--max-shards", type=int, default=64)
     ap.add_argument("--slices", type=int, default=4, help="R (default %(default)s)")
+    ap.add_argument("--model", default="tiny", help="SISA model: tiny (default) or minilm (a real encoder: slower)")
     ap.add_argument("--epochs", default="1", help="SISA epochs over a shard (default %(default)s)")
     ap.add_argument("--per-owner", type=int, default=4, help="records per owner (an owner deletion removes them)")
     ap.add_argument("--partitions", type=int, default=16, help="ERASE partitions P (default %(default)s)")
@@ -409,14 +416,14 @@ def main() -> int:
 def write(rows: list[dict], args) -> None:
     from sisa.manifest import FORMAT
 
-    result = {"bench": "scale", "model": "tiny", "embedder": "tiny", "per_shard": args.per_shard,
+    result = {"bench": "scale", "model": args.model, "embedder": "tiny", "per_shard": args.per_shard,
               "slices": args.slices, "epochs": args.epochs, "per_owner": args.per_owner, "manifest_format": FORMAT,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads: 1",
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    lines = [f"Scale: SISA (tiny model, R={args.slices}, {args.epochs} epoch(s), ~{args.per_shard:,} records per "
+    lines = [f"Scale: SISA ({args.model} model, R={args.slices}, {args.epochs} epoch(s), ~{args.per_shard:,} records per "
              f"shard, S = N / that, at most {args.max_shards}) and ERASE (tiny embedder, P={args.partitions}) on "
              f"synthetic records, {args.per_owner} per owner; in-process, LocalStore; manifest format {FORMAT}. "
              f"SISA: after a cold first deletion (a fresh process, no index in memory), one single-record deletion "

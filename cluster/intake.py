@@ -1,8 +1,8 @@
 """The front door without Ray Serve: `unlearn serve --intake-port P`.
 
 Ray Serve carries every HTTP request from its proxy to a replica actor and back. That is
-what lets it run replicas on many nodes, and it costs about 12 ms of CPU per call: on a
-2-core machine Serve alone answers about 80 calls a second (bench/pipeline_bench.py), so
+what lets it run replicas on many nodes, and that hop has its cost per call: on a
+2-core machine Serve alone answers 80 to 110 calls a second (bench/pipeline_bench.py), so
 a pipeline that sends one deletion per POST waits on the proxy, not on the log. Accepting
 a deletion needs no model and no replica, only the coordinator's durable group commit.
 
