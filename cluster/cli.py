@@ -575,9 +575,9 @@ def _serve(args, store) -> int:
             coordinator = coordinator_actor(store, args.run, args.window, args.actor_cpus, args.address)
             intake = IntakeServer(sock, IntakeFront(coordinator, args.aggregate), [store.uri])
             intake.start()
-            from cluster.intake import url as intake_url
+            from cluster.serving import base_url
 
-            also = f" and, without Ray Serve, at {intake_url(args.host, args.intake_port)}"
+            also = f" and, without Ray Serve, at {base_url(args.host, args.intake_port)}"
         print(f"unlearn: serving run {args.run} at {url}{also} (POST /predict, POST /delete, GET /requests/<id>); "
               f"Ctrl-C stops", file=sys.stderr, flush=True)
         stop = []

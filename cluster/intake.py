@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 
 from core.errors import UnlearnError
 
-from .serving import MAX_ONGOING, answer, split_predictions
+from .serving import MAX_ONGOING, CoordinatorCalls, answer, predict_together
 
 MAX_DELETE_GROUP = 256  # POST /delete calls handed to the coordinator in one call
 MAX_PREDICT_GROUP = 32  # POST /predict calls answered by one ensemble pass
@@ -79,7 +79,7 @@ def _fail(group: list, exc: Exception) -> None:
             future.set_exception(exc)
 
 
-class IntakeFront:
+class IntakeFront(CoordinatorCalls):
     """What `serving.answer` calls: the run's coordinator actor, reached from this process."""
 
     def __init__(self, coordinator, aggregate: str):
@@ -91,15 +91,7 @@ class IntakeFront:
         return await self.coordinator.submit_bulk.remote(bulks)
 
     async def _predict(self, batches: list[tuple[list[str], bool]]) -> list[dict]:
-        texts = [t for ts, _wait in batches for t in ts]
-        wait = any(w for _ts, w in batches)
-        return split_predictions(await self.coordinator.predict.remote(texts, self.aggregate, wait), batches)
-
-    async def get(self, request_id: str):
-        return await self.coordinator.get.remote(request_id)
-
-    async def generate(self, prompts: list[str], max_new_tokens: int, shard, wait: bool):
-        return await self.coordinator.generate.remote(prompts, max_new_tokens, shard, wait)
+        return await predict_together(self.coordinator, self.aggregate, batches)
 
 
 def asgi_app(front, hide: list[str], max_in_flight: int = MAX_ONGOING):
@@ -146,11 +138,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise UnlearnError(f"--intake-port {port}: cannot listen on {host} ({exc.strerror or exc})") from None
     sock.setblocking(False)
     return sock
-
-
-def url(host: str, port: int) -> str:
-    host = host.strip("[]")
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class IntakeServer:

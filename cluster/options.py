@@ -22,7 +22,7 @@ from core.errors import UnlearnError
 from core.records import quote
 
 MAX_SHARDS = 10_000
-MAX_EMBED_WORKERS = 256  # erase.embed.MAX_WORKERS
+MAX_EMBED_WORKERS = 256  # = erase.embed.MAX_WORKERS (a test checks; importing it would load numpy at start-up)
 MAX_SLICES = 1_000
 MAX_EPOCHS = 1_000
 MAX_SEED = 2**63 - 1

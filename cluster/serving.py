@@ -47,6 +47,28 @@ def split_predictions(out: dict, batches: list[tuple[list[str], bool]]) -> list[
     return results
 
 
+async def predict_together(coordinator, aggregate: str, batches: list[tuple[list[str], bool]]) -> list[dict]:
+    """The /predict calls of a group (each `(texts, wait)`) in one ensemble pass."""
+    texts = [t for ts, _wait in batches for t in ts]
+    wait = any(w for _ts, w in batches)
+    return split_predictions(await coordinator.predict.remote(texts, aggregate, wait), batches)
+
+
+class CoordinatorCalls:
+    """What both front doors pass straight to the run's coordinator actor (`self.coordinator`)."""
+
+    async def get(self, request_id: str):
+        return await self.coordinator.get.remote(request_id)
+
+    async def generate(self, prompts: list[str], max_new_tokens: int, shard, wait: bool):
+        return await self.coordinator.generate.remote(prompts, max_new_tokens, shard, wait)
+
+
+def base_url(host: str, port: int) -> str:
+    host = host.strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def answer(request, front, hide: list[str]):
     """The HTTP answer to `request` (a Starlette Request), for both front doors (the Serve
     ingress and the intake server of `intake.py`): `front` has the async `predict((texts,
@@ -101,7 +123,7 @@ def _ingress_class():
     # Serve's default of 5 requests at a time per replica would make the front door a queue
     # of five: batches of /delete (and /predict) form only from requests the replica holds
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
-    class UnlearnIngress:
+    class UnlearnIngress(CoordinatorCalls):
         def __init__(self, coordinator, aggregate: str, store_uri: str = ""):
             if isinstance(coordinator, CoordinatorSpec):  # an app built by `app`: this replica owns it
                 coordinator = coordinator.handle()
@@ -111,9 +133,7 @@ def _ingress_class():
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
         async def predict(self, batches: list[tuple[list[str], bool]]) -> list[dict]:
-            texts = [t for ts, _wait in batches for t in ts]
-            wait = any(w for _ts, w in batches)
-            return split_predictions(await self.coordinator.predict.remote(texts, self.aggregate, wait), batches)
+            return await predict_together(self.coordinator, self.aggregate, batches)
 
         @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0)
         async def delete(self, bulks: list[list[tuple[list[str], list[str], bool]]]) -> list:
@@ -121,12 +141,6 @@ def _ingress_class():
             the coordinator together: one call and one group commit for all of them (each
             call's requests accepted or refused whole)."""
             return await self.coordinator.submit_bulk.remote(bulks)
-
-        async def get(self, request_id: str):
-            return await self.coordinator.get.remote(request_id)
-
-        async def generate(self, prompts: list[str], max_new_tokens: int, shard, wait: bool):
-            return await self.coordinator.generate.remote(prompts, max_new_tokens, shard, wait)
 
         async def __call__(self, request: Request):
             return await answer(request, self, self.hide)
@@ -152,7 +166,7 @@ def start_serving(store: Store, run: str, host: str = "127.0.0.1", port: int = 8
     if where == "HeadOnly":  # beside its one proxy: a lost worker node never takes the front door with it
         ingress = ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: RESOURCE_UNIT}})
     serve.run(ingress.bind(coordinator, aggregate, store.uri), name=f"unlearn-{run}", route_prefix="/")
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return base_url(host, port)
 
 
 def proxy_location(host: str) -> str:

@@ -100,11 +100,10 @@ class Embedder:
     def _embed_in_processes(self, texts: Sequence[str], workers: int, bar) -> np.ndarray:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
         # spawn, not fork: a forked copy of a process that already runs torch's (or Ray's)
         # threads can deadlock on a lock held by a thread that was not copied.
-        from concurrent.futures.process import BrokenProcessPool
-
         chunks = [list(texts[i:i + CHUNK]) for i in range(0, len(texts), CHUNK)]
         parts = []
         try:

@@ -31,6 +31,9 @@ def test_worker_processes_give_the_same_bits_in_the_same_order(small_chunks):
 
 
 def test_a_bad_worker_count_is_refused(capsys):
+    from cluster import options
+
+    assert options.MAX_EMBED_WORKERS == embed.MAX_WORKERS  # the CLI's bound is the embedder's
     with pytest.raises(embed.UnlearnError, match="workers"):
         embed.Embedder("tiny").embed(["a"], workers=0)
     with pytest.raises(SystemExit) as exc:

@@ -235,3 +235,10 @@ def test_a_port_in_use_is_one_line():
         assert "\n" not in str(err.value)
     finally:
         taken.close()
+
+
+def test_the_printed_address_brackets_an_ipv6_host():
+    from cluster.serving import base_url
+
+    assert base_url("127.0.0.1", 8001) == "http://127.0.0.1:8001"
+    assert base_url("::1", 8001) == base_url("[::1]", 8001) == "http://[::1]:8001"
